@@ -1,0 +1,86 @@
+# ebpf_probe: `make run` and `make test` set up everything they need on Debian 12 (as root).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Debian's python3 is the one python3-bpfcc (BCC) is built for.
+SYSTEM_PYTHON := /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+BPF_OUT := datadog_checks/ebpf_probe/data/bpf
+CORE_OBJECTS := $(BPF_OUT)/oom_kill.bpf.o
+BPF_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+MULTIARCH := $(shell dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo $$(uname -m)-linux-gnu)
+CLANG ?= clang
+LLVM_STRIP ?= llvm-strip
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(BPF_ARCH) -I/usr/include/$(MULTIARCH) -Ibpf
+
+# What the check needs at run time, and what building and testing it needs.
+RUNTIME_PACKAGES := libbpf1 python3-venv python3-bpfcc bpftool
+BUILD_PACKAGES := clang llvm libbpf-dev linux-libc-dev
+# Kernel headers for BCC's runtime compilation in tests (this machine's kernel has none of its own).
+TEST_PACKAGES := linux-headers-amd64
+DEBIAN_PACKAGES := $(RUNTIME_PACKAGES) $(BUILD_PACKAGES) $(TEST_PACKAGES)
+PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis ruff
+
+# A folder joining Debian's split kernel headers (-common and -amd64), handed to BCC with
+# BCC_KERNEL_SOURCE by the tests: a test fixture that leaves /lib/modules alone.
+KERNEL_HEADERS := .cache/kernel-headers
+
+.PHONY: help run test bpf deps venv lint format kernel-headers clean
+
+help:
+	@echo "make run   - set up everything, build the BPF objects, run the check once and print what it submits"
+	@echo "make test  - set up everything and run the whole test suite (as root: it loads BPF programs)"
+	@echo "make bpf   - build the CO-RE objects only"
+	@echo "make lint  - ruff"
+
+run: deps venv bpf
+	$(BIN)/ebpf-probe check
+
+test: deps venv bpf kernel-headers lint
+	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(BIN)/pytest -ra tests
+
+bpf: $(CORE_OBJECTS)
+
+$(BPF_OUT)/%.bpf.o: bpf/%.bpf.c bpf/%.h bpf/kernel_types.h | deps
+	@mkdir -p $(BPF_OUT)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+	$(LLVM_STRIP) -g $@  # drop DWARF, keep the BTF that CO-RE needs
+
+# Install the Debian packages that are missing (apt-get update only when something is).
+deps: .cache/deps.stamp
+.cache/deps.stamp: Makefile
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@mkdir -p .cache && touch $@
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml Makefile | deps
+	test -x $(BIN)/python || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(PIP_PACKAGES)
+	$(BIN)/pip install -q --disable-pip-version-check -e .
+	@touch $@
+
+kernel-headers: $(KERNEL_HEADERS)/.joined
+$(KERNEL_HEADERS)/.joined: | deps
+	rm -rf $(KERNEL_HEADERS) && mkdir -p $(KERNEL_HEADERS)
+	common=$$(ls -d /usr/src/linux-headers-*-common | sort -V | tail -1); \
+	arch=$${common%-common}-amd64; \
+	cp -rs $$common/. $(KERNEL_HEADERS)/ && cp -rs --remove-destination $$arch/. $(KERNEL_HEADERS)/
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(BPF_OUT)/*.bpf.o build dist .pytest_cache .ruff_cache

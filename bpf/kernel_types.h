@@ -1,0 +1,188 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The kernel types the CO-RE programs read, and only the fields they read.
+ *
+ * Instead of a 3 MB vmlinux.h from one kernel, each type is declared with
+ * preserve_access_index: clang records every field access as a BTF
+ * relocation and libbpf rewrites the offsets at load time against the
+ * running kernel's BTF. Field order and padding here are irrelevant; names
+ * and kinds must match the kernel's. Names ending in ___suffix are libbpf
+ * "flavors": alternative shapes of the same kernel type on other versions.
+ */
+#ifndef EBPF_PROBE_KERNEL_TYPES_H
+#define EBPF_PROBE_KERNEL_TYPES_H
+/* This header stands in for vmlinux.h: tell bpf_tracing.h to use the
+ * kernel's register names (pt_regs->di, not the user-space ->rdi). */
+#define __VMLINUX_H__
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+
+typedef __s8 s8;
+typedef __u8 u8;
+typedef __s16 s16;
+typedef __u16 u16;
+typedef __s32 s32;
+typedef __u32 u32;
+typedef __s64 s64;
+typedef __u64 u64;
+typedef __u32 uid_t;
+typedef _Bool bool;
+#define true 1
+#define false 0
+
+#define PA __attribute__((preserve_access_index))
+
+typedef struct {
+	long counter;
+} PA atomic_long_t;
+
+typedef struct {
+	uid_t val;
+} PA kuid_t;
+
+struct cred {
+	kuid_t uid;
+} PA;
+
+/* 6.2+: one percpu_counter per MM counter. */
+struct percpu_counter {
+	s64 count;
+} PA;
+
+struct mm_struct {
+	unsigned long total_vm;
+	atomic_long_t pgtables_bytes;
+	struct percpu_counter rss_stat[4];
+} PA;
+
+/* Before 6.2: an array of atomics. */
+struct mm_rss_stat {
+	atomic_long_t count[4];
+} PA;
+
+struct mm_struct___atomic_rss {
+	struct mm_rss_stat rss_stat;
+} PA;
+
+/* Indices of mm->rss_stat. */
+enum {
+	MM_FILEPAGES,
+	MM_ANONPAGES,
+	MM_SWAPENTS,
+	MM_SHMEMPAGES,
+};
+
+typedef struct {
+	unsigned long sig[1];
+} PA sigset_t;
+
+struct sigpending {
+	sigset_t signal;
+} PA;
+
+struct signal_struct {
+	short oom_score_adj;
+	struct sigpending shared_pending;
+} PA;
+
+struct kernfs_node {
+	struct kernfs_node *parent;
+	const char *name;
+	u64 id;
+} PA;
+
+/* 6.15+: parent is RCU-protected and renamed. */
+struct kernfs_node___rcu_parent {
+	struct kernfs_node *__parent;
+} PA;
+
+struct cgroup {
+	struct kernfs_node *kn;
+} PA;
+
+struct cgroup_subsys_state {
+	struct cgroup *cgroup;
+} PA;
+
+struct css_set {
+	struct cgroup_subsys_state *subsys[0];
+} PA;
+
+enum cgroup_subsys_id {
+	memory_cgrp_id = 4,
+};
+
+struct task_struct {
+	int pid;
+	int tgid;
+	char comm[16];
+	struct mm_struct *mm;
+	struct signal_struct *signal;
+	const struct cred *real_cred;
+	struct css_set *cgroups;
+} PA;
+
+struct mem_cgroup;
+
+struct oom_control {
+	struct mem_cgroup *memcg;
+	unsigned long totalpages;
+	struct task_struct *chosen;
+	long chosen_points;
+} PA;
+
+struct trace_entry {
+	unsigned short type;
+	unsigned char flags;
+	unsigned char preempt_count;
+	int pid;
+};
+
+/* tracepoint/oom/mark_victim; every field but pid is from ~6.9 on. */
+struct trace_event_raw_mark_victim {
+	struct trace_entry ent;
+	int pid;
+	u32 __data_loc_comm;
+	unsigned long total_vm;
+	unsigned long anon_rss;
+	unsigned long file_rss;
+	unsigned long shmem_rss;
+	uid_t uid;
+	unsigned long pgtables;
+	short oom_score_adj;
+} PA;
+
+/* Present only on kernels with BPF ring buffers (5.8+). */
+struct bpf_ringbuf {
+	u64 mask;
+} PA;
+
+/* x86-64 registers, for BPF_KPROBE's argument access. */
+struct pt_regs {
+	unsigned long r15;
+	unsigned long r14;
+	unsigned long r13;
+	unsigned long r12;
+	unsigned long bp;
+	unsigned long bx;
+	unsigned long r11;
+	unsigned long r10;
+	unsigned long r9;
+	unsigned long r8;
+	unsigned long ax;
+	unsigned long cx;
+	unsigned long dx;
+	unsigned long si;
+	unsigned long di;
+	unsigned long orig_ax;
+	unsigned long ip;
+	unsigned long cs;
+	unsigned long flags;
+	unsigned long sp;
+	unsigned long ss;
+} PA;
+
+#undef PA
+
+#endif /* EBPF_PROBE_KERNEL_TYPES_H */

@@ -1,0 +1,69 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The one record both sides of the OOM-kill probe read: written by the BPF
+ * programs (CO-RE object and BCC variant), decoded by
+ * datadog_checks/ebpf_probe/oom_kill.py. Fixed-size fields only; any change
+ * here must be mirrored in RECORD_FORMAT there (a test checks the size).
+ */
+#ifndef EBPF_PROBE_OOM_KILL_H
+#define EBPF_PROBE_OOM_KILL_H
+
+#define OOM_COMM_LEN 16
+/* Levels of the victim's memory cgroup path kept, leaf first. */
+#define OOM_CGROUP_MAX_DEPTH 8
+/* Bytes kept of each level's name (k8s/containerd scope names are ~90). */
+#define OOM_CGROUP_NAME_LEN 128
+/* Trigger's kernel stack frames kept: user space finds the memcg OOM path in them. */
+#define OOM_STACK_DEPTH 20
+
+/* Which hook wrote the record. */
+#define OOM_HOOK_TP_BTF 1	/* tp_btf/mark_victim, task argument */
+#define OOM_HOOK_KPROBE 2	/* kprobe/oom_kill_process */
+#define OOM_HOOK_TRACEPOINT 3	/* tracepoint/oom/mark_victim */
+#define OOM_HOOK_RAW_TP 4	/* raw_tracepoint/mark_victim (BCC) */
+
+/* record.flags */
+#define OOM_F_MEMCG (1U << 0)		/* a memory cgroup, not the system, was out of memory */
+#define OOM_F_CONSTRAINT_KNOWN (1U << 1)	/* OOM_F_MEMCG is meaningful (else see kernel_stack) */
+#define OOM_F_VICTIM_TASK (1U << 2)	/* comm, uid, oom_score_adj filled */
+#define OOM_F_MEMORY (1U << 3)		/* the *_kb memory fields filled */
+#define OOM_F_OOM_CONTROL (1U << 4)	/* oom_domain_pages, badness_points filled */
+#define OOM_F_CGROUP (1U << 5)		/* cgroup_id, cgroup_names filled */
+#define OOM_F_CGROUP_TRUNCATED (1U << 6)	/* more levels, or a longer name, than kept */
+#define OOM_F_SIGKILL (1U << 7)		/* SIGKILL pending on the victim: a kill, not only a mark */
+
+struct oom_kill_record {
+	__u64 timestamp_ns;	/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 total_vm_kb;
+	__u64 anon_rss_kb;
+	__u64 file_rss_kb;
+	__u64 shmem_rss_kb;
+	__u64 pgtables_kb;
+	__u64 oom_domain_pages;	/* oom_control.totalpages: size of the OOM domain */
+	__s64 badness_points;	/* oom_control.chosen_points: not /proc/PID/oom_score */
+	__u64 cgroup_id;	/* kernfs id of the victim's memory cgroup */
+	__u32 victim_pid;	/* tgid */
+	__u32 victim_tid;
+	__u32 victim_uid;
+	__u32 trigger_pid;
+	__u32 trigger_tid;
+	__u32 flags;
+	__s16 oom_score_adj;
+	__u8 hook;
+	__u8 cgroup_depth;	/* levels filled in cgroup_names */
+	__u32 kernel_stack_depth;	/* frames filled in kernel_stack */
+	char victim_comm[OOM_COMM_LEN];
+	char trigger_comm[OOM_COMM_LEN];
+	__u64 kernel_stack[OOM_STACK_DEPTH];	/* trigger's, innermost first */
+	char cgroup_names[OOM_CGROUP_MAX_DEPTH][OOM_CGROUP_NAME_LEN]; /* leaf first */
+};
+
+/* What kprobe/oom_kill_process leaves for tp_btf/mark_victim, by trigger tid. */
+struct oom_control_info {
+	__u64 oom_domain_pages;
+	__s64 badness_points;
+	__u32 victim_pid;
+	__u32 memcg;
+};
+
+#endif /* EBPF_PROBE_OOM_KILL_H */

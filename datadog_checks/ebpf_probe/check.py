@@ -1,0 +1,192 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from datadog_checks.base import AgentCheck, ConfigurationError
+from datadog_checks.base.utils.tagging import tagger
+
+from . import formatting
+from .config_models import ConfigMixin
+from .containers import Container, parse_cgroup_path
+from .oom_kill import FlushResult, OOMKill, OOMKillProbe, OOMKillProbeOptions, ProbeLoadError, load_oom_kill_probe
+
+# Backoff between load attempts: 15 s, 30 s, 60 s, ... up to load_retry_max_interval.
+FIRST_RETRY_INTERVAL = 15.0
+
+
+class ProbeSlot:
+    """One probe in the check: loaded on first use, retried with backoff when it cannot load.
+
+    The error of a failed load is kept, reported on every run, and logged once per distinct
+    message (no traceback): a host without the needed privileges is a state, not an accident.
+    """
+
+    def __init__(self, name: str, loader: Any, max_interval: float, check: AgentCheck):
+        self.name = name
+        self._loader = loader
+        self._max_interval = max_interval
+        self._check = check
+        self.probe: Any = None
+        self.error: str | None = None
+        self._failures = 0
+        self._next_attempt = 0.0
+        self._logged_error: str | None = None
+
+    def get(self) -> Any:
+        """The loaded probe, loading it if due; None while it cannot load (see .error)."""
+        if self.probe is not None:
+            return self.probe
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return None
+        try:
+            self.probe = self._loader()
+        except ProbeLoadError as e:
+            self._failed(str(e), now)
+            return None
+        except Exception as e:  # an unexpected failure must not stop the other probe or later runs
+            self._check.log.debug('Loading the %s probe failed', self.name, exc_info=True)
+            self._failed(f'unexpected error: {type(e).__name__}: {e}', now)
+            return None
+        self._failures = 0
+        self._next_attempt = 0.0
+        self.error = None
+        self._logged_error = None
+        self._check.log.info(
+            'Loaded the %s probe (%s) with %s', self.name, self.probe.variant, ', '.join(self.probe.hooks)
+        )
+        for hook, reason in self.probe.rejected_hooks.items():
+            self._check.log.info('%s probe: not using %s: %s', self.name, hook, reason)
+        return self.probe
+
+    def _failed(self, message: str, now: float) -> None:
+        self.error = message
+        self._failures += 1
+        interval = min(FIRST_RETRY_INTERVAL * 2 ** (self._failures - 1), self._max_interval)
+        self._next_attempt = now + interval
+        if message != self._logged_error:
+            self._check.warning('Cannot load the %s probe: %s (retrying in %ds)', self.name, message, interval)
+            self._logged_error = message
+        else:
+            self._check.log.debug('Still cannot load the %s probe: %s', self.name, message)
+
+    def close(self) -> None:
+        probe, self.probe = self.probe, None
+        if probe is not None:
+            probe.close()
+
+
+class EbpfProbeCheck(AgentCheck, ConfigMixin):
+    """OOM kills seen by an eBPF probe: one metric point and one event per kill."""
+
+    __NAMESPACE__ = 'ebpf_probe'
+    SERVICE_CHECK_CAN_LOAD = 'probe.can_load'
+
+    def __init__(self, name: str, init_config: dict, instances: list[dict]):
+        super().__init__(name, init_config, instances)
+        self._lock = threading.Lock()
+        self._running = False
+        self._close_requested = False
+        self._tags: list[str] = []
+        self._oom_kill: ProbeSlot | None = None
+        # Runs after the base class has validated the config models.
+        self.check_initializations.append(self._configure)
+
+    def _configure(self) -> None:
+        config = self.config
+        self._tags = list(config.tags or ())
+        options = OOMKillProbeOptions(
+            enable_core=config.enable_core,
+            allow_runtime_compiled_fallback=config.allow_runtime_compiled_fallback,
+            mount_tracefs=config.mount_tracefs,
+            btf_path=config.btf_path,
+            max_buffered_kills=config.max_buffered_oom_kills,
+        )
+        if not (options.enable_core or options.allow_runtime_compiled_fallback):
+            raise ConfigurationError(
+                '`enable_core` and `allow_runtime_compiled_fallback` are both false: the probe has no way to load'
+            )
+        if config.collect_oom_kill:
+            self._oom_kill = ProbeSlot(
+                'oom_kill',
+                lambda: load_oom_kill_probe(options, self.log),
+                float(config.load_retry_max_interval),
+                self,
+            )
+
+    def check(self, _: Any) -> None:
+        with self._lock:
+            self._running = True
+        try:
+            if self._oom_kill is not None:
+                self._collect_oom_kills(self._oom_kill)
+        finally:
+            with self._lock:
+                self._running = False
+                if self._close_requested:
+                    self._close_requested = False
+                    self._close_probes()
+
+    def cancel(self) -> None:
+        """Free the kernel-side probes; safe from any thread, and during a run (it then closes at its end)."""
+        with self._lock:
+            if self._running:
+                self._close_requested = True
+            else:
+                self._close_probes()
+
+    def _close_probes(self) -> None:
+        if self._oom_kill is not None:
+            self._oom_kill.close()
+
+    def _collect_oom_kills(self, slot: ProbeSlot) -> None:
+        service_tags = ['probe:oom_kill', *self._tags]
+        probe: OOMKillProbe | None = slot.get()
+        if probe is None:
+            self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=service_tags, message=slot.error)
+            return
+        result: FlushResult = probe.get_and_flush()
+        for kill in result.kills:
+            self._submit_oom_kill(kill)
+        self.count('oom_kill.dropped', result.dropped, tags=self._tags)
+        if result.dropped:
+            self.log.warning(
+                '%d OOM kills were dropped in the kernel: raise max_buffered_oom_kills or run the check more often',
+                result.dropped,
+            )
+        self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.OK, tags=service_tags)
+
+    def _submit_oom_kill(self, kill: OOMKill) -> None:
+        container = parse_cgroup_path(kill.cgroup_path)
+        tags = formatting.oom_kill_tags(kill, container) + self._container_tags(container) + self._tags
+        self.count('oom_kill.count', 1, tags=tags)
+        self.event(
+            {
+                'timestamp': int(kill.timestamp),
+                'event_type': 'oom_kill',
+                'msg_title': formatting.oom_kill_title(kill),
+                'msg_text': formatting.oom_kill_text(kill, container),
+                'alert_type': 'error',
+                'priority': 'normal',
+                'source_type_name': self.__NAMESPACE__,
+                'aggregation_key': formatting.aggregation_key(kill, container),
+                'tags': tags,
+            }
+        )
+
+    @staticmethod
+    def _container_tags(container: Container | None) -> list[str]:
+        """The Agent's tags for the container (image, pod, namespace...), when it knows it."""
+        if container is None:
+            return []
+        if container.id:
+            tags = tagger.tag(f'container_id://{container.id}', tagger.ORCHESTRATOR) or []
+            if tags:
+                return list(tags)
+        if container.pod_uid:
+            return list(tagger.tag(f'kubernetes_pod_uid://{container.pod_uid}', tagger.ORCHESTRATOR) or [])
+        return []

@@ -1,0 +1,78 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""Container and pod ids from a cgroup path, for every common runtime and cgroup driver."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Leaf-name prefixes (systemd cgroup driver: '<prefix>-<id>.scope') and the runtime they name.
+_SCOPE_PREFIXES = (
+    ('cri-containerd-', 'containerd'),
+    ('docker-', 'docker'),
+    ('crio-', 'cri-o'),
+    ('libpod-', 'podman'),
+    ('nerdctl-', 'containerd'),
+    ('containerd-', 'containerd'),
+)
+# Helper processes that live beside a container, not in it.
+_NOT_CONTAINERS = ('crio-conmon-', 'libpod-conmon-')
+# Parent folder (cgroupfs driver: '/<parent>/<id>') and the runtime it names.
+_PARENT_RUNTIMES = {'docker': 'docker', 'libpod_parent': 'podman', 'lxc.payload': 'lxc', 'actions_job': 'docker'}
+
+_CONTAINER_ID = re.compile(r'^(?:[0-9a-f]{64}|[0-9a-f]{32}-\d+)$')  # 64 hex; ECS Fargate: 32 hex-digits
+_POD_UID = re.compile(
+    r'pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?$'
+)
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str | None
+    runtime: str | None
+    pod_uid: str | None
+
+
+def parse_cgroup_path(path: str | None) -> Container | None:
+    """The container (and Kubernetes pod) a cgroup path belongs to, or None for a host cgroup.
+
+    Handles the cgroupfs and systemd drivers of Docker, containerd (CRI and nerdctl), CRI-O and
+    Podman, e.g. '/kubepods/burstable/pod<uid>/<id>' or
+    '/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope'.
+    """
+    if not path:
+        return None
+    parts = [p for p in path.split('/') if p]
+    container_id = runtime = pod_uid = None
+    for depth in range(len(parts) - 1, -1, -1):
+        name = parts[depth]
+        if container_id is None:
+            container_id, runtime = _container_id(name, parts[depth - 1] if depth else None)
+        if pod_uid is None:
+            match = _POD_UID.search(name)
+            if match:
+                pod_uid = match.group(1).replace('_', '-')
+    if container_id is None and pod_uid is None:
+        return None
+    if container_id and runtime is None and pod_uid is not None:
+        runtime = 'kubernetes'
+    return Container(container_id, runtime, pod_uid)
+
+
+def _container_id(name: str, parent: str | None) -> tuple[str | None, str | None]:
+    if name.startswith(_NOT_CONTAINERS):
+        return None, None
+    runtime = None
+    stem = name
+    if stem.endswith('.scope'):
+        stem = stem[: -len('.scope')]
+    for prefix, prefix_runtime in _SCOPE_PREFIXES:
+        if stem.startswith(prefix):
+            stem, runtime = stem[len(prefix) :], prefix_runtime
+            break
+    if not _CONTAINER_ID.match(stem):
+        return None, None
+    if runtime is None and parent is not None:
+        runtime = _PARENT_RUNTIMES.get(parent)
+    return stem, runtime

@@ -1,0 +1,237 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""What the running kernel and this process allow, measured, with what to do about each gap."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import resource
+from dataclasses import dataclass
+
+VMLINUX_BTF = '/sys/kernel/btf/vmlinux'
+TRACEFS_MOUNTS = ('/sys/kernel/tracing', '/sys/kernel/debug/tracing')
+KPROBE_PMU = '/sys/bus/event_source/devices/kprobe/type'
+KALLSYMS = '/proc/kallsyms'
+LOCKDOWN = '/sys/kernel/security/lockdown'
+
+# Oldest kernel with everything the BCC variant uses (raw tracepoints, bpf_get_stack).
+MIN_KERNEL = (4, 18)
+# CAP_BPF and CAP_PERFMON split off CAP_SYS_ADMIN in 5.8.
+CAP_BPF_KERNEL = (5, 8)
+# From 5.11 BPF memory is charged to the memory cgroup, not RLIMIT_MEMLOCK.
+MEMCG_ACCOUNTING_KERNEL = (5, 11)
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+CAPABILITY_NAMES = {CAP_SYS_ADMIN: 'CAP_SYS_ADMIN', CAP_PERFMON: 'CAP_PERFMON', CAP_BPF: 'CAP_BPF'}
+
+
+class RequirementError(RuntimeError):
+    """Something the probe needs is missing; the message says what to do."""
+
+
+def kernel_release() -> str:
+    return os.uname().release
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int, int]:
+    """(major, minor, patch) from a release string such as '6.18.44-fc-v657'."""
+    match = re.match(r'(\d+)\.(\d+)(?:\.(\d+))?', release or kernel_release())
+    if not match:
+        return (0, 0, 0)
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def effective_capabilities(status_path: str = '/proc/self/status') -> int:
+    """This process's effective capability set, as a bit mask."""
+    with open(status_path) as f:
+        for line in f:
+            if line.startswith('CapEff:'):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def missing_capabilities(caps: int, version: tuple[int, int, int]) -> list[str]:
+    """Capabilities BPF tracing needs that `caps` lacks (empty when enough)."""
+    if caps & (1 << CAP_SYS_ADMIN):
+        return []
+    if version[:2] < CAP_BPF_KERNEL:
+        return ['CAP_SYS_ADMIN']
+    return [CAPABILITY_NAMES[c] for c in (CAP_BPF, CAP_PERFMON) if not caps & (1 << c)]
+
+
+def check_privileges(version: tuple[int, int, int] | None = None) -> None:
+    version = version or kernel_version()
+    missing = missing_capabilities(effective_capabilities(), version)
+    if missing:
+        if version[:2] < CAP_BPF_KERNEL:
+            need = 'CAP_SYS_ADMIN (this kernel predates CAP_BPF)'
+        else:
+            need = 'CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN'
+        raise RequirementError(
+            f'missing capabilities {", ".join(missing)}: loading eBPF tracing programs needs {need}; '
+            'run the Agent as root or grant them (Kubernetes: securityContext.capabilities.add)'
+        )
+
+
+def check_kernel_version(version: tuple[int, int, int] | None = None) -> None:
+    version = version or kernel_version()
+    if version[:2] < MIN_KERNEL:
+        raise RequirementError(
+            f'kernel {kernel_release()} is too old: the OOM kill probe needs Linux '
+            f'{MIN_KERNEL[0]}.{MIN_KERNEL[1]} or newer'
+        )
+
+
+def check_lockdown(path: str = LOCKDOWN) -> None:
+    try:
+        with open(path) as f:
+            mode = f.read()
+    except OSError:
+        return  # securityfs not mounted or no lockdown LSM: nothing to refuse us
+    if '[confidentiality]' in mode:
+        raise RequirementError(
+            'kernel lockdown is "confidentiality", which forbids eBPF programs from reading kernel memory; '
+            'boot with lockdown=integrity or none to use this check'
+        )
+
+
+def raise_memlock_limit(version: tuple[int, int, int] | None = None) -> None:
+    """Before 5.11, BPF maps count against RLIMIT_MEMLOCK: lift it, or say how."""
+    version = version or kernel_version()
+    if version[:2] >= MEMCG_ACCOUNTING_KERNEL:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError) as e:
+        raise RequirementError(
+            f'the locked-memory limit is {soft} bytes and cannot be raised ({e}); on kernels before 5.11 '
+            'BPF maps count against it: start the Agent with LimitMEMLOCK=infinity (systemd) or '
+            'ulimit -l unlimited, or grant CAP_SYS_RESOURCE'
+        ) from None
+
+
+def has_vmlinux_btf() -> bool:
+    return os.path.exists(VMLINUX_BTF)
+
+
+def tracefs_path() -> str | None:
+    """Where tracefs is mounted (its events folder is readable), or None."""
+    for path in TRACEFS_MOUNTS:
+        if os.path.isdir(os.path.join(path, 'events')):
+            return path
+    return None
+
+
+def mount_tracefs(path: str = TRACEFS_MOUNTS[0]) -> str:
+    """Mount tracefs at `path` with the mount(2) system call (no shell)."""
+    libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(b'tracefs', path.encode(), b'tracefs', 0, None) != 0:
+        err = ctypes.get_errno()
+        raise RequirementError(
+            f'tracefs is not mounted and mounting it at {path} failed: {os.strerror(err)}; '
+            f'mount it (mount -t tracefs tracefs {path}) or, in a container, mount the host\'s {path}'
+        )
+    return path
+
+
+def ensure_tracefs(mount_allowed: bool) -> str:
+    path = tracefs_path()
+    if path:
+        return path
+    if not mount_allowed:
+        raise RequirementError(
+            f'tracefs is not mounted: mount it (mount -t tracefs tracefs {TRACEFS_MOUNTS[0]}) '
+            'or set mount_tracefs: true'
+        )
+    return mount_tracefs()
+
+
+def kprobe_support() -> tuple[bool, str]:
+    """Whether kprobes can be attached here, and why not."""
+    if os.path.exists(KPROBE_PMU):
+        return True, ''
+    tracefs = tracefs_path()
+    if tracefs and os.path.exists(os.path.join(tracefs, 'kprobe_events')):
+        return True, ''
+    return False, (
+        f'the kernel offers no kprobes (no {KPROBE_PMU} and no kprobe_events in tracefs): '
+        'it was built without CONFIG_KPROBES'
+    )
+
+
+def tracepoint_format(tracefs: str, category: str, event: str) -> str | None:
+    """The format file of a classic tracepoint, or None if the kernel has no such event."""
+    try:
+        with open(os.path.join(tracefs, 'events', category, event, 'format')) as f:
+            return f.read()
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+
+
+def tracepoint_fields(format_text: str) -> list[str]:
+    """Names of a tracepoint's own fields (not the common_ ones) from its format file."""
+    names = []
+    for match in re.finditer(r'field:([^;]+);', format_text):
+        declaration = match.group(1).strip()
+        name = re.split(r'[\s*]+', declaration.split('[')[0])[-1]
+        if not name.startswith('common_'):
+            names.append(name)
+    return names
+
+
+class KernelSymbols:
+    """Address ranges of a few kernel functions, from /proc/kallsyms, read once on demand.
+
+    Only the wanted functions are kept: the whole table would cost megabytes.
+    """
+
+    def __init__(self, names: frozenset[str], path: str = KALLSYMS):
+        self._names = names
+        self._path = path
+        self._ranges: dict[str, tuple[int, int]] | None = None
+
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """name -> [start, end) of each wanted function found with a real address."""
+        if self._ranges is None:
+            self._ranges = self._read()
+        return self._ranges
+
+    def _read(self) -> dict[str, tuple[int, int]]:
+        ranges: dict[str, tuple[int, int]] = {}
+        pending: str | None = None
+        pending_start = 0
+        try:
+            with open(self._path, 'rb') as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 3:
+                        continue
+                    address = int(parts[0], 16)
+                    if pending is not None and address > pending_start:
+                        # A function ends where the next symbol at a higher address starts.
+                        ranges[pending] = (pending_start, address)
+                        pending = None
+                    name = parts[2].decode('ascii', 'replace')
+                    if name in self._names and parts[1] in (b't', b'T') and address:
+                        pending, pending_start = name, address
+        except OSError:
+            return {}
+        return ranges
+
+    def find(self, address: int) -> str | None:
+        for name, (start, end) in self.ranges().items():
+            if start <= address < end:
+                return name
+        return None
