@@ -29,7 +29,7 @@ def import_bcc() -> Any:
         import bcc  # noqa: PLC0415  (heavy and optional: imported only on this path)
     except ImportError as e:
         raise BccError(
-            f'BCC\'s Python module is not importable ({e}): install python3-bpfcc (Debian/Ubuntu) or '
+            f"BCC's Python module is not importable ({e}): install python3-bpfcc (Debian/Ubuntu) or "
             'python3-bcc (RHEL) and run the check with a Python that sees it'
         ) from None
     return bcc
@@ -183,7 +183,7 @@ class BccProgram:
         cflags += [f'-I{source.parent}', '-Wno-unused-function']
         with _captured_stderr() as output:
             try:
-                bpf = bcc.BPF(text=text, cflags=cflags)
+                bpf = bcc.BPF(text=text.encode(), cflags=cflags)
             except Exception as e:  # BCC raises bare Exception for compile and load errors
                 error = e
             else:
@@ -194,12 +194,17 @@ class BccProgram:
         return cls(bpf, bcc)
 
     def attach_raw_tracepoint(self, tracepoint: str, function: str) -> None:
-        self._attach('raw tracepoint ' + tracepoint, self._bpf.attach_raw_tracepoint, tp=tracepoint, fn_name=function)
+        self._attach(
+            'raw tracepoint ' + tracepoint,
+            self._bpf.attach_raw_tracepoint,
+            tp=tracepoint.encode(),
+            fn_name=function.encode(),
+        )
 
     def attach_kprobe(self, event: str, function: str) -> None:
-        self._attach('kprobe ' + event, self._bpf.attach_kprobe, event=event, fn_name=function)
+        self._attach('kprobe ' + event, self._bpf.attach_kprobe, event=event.encode(), fn_name=function.encode())
 
-    def _attach(self, what: str, attach: Callable[..., Any], **kwargs: str) -> None:
+    def _attach(self, what: str, attach: Callable[..., Any], **kwargs: bytes) -> None:
         with _captured_stderr() as output:
             try:
                 attach(**kwargs)
@@ -213,7 +218,7 @@ class BccProgram:
 
     def open_events(self, table: str, callback: Callable[[bytes], None]) -> None:
         """Route the records of a ring buffer or perf buffer table to callback(bytes)."""
-        events = self._bpf[table]
+        events = self._bpf[table.encode()]
 
         def on_sample(*args: Any) -> None:
             data, size = args[-2], args[-1]  # (ctx, data, size) or (cpu, data, size)
@@ -235,7 +240,7 @@ class BccProgram:
             self._bpf.perf_buffer_poll(timeout=0)
 
     def array_u64(self, table: str, index: int = 0) -> int:
-        return int(self._bpf[table][ctypes.c_int(index)].value)
+        return int(self._bpf[table.encode()][ctypes.c_int(index)].value)
 
     def close(self) -> None:
         if self._bpf is not None:

@@ -61,6 +61,11 @@ class ProbeSlot:
         )
         for hook, reason in self.probe.rejected_hooks.items():
             self._check.log.info('%s probe: not using %s: %s', self.name, hook, reason)
+        if self.probe.core_error:
+            # The factory logged it; keep it visible in the check's status too.
+            self._check.warnings.append(
+                f'The {self.name} probe runs on the BCC fallback: CO-RE failed: {self.probe.core_error}'
+            )
         return self.probe
 
     def _failed(self, message: str, now: float) -> None:

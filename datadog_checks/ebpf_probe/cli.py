@@ -206,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument('--pause', type=int, default=0, metavar='MS', help='milliseconds between runs')
     check.add_argument('--json', action='store_true', help='print a JSON list with one entry per run')
     check.add_argument(
-        '-l', '--log-level', default='warning', choices=['debug', 'info', 'warning', 'error'], help='log level'
+        '-l',
+        '--log-level',
+        default='error',
+        choices=['debug', 'info', 'warning', 'error'],
+        help='log level on stderr (default error: warnings are in the summary)',
     )
     return parser
 

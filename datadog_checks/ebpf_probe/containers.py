@@ -21,10 +21,8 @@ _NOT_CONTAINERS = ('crio-conmon-', 'libpod-conmon-')
 # Parent folder (cgroupfs driver: '/<parent>/<id>') and the runtime it names.
 _PARENT_RUNTIMES = {'docker': 'docker', 'libpod_parent': 'podman', 'lxc.payload': 'lxc', 'actions_job': 'docker'}
 
-_CONTAINER_ID = re.compile(r'^(?:[0-9a-f]{64}|[0-9a-f]{32}-\d+)$')  # 64 hex; ECS Fargate: 32 hex-digits
-_POD_UID = re.compile(
-    r'pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?$'
-)
+_CONTAINER_ID = re.compile(r'[0-9a-f]{64}|[0-9a-f]{32}-\d+')  # 64 hex; ECS Fargate: 32 hex-digits
+_POD_UID = re.compile(r'pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?\Z')
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def _container_id(name: str, parent: str | None) -> tuple[str | None, str | None
         if stem.startswith(prefix):
             stem, runtime = stem[len(prefix) :], prefix_runtime
             break
-    if not _CONTAINER_ID.match(stem):
+    if not _CONTAINER_ID.fullmatch(stem):
         return None, None
     if runtime is None and parent is not None:
         runtime = _PARENT_RUNTIMES.get(parent)

@@ -17,7 +17,7 @@ MAX_TAG_LENGTH = 200
 # Characters that break tags on some path to Datadog: DogStatsD separators, whitespace, control.
 _TAG_UNSAFE = re.compile(r'[\s,|#\x00-\x1f\x7f-\x9f]+')
 _CONTROL = re.compile(r'[\x00-\x1f\x7f-\x9f]')
-_MARKDOWN_SPECIAL = re.compile(r'([\\`*_{}\[\]()#+\-.!|<>~])')
+_MARKDOWN_SPECIAL = re.compile(r'([\\`*_{}\[\]()#+\-.!|<>~&%])')  # '%': '%%%' delimits event markdown
 
 
 def tag(key: str, value: object) -> str:
@@ -78,7 +78,7 @@ def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
     victim = f'**{markdown_text(kill.victim_comm)}**' if kill.victim_comm is not None else 'a process'
     lines = [
         '%%%',
-        f'{victim} (pid {kill.victim_pid}) was killed by the kernel\'s OOM killer: {_constraint(kill)}.',
+        f"{victim} (pid {kill.victim_pid}) was killed by the kernel's OOM killer: {_constraint(kill)}.",
         '',
         '| | |',
         '|---|---|',
@@ -106,7 +106,7 @@ def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
         )
     if kill.oom_domain_pages is not None and kill.badness_points is not None:
         lines.append(
-            f'| OOM domain | {kill.oom_domain_pages:,} pages; victim\'s badness {kill.badness_points:,} points |'
+            f"| OOM domain | {kill.oom_domain_pages:,} pages; victim's badness {kill.badness_points:,} points |"
         )
     lines.append(f'| Seen by | {kill.hook} |')
     lines.append('%%%')

@@ -10,7 +10,6 @@ import errno
 import os
 import re
 import resource
-from dataclasses import dataclass
 
 VMLINUX_BTF = '/sys/kernel/btf/vmlinux'
 TRACEFS_MOUNTS = ('/sys/kernel/tracing', '/sys/kernel/debug/tracing')
@@ -139,7 +138,7 @@ def mount_tracefs(path: str = TRACEFS_MOUNTS[0]) -> str:
         err = ctypes.get_errno()
         raise RequirementError(
             f'tracefs is not mounted and mounting it at {path} failed: {os.strerror(err)}; '
-            f'mount it (mount -t tracefs tracefs {path}) or, in a container, mount the host\'s {path}'
+            f"mount it (mount -t tracefs tracefs {path}) or, in a container, mount the host's {path}"
         )
     return path
 

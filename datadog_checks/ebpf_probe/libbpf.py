@@ -476,17 +476,23 @@ class BpfObject:
         self._links: list[Link] = []
 
     def _program(self, name: str) -> int:
-        return _call_ptr(f'bpf_object__find_program_by_name({name})', lib().bpf_object__find_program_by_name,
-                         self._ptr, name.encode())
+        return _call_ptr(
+            f'bpf_object__find_program_by_name({name})',
+            lib().bpf_object__find_program_by_name,
+            self._ptr,
+            name.encode(),
+        )
 
     def map(self, name: str) -> Map:
-        ptr = _call_ptr(f'bpf_object__find_map_by_name({name})', lib().bpf_object__find_map_by_name,
-                        self._ptr, name.encode())
+        ptr = _call_ptr(
+            f'bpf_object__find_map_by_name({name})', lib().bpf_object__find_map_by_name, self._ptr, name.encode()
+        )
         return Map(ptr, name)
 
     def set_autoload(self, program: str, autoload: bool) -> None:
-        _call_int(f'bpf_program__set_autoload({program})', lib().bpf_program__set_autoload,
-                  self._program(program), autoload)
+        _call_int(
+            f'bpf_program__set_autoload({program})', lib().bpf_program__set_autoload, self._program(program), autoload
+        )
 
     def program_fd(self, program: str) -> int:
         return _call_int(f'bpf_program__fd({program})', lib().bpf_program__fd, self._program(program))

@@ -176,9 +176,7 @@ def decode_record(raw: bytes, boot_to_unix: float, symbols: kernel.KernelSymbols
     cgroup_path = None
     if flags & F_CGROUP:
         depth = min(cgroup_depth, CGROUP_MAX_DEPTH)
-        names = [
-            _text(cgroup_names[i * CGROUP_NAME_LEN : (i + 1) * CGROUP_NAME_LEN]) for i in reversed(range(depth))
-        ]
+        names = [_text(cgroup_names[i * CGROUP_NAME_LEN : (i + 1) * CGROUP_NAME_LEN]) for i in reversed(range(depth))]
         cgroup_path = '/' + '/'.join(names)
         if flags & F_CGROUP_TRUNCATED and depth == CGROUP_MAX_DEPTH:
             cgroup_path = '/...' + cgroup_path
@@ -227,8 +225,9 @@ class OOMKillProbeOptions:
     btf_path: str | None = None
     # Kills the kernel side holds between two flushes (the ring buffer is sized for at least this).
     max_buffered_kills: int = 512
-    # Tests only: another CO-RE object file.
+    # Tests only: another CO-RE object file, and hooks not to use (by name, as in HOOK_NAMES).
     core_object_path: str | None = None
+    disabled_hooks: frozenset[str] = frozenset()
 
 
 class ProbeLoadError(RuntimeError):
@@ -239,6 +238,7 @@ class OOMKillProbe(Protocol):
     variant: str  # 'co-re' or 'bcc'
     hooks: list[str]  # attached hooks
     rejected_hooks: dict[str, str]  # hook -> why it is not used here
+    core_error: str | None  # why CO-RE failed, when this is the BCC fallback
 
     def get_and_flush(self) -> FlushResult: ...
 
@@ -283,10 +283,13 @@ def load_oom_kill_probe(options: OOMKillProbeOptions, log: logging.Logger | logg
                 f'CO-RE load failed: {core_error}. Set allow_runtime_compiled_fallback: true to compile '
                 'the probe at run time with BCC instead'
             ) from None
-        log.warning('CO-RE load of the OOM kill probe failed (%s); falling back to runtime compilation with BCC',
-                    core_error)
+        log.warning(
+            'CO-RE load of the OOM kill probe failed (%s); falling back to runtime compilation with BCC', core_error
+        )
         try:
-            return BccOOMKillProbe.load(options, log)
+            probe = BccOOMKillProbe.load(options, log)
+            probe.core_error = str(core_error)
+            return probe
         except (RequirementError, BccError) as bcc_error:
             raise ProbeLoadError(
                 f'CO-RE load failed: {core_error}; BCC runtime compilation failed too: {bcc_error}'
@@ -315,7 +318,7 @@ def mark_victim_passes_task(btf: libbpf.Btf) -> tuple[bool, str]:
         first = btf.skip_modifiers(params[1])
         if btf.kind(first) == libbpf.BTF_KIND_PTR and btf.name(btf.skip_modifiers(btf.pointee(first))) == 'task_struct':
             return True, ''
-    return False, 'this kernel\'s mark_victim tracepoint passes only a pid (kernels before ~6.9)'
+    return False, "this kernel's mark_victim tracepoint passes only a pid (kernels before ~6.9)"
 
 
 def _plan_tracepoint(plan: HookPlan, options: OOMKillProbeOptions, name: str) -> None:
@@ -334,17 +337,27 @@ def _plan_tracepoint(plan: HookPlan, options: OOMKillProbeOptions, name: str) ->
 
 def _plan(options: OOMKillProbeOptions, task_hook: str, btf: libbpf.Btf | None, no_btf_reason: str) -> HookPlan:
     plan = HookPlan()
-    if btf is not None:
+    disabled = 'disabled by the probe options'
+    if task_hook in options.disabled_hooks:
+        plan.rejected[task_hook] = disabled
+    elif btf is not None:
         plan.mark_victim_task, reason = mark_victim_passes_task(btf)
         if not plan.mark_victim_task:
             plan.rejected[task_hook] = reason
     else:
         plan.rejected[task_hook] = no_btf_reason
-    plan.kprobe, reason = kernel.kprobe_support()
-    if not plan.kprobe:
-        plan.rejected[HOOK_NAMES[HOOK_KPROBE]] = reason
-    if not plan.mark_victim_task:
-        _plan_tracepoint(plan, options, HOOK_NAMES[HOOK_TRACEPOINT])
+    kprobe = HOOK_NAMES[HOOK_KPROBE]
+    if kprobe in options.disabled_hooks:
+        plan.rejected[kprobe] = disabled
+    else:
+        plan.kprobe, reason = kernel.kprobe_support()
+        if not plan.kprobe:
+            plan.rejected[kprobe] = reason
+    tracepoint = HOOK_NAMES[HOOK_TRACEPOINT]
+    if tracepoint in options.disabled_hooks:
+        plan.rejected[tracepoint] = disabled
+    elif not plan.mark_victim_task:
+        _plan_tracepoint(plan, options, tracepoint)
     if not (plan.mark_victim_task or plan.kprobe or plan.tracepoint):
         raise RequirementError(
             'no usable OOM hook: ' + '; '.join(f'{hook}: {why}' for hook, why in plan.rejected.items())
@@ -365,6 +378,8 @@ class _Drain:
     """Shared get_and_flush logic: consume pending records, decode them, count drops once."""
 
     _symbols = kernel.KernelSymbols(MEMCG_OOM_FUNCTIONS | SYSTEM_OOM_FUNCTIONS)
+
+    core_error: str | None = None
 
     def __init__(self) -> None:
         self._pending: list[bytes] = []
@@ -420,12 +435,13 @@ class CoreOOMKillProbe(_Drain):
         elif not kernel.has_vmlinux_btf():
             raise RequirementError(
                 f'the kernel has no BTF ({kernel.VMLINUX_BTF}), which CO-RE needs: use a kernel built with '
-                'CONFIG_DEBUG_INFO_BTF=y, or set btf_path to this kernel\'s BTF (e.g. from BTFHub)'
+                "CONFIG_DEBUG_INFO_BTF=y, or set btf_path to this kernel's BTF (e.g. from BTFHub)"
             )
         btf = libbpf.Btf.load_vmlinux() if kernel.has_vmlinux_btf() else None
         try:
-            plan = _plan(options, HOOK_NAMES[HOOK_TP_BTF], btf,
-                         f'tp_btf needs the kernel\'s own BTF at {kernel.VMLINUX_BTF}')
+            plan = _plan(
+                options, HOOK_NAMES[HOOK_TP_BTF], btf, f"tp_btf needs the kernel's own BTF at {kernel.VMLINUX_BTF}"
+            )
         finally:
             if btf is not None:
                 btf.close()
@@ -439,10 +455,12 @@ class CoreOOMKillProbe(_Drain):
             }
             for program, autoload in wanted.items():
                 obj.set_autoload(program, autoload)
-            obj.set_rodata({
-                'page_size_kb': struct.pack('<Q', max(1, resource.getpagesize() // 1024)),
-                'kprobe_writes_records': struct.pack('<?', not plan.mark_victim_task),
-            })
+            obj.set_rodata(
+                {
+                    'page_size_kb': struct.pack('<Q', max(1, resource.getpagesize() // 1024)),
+                    'kprobe_writes_records': struct.pack('<?', not plan.mark_victim_task),
+                }
+            )
             use_ringbuf = libbpf.probe_map_type(libbpf.BPF_MAP_TYPE_RINGBUF)
             events = obj.map('events')
             if use_ringbuf:
@@ -506,6 +524,7 @@ class CoreOOMKillProbe(_Drain):
 
 # --- BCC ------------------------------------------------------------------------
 
+
 class BccOOMKillProbe(_Drain):
     """The probe compiled at run time by BCC."""
 
@@ -528,7 +547,7 @@ class BccOOMKillProbe(_Drain):
                 log.debug('kernel BTF unreadable, offsets come from kernel headers: %s', e)
         try:
             plan = _plan(options, HOOK_NAMES[HOOK_RAW_TP], btf, '')
-            if btf is None:
+            if btf is None and HOOK_NAMES[HOOK_RAW_TP] not in options.disabled_hooks:
                 plan.rejected.pop(HOOK_NAMES[HOOK_RAW_TP], None)
                 plan.mark_victim_task = cls._task_hook_from_tracefs(plan, options)
             defines = bcc_offsets(btf)
@@ -578,7 +597,7 @@ class BccOOMKillProbe(_Drain):
             _plan_tracepoint(plan, options, HOOK_NAMES[HOOK_TRACEPOINT])
         if plan.tracepoint_has_mm:
             return True
-        plan.rejected[HOOK_NAMES[HOOK_RAW_TP]] = 'this kernel\'s mark_victim tracepoint passes only a pid'
+        plan.rejected[HOOK_NAMES[HOOK_RAW_TP]] = "this kernel's mark_victim tracepoint passes only a pid"
         return False
 
     def _consume(self) -> None:
