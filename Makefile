@@ -20,7 +20,7 @@ BUILD_PACKAGES := clang llvm libbpf-dev linux-libc-dev
 # Kernel headers for BCC's runtime compilation in tests (this machine's kernel has none of its own).
 TEST_PACKAGES := linux-headers-amd64
 DEBIAN_PACKAGES := $(RUNTIME_PACKAGES) $(BUILD_PACKAGES) $(TEST_PACKAGES)
-PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis ruff
+PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis markdown-it-py ruff
 
 # A folder joining Debian's split kernel headers (-common and -amd64), handed to BCC with
 # BCC_KERNEL_SOURCE by the tests: a test fixture that leaves /lib/modules alone.

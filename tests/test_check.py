@@ -1,0 +1,191 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""The Agent check: what it submits for real OOM kills, and how it behaves when it cannot load."""
+
+import logging
+
+import pytest
+
+from datadog_checks.base import AgentCheck
+from datadog_checks.dev.utils import get_metadata_metrics
+from datadog_checks.ebpf_probe import EbpfProbeCheck
+from datadog_checks.ebpf_probe import check as check_module
+from datadog_checks.ebpf_probe.oom_kill import ProbeLoadError
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
+
+CAN_LOAD = 'ebpf_probe.probe.can_load'
+
+
+def make_check(instance):
+    return EbpfProbeCheck('ebpf_probe', {}, [instance])
+
+
+@pytest.mark.oom
+@pytest.mark.parametrize(
+    'variant_options, hook',
+    [
+        ({'enable_core': True, 'allow_runtime_compiled_fallback': False}, 'tp_btf/mark_victim'),
+        ({'enable_core': False}, 'raw_tracepoint/mark_victim'),
+    ],
+    ids=['co-re', 'bcc'],
+)
+def test_a_real_oom_kill_is_one_metric_point_and_one_event(
+    dd_run_check, aggregator, instance, memory_cgroup, variant_options, hook
+):
+    check = make_check({**instance, **variant_options})
+    try:
+        dd_run_check(check)  # loads the probe
+        aggregator.assert_service_check(CAN_LOAD, AgentCheck.OK, tags=['probe:oom_kill', *instance['tags']])
+        aggregator.reset()
+
+        victim = memory_cgroup.oom_kill(comm='check-victim', oom_score_adj=42)
+        dd_run_check(check)
+
+        expected_tags = [
+            'process_name:check-victim',
+            'trigger_process_name:check-victim',
+            'trigger_type:cgroup',
+            f'cgroup_name:{memory_cgroup.name}',
+            *instance['tags'],
+        ]
+        aggregator.assert_metric('ebpf_probe.oom_kill.count', value=1, count=1, tags=expected_tags)
+        aggregator.assert_metric('ebpf_probe.oom_kill.dropped', value=0, count=1, tags=instance['tags'])
+        aggregator.assert_service_check(CAN_LOAD, AgentCheck.OK, count=1)
+
+        [event] = aggregator.events
+        assert event['msg_title'] == f'OOM kill: check-victim (pid {victim.pid})'
+        assert event['alert_type'] == 'error'
+        assert event['source_type_name'] == 'ebpf_probe'
+        assert event['event_type'] == 'oom_kill'
+        assert event['aggregation_key'] == memory_cgroup.path
+        assert sorted(event['tags']) == sorted(expected_tags)
+        assert victim.started - 1 <= event['timestamp'] <= victim.ended + 1
+        text = event['msg_text']
+        assert text.startswith('%%%') and text.endswith('%%%')
+        assert f'**check\\-victim** (pid {victim.pid}, uid 0, oom_score_adj 42)' in text
+        assert f'| Triggered by | **check\\-victim** (pid {victim.pid}) |' in text
+        assert 'a memory cgroup reached its limit (trigger_type:cgroup)' in text
+        assert f'| Memory cgroup | /{memory_cgroup.name.replace("-", chr(92) + "-")} |' in text
+        assert '| Memory | rss ' in text
+        assert f'| Seen by | {hook} |' in text
+
+        aggregator.assert_all_metrics_covered()
+        aggregator.assert_metrics_using_metadata(get_metadata_metrics())
+        aggregator.assert_no_duplicate_metrics()
+
+        aggregator.reset()
+        dd_run_check(check)  # the kill is not reported twice
+        assert aggregator.metrics('ebpf_probe.oom_kill.count') == []
+        assert aggregator.events == []
+    finally:
+        check.cancel()
+
+
+def test_first_run_loads_the_probe_not_the_constructor(dd_run_check, aggregator, instance):
+    check = make_check(instance)
+    assert check._oom_kill is None  # nothing loaded, not even configured, before the first run
+    try:
+        dd_run_check(check)
+        assert check._oom_kill.probe is not None
+        assert check._oom_kill.probe.variant == 'co-re'
+    finally:
+        check.cancel()
+    assert check._oom_kill.probe is None
+
+
+def test_cancel_is_idempotent_and_a_later_run_loads_again(dd_run_check, aggregator, instance):
+    check = make_check(instance)
+    dd_run_check(check)
+    first = check._oom_kill.probe
+    check.cancel()
+    check.cancel()
+    assert check._oom_kill.probe is None
+    dd_run_check(check)
+    assert check._oom_kill.probe is not None and check._oom_kill.probe is not first
+    check.cancel()
+
+
+def test_collect_oom_kill_false_loads_nothing(dd_run_check, aggregator, instance):
+    check = make_check({**instance, 'collect_oom_kill': False})
+    dd_run_check(check)
+    assert check._oom_kill is None
+    assert aggregator.metric_names == []
+
+
+class TestCannotLoad:
+    INSTANCE = {'btf_path': '/nonexistent/vmlinux.btf', 'allow_runtime_compiled_fallback': False, 'tags': ['a:b']}
+
+    def test_service_check_is_critical_with_the_reason_and_the_check_keeps_running(self, dd_run_check, aggregator):
+        check = make_check(self.INSTANCE)
+        dd_run_check(check)  # does not raise
+        [sc] = aggregator.service_checks(CAN_LOAD)
+        assert sc.status == AgentCheck.CRITICAL
+        assert sc.tags == ['probe:oom_kill', 'a:b']
+        assert 'btf_path /nonexistent/vmlinux.btf does not exist' in sc.message
+        assert 'allow_runtime_compiled_fallback: true' in sc.message
+        assert aggregator.metrics('ebpf_probe.oom_kill.count') == []
+
+    def test_retries_back_off_and_the_error_is_logged_once(self, dd_run_check, aggregator, caplog, monkeypatch):
+        attempts = []
+
+        def failing_loader(options, log):
+            attempts.append(1)
+            raise ProbeLoadError('missing capabilities CAP_BPF, CAP_PERFMON')
+
+        monkeypatch.setattr(check_module, 'load_oom_kill_probe', failing_loader)
+        clock = [1000.0]
+        monkeypatch.setattr(check_module.time, 'monotonic', lambda: clock[0])
+        check = make_check({'load_retry_max_interval': 60})
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):  # same instant: one attempt, then backoff
+                dd_run_check(check)
+            assert len(attempts) == 1
+            clock[0] += 15  # first retry after 15 s
+            dd_run_check(check)
+            assert len(attempts) == 2
+            clock[0] += 15  # then 30 s: not yet
+            dd_run_check(check)
+            assert len(attempts) == 2
+            clock[0] += 15
+            dd_run_check(check)
+            assert len(attempts) == 3
+            for _ in range(3):  # capped at load_retry_max_interval
+                clock[0] += 60
+                dd_run_check(check)
+            assert len(attempts) == 6
+        criticals = aggregator.service_checks(CAN_LOAD)
+        assert len(criticals) == 9 and {sc.status for sc in criticals} == {AgentCheck.CRITICAL}
+        assert all(sc.message == 'missing capabilities CAP_BPF, CAP_PERFMON' for sc in criticals)
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and 'missing capabilities' in warnings[0].getMessage()
+        assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.INFO)
+        assert check.warnings == [warnings[0].getMessage()]
+
+
+@pytest.mark.parametrize(
+    'option, value',
+    [
+        ('enable_core', 'maybe'),
+        ('allow_runtime_compiled_fallback', [1]),
+        ('collect_oom_kill', {'a': 1}),
+        ('mount_tracefs', 'sometimes'),
+        ('btf_path', 42),
+        ('max_buffered_oom_kills', 0),
+        ('max_buffered_oom_kills', 'many'),
+        ('load_retry_max_interval', -1),
+        ('tags', 'not-a-list'),
+    ],
+)
+def test_a_wrong_option_is_a_configuration_error_naming_it(dd_run_check, aggregator, option, value):
+    check = make_check({option: value})
+    with pytest.raises(Exception, match=f'(?s)ConfigurationError.*{option}'):
+        dd_run_check(check)
+    assert aggregator.metric_names == []
+    assert check._oom_kill is None
+
+
+def test_no_way_to_load_is_a_configuration_error(dd_run_check, aggregator):
+    check = make_check({'enable_core': False, 'allow_runtime_compiled_fallback': False})
+    with pytest.raises(Exception, match='`enable_core` and `allow_runtime_compiled_fallback` are both false'):
+        dd_run_check(check)
