@@ -7,7 +7,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 BPF_OUT := datadog_checks/ebpf_probe/data/bpf
-CORE_OBJECTS := $(BPF_OUT)/oom_kill.bpf.o
+CORE_OBJECTS := $(BPF_OUT)/oom_kill.bpf.o $(BPF_OUT)/ebpf_stats.bpf.o $(BPF_OUT)/map_count.bpf.o
 BPF_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 MULTIARCH := $(shell dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo $$(uname -m)-linux-gnu)
 CLANG ?= clang
@@ -42,7 +42,7 @@ test: deps venv bpf kernel-headers lint
 
 bpf: $(CORE_OBJECTS)
 
-$(BPF_OUT)/%.bpf.o: bpf/%.bpf.c bpf/%.h bpf/kernel_types.h | deps
+$(BPF_OUT)/%.bpf.o: bpf/%.bpf.c bpf/kernel_types.h $(wildcard bpf/*.h) | deps
 	@mkdir -p $(BPF_OUT)
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 	$(LLVM_STRIP) -g $@  # drop DWARF, keep the BTF that CO-RE needs

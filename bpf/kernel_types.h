@@ -153,6 +153,61 @@ struct trace_event_raw_mark_victim {
 	short oom_score_adj;
 } PA;
 
+/* eBPF accounting: BPF iterators over maps and over every task's files. */
+struct seq_file;
+
+struct bpf_iter_meta {
+	struct seq_file *seq;
+	u64 session_id;
+	u64 seq_num;
+} PA;
+
+struct bpf_map {
+	u32 id;
+} PA;
+
+struct bpf_prog_aux {
+	u32 id;
+} PA;
+
+struct bpf_prog {
+	struct bpf_prog_aux *aux;
+} PA;
+
+struct bpf_link {
+	u32 id;
+	struct bpf_prog *prog;
+} PA;
+
+struct qstr {
+	const unsigned char *name;
+} PA;
+
+struct dentry {
+	struct qstr d_name;
+} PA;
+
+struct path {
+	struct dentry *dentry;
+} PA;
+
+struct file {
+	struct path f_path;
+	void *private_data;
+} PA;
+
+struct bpf_iter__bpf_map {
+	struct bpf_iter_meta *meta;
+	struct bpf_map *map;
+} PA;
+
+struct bpf_iter__task_file {
+	struct bpf_iter_meta *meta;
+	struct task_struct *task;
+	u32 fd;
+	struct file *file;
+} PA;
+
 /* Present only on kernels with BPF ring buffers (5.8+). */
 struct bpf_ringbuf {
 	u64 mask;

@@ -17,9 +17,9 @@ from datadog_checks.ebpf_probe.oom_kill import (
     RECORD,
     OOMKillProbeOptions,
     ProbeLoadError,
-    bpf_file,
     load_oom_kill_probe,
 )
+from datadog_checks.ebpf_probe.resources import bpf_file
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 

@@ -125,6 +125,107 @@ class _BtfVarSecinfo(ctypes.Structure):
     _fields_ = [('type', ctypes.c_uint32), ('offset', ctypes.c_uint32), ('size', ctypes.c_uint32)]
 
 
+BPF_OBJ_NAME_LEN = 16
+BPF_TAG_SIZE = 8
+
+
+class BpfProgInfo(ctypes.Structure):
+    """struct bpf_prog_info (include/uapi/linux/bpf.h); the kernel fills as much as it knows."""
+
+    _fields_ = [
+        ('type', ctypes.c_uint32),
+        ('id', ctypes.c_uint32),
+        ('tag', ctypes.c_uint8 * BPF_TAG_SIZE),
+        ('jited_prog_len', ctypes.c_uint32),
+        ('xlated_prog_len', ctypes.c_uint32),
+        ('jited_prog_insns', ctypes.c_uint64),
+        ('xlated_prog_insns', ctypes.c_uint64),
+        ('load_time', ctypes.c_uint64),
+        ('created_by_uid', ctypes.c_uint32),
+        ('nr_map_ids', ctypes.c_uint32),
+        ('map_ids', ctypes.c_uint64),
+        ('name', ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ('ifindex', ctypes.c_uint32),
+        ('gpl_compatible', ctypes.c_uint32),
+        ('netns_dev', ctypes.c_uint64),
+        ('netns_ino', ctypes.c_uint64),
+        ('nr_jited_ksyms', ctypes.c_uint32),
+        ('nr_jited_func_lens', ctypes.c_uint32),
+        ('jited_ksyms', ctypes.c_uint64),
+        ('jited_func_lens', ctypes.c_uint64),
+        ('btf_id', ctypes.c_uint32),
+        ('func_info_rec_size', ctypes.c_uint32),
+        ('func_info', ctypes.c_uint64),
+        ('nr_func_info', ctypes.c_uint32),
+        ('nr_line_info', ctypes.c_uint32),
+        ('line_info', ctypes.c_uint64),
+        ('jited_line_info', ctypes.c_uint64),
+        ('nr_jited_line_info', ctypes.c_uint32),
+        ('line_info_rec_size', ctypes.c_uint32),
+        ('jited_line_info_rec_size', ctypes.c_uint32),
+        ('nr_prog_tags', ctypes.c_uint32),
+        ('prog_tags', ctypes.c_uint64),
+        ('run_time_ns', ctypes.c_uint64),
+        ('run_cnt', ctypes.c_uint64),
+        ('recursion_misses', ctypes.c_uint64),
+        ('verified_insns', ctypes.c_uint32),
+        ('attach_btf_obj_id', ctypes.c_uint32),
+        ('attach_btf_id', ctypes.c_uint32),
+        ('_pad', ctypes.c_uint32),
+    ]
+
+
+class BpfMapInfo(ctypes.Structure):
+    """struct bpf_map_info (include/uapi/linux/bpf.h)."""
+
+    _fields_ = [
+        ('type', ctypes.c_uint32),
+        ('id', ctypes.c_uint32),
+        ('key_size', ctypes.c_uint32),
+        ('value_size', ctypes.c_uint32),
+        ('max_entries', ctypes.c_uint32),
+        ('map_flags', ctypes.c_uint32),
+        ('name', ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ('ifindex', ctypes.c_uint32),
+        ('btf_vmlinux_value_type_id', ctypes.c_uint32),
+        ('netns_dev', ctypes.c_uint64),
+        ('netns_ino', ctypes.c_uint64),
+        ('btf_id', ctypes.c_uint32),
+        ('btf_key_type_id', ctypes.c_uint32),
+        ('btf_value_type_id', ctypes.c_uint32),
+        ('_pad', ctypes.c_uint32),
+        ('map_extra', ctypes.c_uint64),
+    ]
+
+
+class _BpfFuncInfo(ctypes.Structure):
+    _fields_ = [('insn_off', ctypes.c_uint32), ('type_id', ctypes.c_uint32)]
+
+
+class _MapBatchOpts(ctypes.Structure):
+    _fields_ = [('sz', ctypes.c_size_t), ('elem_flags', ctypes.c_uint64), ('flags', ctypes.c_uint64)]
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [
+        ('sz', ctypes.c_size_t),
+        ('data_in', ctypes.c_void_p),
+        ('data_out', ctypes.c_void_p),
+        ('data_size_in', ctypes.c_uint32),
+        ('data_size_out', ctypes.c_uint32),
+        ('ctx_in', ctypes.c_void_p),
+        ('ctx_out', ctypes.c_void_p),
+        ('ctx_size_in', ctypes.c_uint32),
+        ('ctx_size_out', ctypes.c_uint32),
+        ('retval', ctypes.c_uint32),
+        ('repeat', ctypes.c_int),
+        ('duration', ctypes.c_uint32),
+        ('flags', ctypes.c_uint32),
+        ('cpu', ctypes.c_uint32),
+        ('batch_size', ctypes.c_uint32),
+    ]
+
+
 RingBufferCallback = Callable[[bytes], None]
 _RING_BUFFER_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _PERF_BUFFER_SAMPLE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)
@@ -177,6 +278,28 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     'btf__name_by_offset': (_S, [_P, _U32]),
     'btf__resolve_size': (ctypes.c_int64, [_P, _U32]),
     'btf__type_cnt': (_U32, [_P]),
+    'btf__load_from_kernel_by_id': (_P, [_U32]),
+    'libbpf_bpf_prog_type_str': (_S, [_I]),
+    'libbpf_bpf_map_type_str': (_S, [_I]),
+    'bpf_program__attach_iter': (_P, [_P, _P]),
+    'bpf_map__reuse_fd': (_I, [_P, _I]),
+    'bpf_iter_create': (_I, [_I]),
+    'bpf_prog_get_next_id': (_I, [_U32, ctypes.POINTER(_U32)]),
+    'bpf_map_get_next_id': (_I, [_U32, ctypes.POINTER(_U32)]),
+    'bpf_link_get_next_id': (_I, [_U32, ctypes.POINTER(_U32)]),
+    'bpf_prog_get_fd_by_id': (_I, [_U32]),
+    'bpf_map_get_fd_by_id': (_I, [_U32]),
+    'bpf_obj_get_info_by_fd': (_I, [_I, _P, ctypes.POINTER(_U32)]),
+    'bpf_obj_get': (_I, [_S]),
+    'bpf_obj_pin': (_I, [_I, _S]),
+    'bpf_enable_stats': (_I, [_I]),
+    'bpf_map_create': (_I, [_I, _S, _U32, _U32, _U32, _P]),
+    'bpf_map_update_batch': (_I, [_I, _P, _P, ctypes.POINTER(_U32), _P]),
+    'bpf_map_lookup_batch': (_I, [_I, _P, _P, _P, _P, ctypes.POINTER(_U32), _P]),
+    'bpf_map_get_next_key': (_I, [_I, _P, _P]),
+    'bpf_map_update_elem': (_I, [_I, _P, _P, ctypes.c_uint64]),
+    'bpf_prog_load': (_I, [_I, _S, _S, _P, ctypes.c_size_t, _P]),
+    'bpf_prog_test_run_opts': (_I, [_I, _P]),
 }
 
 
@@ -241,7 +364,7 @@ def version() -> tuple[int, int]:
 
 
 @contextmanager
-def _capture_log() -> Iterator[list[str]]:
+def capture_log() -> Iterator[list[str]]:
     outer = _log.lines
     lines: list[str] = []
     _log.lines = lines
@@ -255,7 +378,7 @@ def _capture_log() -> Iterator[list[str]]:
 
 def _call_ptr(call: str, func: Any, *args: Any) -> int:
     """Call a libbpf function returning a pointer: NULL means failure, errno says why."""
-    with _capture_log() as log:
+    with capture_log() as log:
         ctypes.set_errno(0)
         ptr = func(*args)
         if not ptr:
@@ -265,7 +388,7 @@ def _call_ptr(call: str, func: Any, *args: Any) -> int:
 
 def _call_int(call: str, func: Any, *args: Any) -> int:
     """Call a libbpf function returning an int: a negative value is -errno."""
-    with _capture_log() as log:
+    with capture_log() as log:
         ret = func(*args)
         if ret < 0:
             raise LibbpfError(call, -ret, log)
@@ -274,8 +397,185 @@ def _call_int(call: str, func: Any, *args: Any) -> int:
 
 def probe_map_type(map_type: int) -> bool:
     """Whether the running kernel supports a map type (libbpf_probe_bpf_map_type)."""
-    with _capture_log():
+    with capture_log():
         return lib().libbpf_probe_bpf_map_type(map_type, None) == 1
+
+
+# --- Objects already in the kernel: enumerate, open by id, describe ------------
+
+_NEXT_ID = {'prog': 'bpf_prog_get_next_id', 'map': 'bpf_map_get_next_id', 'link': 'bpf_link_get_next_id'}
+_FD_BY_ID = {'prog': 'bpf_prog_get_fd_by_id', 'map': 'bpf_map_get_fd_by_id'}
+
+
+def object_ids(kind: str) -> Iterator[int]:
+    """Ids of every program, map or link in the kernel, in increasing order."""
+    func = getattr(lib(), _NEXT_ID[kind])
+    current = ctypes.c_uint32(0)
+    while True:
+        ret = func(current.value, ctypes.byref(current))
+        if ret == -errno.ENOENT:
+            return
+        if ret < 0:
+            raise LibbpfError(f'{_NEXT_ID[kind]}', -ret)
+        yield current.value
+
+
+def fd_by_id(kind: str, object_id: int) -> int | None:
+    """An fd for the object with this id; None if it went away meanwhile. The caller closes it."""
+    ret = getattr(lib(), _FD_BY_ID[kind])(object_id)
+    if ret == -errno.ENOENT:
+        return None
+    if ret < 0:
+        raise LibbpfError(f'{_FD_BY_ID[kind]}({object_id})', -ret)
+    return ret
+
+
+def _info(fd: int, info: ctypes.Structure) -> None:
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    ret = lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+    if ret < 0:
+        raise LibbpfError('bpf_obj_get_info_by_fd', -ret)
+
+
+def prog_info(fd: int) -> BpfProgInfo:
+    info = BpfProgInfo()
+    _info(fd, info)
+    return info
+
+
+def prog_map_ids(fd: int, count: int) -> list[int]:
+    """Ids of the maps a program uses (count from a first prog_info())."""
+    if count <= 0:
+        return []
+    ids = (ctypes.c_uint32 * count)()
+    info = BpfProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
+    _info(fd, info)
+    return list(ids[: min(count, info.nr_map_ids)])
+
+
+def prog_btf_func_name(fd: int, info: BpfProgInfo) -> str | None:
+    """The program's full function name from its BTF (the kernel keeps only 15 characters)."""
+    if not info.btf_id or not info.nr_func_info or info.func_info_rec_size < ctypes.sizeof(_BpfFuncInfo):
+        return None
+    buf = ctypes.create_string_buffer(info.func_info_rec_size)
+    query = BpfProgInfo(nr_func_info=1, func_info_rec_size=info.func_info_rec_size, func_info=ctypes.addressof(buf))
+    _info(fd, query)
+    type_id = _BpfFuncInfo.from_buffer(buf).type_id
+    with capture_log():
+        ptr = lib().btf__load_from_kernel_by_id(info.btf_id)
+    if not ptr:
+        return None
+    with Btf(ptr, owned=True) as btf:
+        return btf.name(type_id) or None
+
+
+def map_info(fd: int) -> BpfMapInfo:
+    info = BpfMapInfo()
+    _info(fd, info)
+    return info
+
+
+def prog_type_name(prog_type: int) -> str:
+    name = lib().libbpf_bpf_prog_type_str(prog_type)
+    return name.decode() if name else f'type_{prog_type}'
+
+
+def map_type_name(map_type: int) -> str:
+    name = lib().libbpf_bpf_map_type_str(map_type)
+    return name.decode() if name else f'type_{map_type}'
+
+
+def obj_get(path: str) -> int:
+    """An fd for a pinned object."""
+    return _call_int(f'bpf_obj_get({path})', lib().bpf_obj_get, path.encode())
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin an object in bpffs (tests use it to make pinned-only objects)."""
+    _call_int(f'bpf_obj_pin({path})', lib().bpf_obj_pin, fd, path.encode())
+
+
+def enable_stats(stats_type: int = BPF_STATS_RUN_TIME) -> int:
+    """BPF_ENABLE_STATS: stats stay on while the returned fd is open (close it to turn them off)."""
+    return _call_int('bpf_enable_stats', lib().bpf_enable_stats, stats_type)
+
+
+def read_iterator(link: Link, chunk: int = 65536) -> bytes:
+    """Run a BPF iterator once: everything its program wrote for this pass."""
+    fd = _call_int(f'bpf_iter_create({link.program})', lib().bpf_iter_create, link.fd)
+    try:
+        parts = []
+        while True:
+            data = os.read(fd, chunk)
+            if not data:
+                return b''.join(parts)
+            parts.append(data)
+    finally:
+        os.close(fd)
+
+
+# --- Maps and programs made from user space (fallback counting, tests, benchmarks) ---
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    return _call_int(
+        f'bpf_map_create({name})', lib().bpf_map_create, map_type, name.encode(), key_size, value_size, max_entries,
+        None,
+    )  # fmt: skip
+
+
+def map_update_elem(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    _call_int('bpf_map_update_elem', lib().bpf_map_update_elem, fd, key, value, flags)
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> int:
+    """Update `count` elements at once (keys and values packed back to back)."""
+    n = ctypes.c_uint32(count)
+    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
+    _call_int('bpf_map_update_batch', lib().bpf_map_update_batch, fd, keys, values, ctypes.byref(n), ctypes.byref(opts))
+    return n.value
+
+
+def map_lookup_batch(fd: int, in_batch: Any, out_batch: Any, keys: Any, values: Any, count: int) -> tuple[int, bool]:
+    """One BPF_MAP_LOOKUP_BATCH step: (elements returned, whether the walk is complete)."""
+    n = ctypes.c_uint32(count)
+    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
+    ret = lib().bpf_map_lookup_batch(fd, in_batch, out_batch, keys, values, ctypes.byref(n), ctypes.byref(opts))
+    if ret == -errno.ENOENT:
+        return n.value, True
+    if ret < 0:
+        raise LibbpfError('bpf_map_lookup_batch', -ret)
+    return n.value, False
+
+
+def map_get_next_key(fd: int, key: Any, next_key: Any) -> bool:
+    """Step a key walk; False at the end."""
+    ret = lib().bpf_map_get_next_key(fd, key, next_key)
+    if ret == -errno.ENOENT:
+        return False
+    if ret < 0:
+        raise LibbpfError('bpf_map_get_next_key', -ret)
+    return True
+
+
+def prog_load(prog_type: int, name: str, insns: bytes, license: str = 'GPL') -> int:
+    """Load a program from raw instructions (8 bytes each)."""
+    return _call_int(
+        f'bpf_prog_load({name})', lib().bpf_prog_load, prog_type, name.encode(), license.encode(), insns,
+        len(insns) // 8, None,
+    )  # fmt: skip
+
+
+def prog_test_run(fd: int, data: bytes = b'', repeat: int = 1) -> int:
+    """BPF_PROG_TEST_RUN: run the program `repeat` times; its return value."""
+    buf = ctypes.create_string_buffer(data, len(data)) if data else None
+    # repeat 0 means once; raw tracepoint programs refuse any other value.
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), repeat=repeat if repeat > 1 else 0)
+    if buf is not None:
+        opts.data_in = ctypes.addressof(buf)
+        opts.data_size_in = len(data)
+    _call_int('bpf_prog_test_run_opts', lib().bpf_prog_test_run_opts, fd, ctypes.byref(opts))
+    return opts.retval
 
 
 class Btf:
@@ -514,6 +814,18 @@ class BpfObject:
 
     def load(self) -> None:
         _call_int(f'bpf_object__load({os.path.basename(self.path)})', lib().bpf_object__load, self._ptr)
+
+    def reuse_map_fd(self, name: str, fd: int) -> None:
+        """Make the object use an existing map instead of creating its own (before load)."""
+        _call_int(f'bpf_map__reuse_fd({name})', lib().bpf_map__reuse_fd, self.map(name)._ptr, fd)
+
+    def attach_iter(self, program: str) -> Link:
+        ptr = _call_ptr(
+            f'bpf_program__attach_iter({program})', lib().bpf_program__attach_iter, self._program(program), None
+        )
+        link = Link(ptr, program)
+        self._links.append(link)
+        return link
 
     def attach(self, program: str) -> Link:
         ptr = _call_ptr(f'bpf_program__attach({program})', lib().bpf_program__attach, self._program(program))

@@ -22,6 +22,7 @@ from typing import Protocol
 from . import kernel, libbpf
 from .bcc_loader import BccError, BccProgram, bcc_offsets
 from .kernel import RequirementError
+from .resources import bpf_file
 
 # --- The record (mirror of bpf/oom_kill.h) ---------------------------------
 
@@ -69,17 +70,8 @@ MEMCG_OOM_FUNCTIONS = frozenset(
 # The OOM killer's entry points: on the stack without the above, the system was out of memory.
 SYSTEM_OOM_FUNCTIONS = frozenset({'out_of_memory', '__alloc_pages_may_oom', 'pagefault_out_of_memory'})
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 CORE_OBJECT = 'oom_kill.bpf.o'
 BCC_SOURCE = 'oom_kill_bcc.c'
-
-
-def bpf_file(name: str) -> Path:
-    """A kernel-side file: packaged under data/bpf in a wheel, or built/kept in the source tree."""
-    for folder in (PACKAGE_DIR / 'data' / 'bpf', PACKAGE_DIR.parent.parent / 'bpf'):
-        if (folder / name).exists():
-            return folder / name
-    return PACKAGE_DIR / 'data' / 'bpf' / name
 
 
 @dataclass(frozen=True)
@@ -461,6 +453,8 @@ class CoreOOMKillProbe(_Drain):
                     'kprobe_writes_records': struct.pack('<?', not plan.mark_victim_task),
                 }
             )
+            if not (plan.mark_victim_task and plan.kprobe):
+                obj.map('oom_controls').set_max_entries(1)  # only the kprobe-beside-tp_btf pairing uses it
             use_ringbuf = libbpf.probe_map_type(libbpf.BPF_MAP_TYPE_RINGBUF)
             events = obj.map('events')
             if use_ringbuf:
