@@ -2,6 +2,8 @@
 # Licensed under a 3-clause BSD style license (see LICENSE)
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from typing import Any
@@ -10,8 +12,11 @@ from datadog_checks.base import AgentCheck, ConfigurationError
 from datadog_checks.base.utils.tagging import tagger
 
 from . import formatting
+from .accounting import COUNT, Accounting, AccountingOptions, NamePatterns
 from .config_models import ConfigMixin
 from .containers import Container, parse_cgroup_path
+from .ebpf_stats import EbpfStatsOptions, EbpfStatsProbe
+from .kernel import RequirementError
 from .oom_kill import FlushResult, OOMKill, OOMKillProbe, OOMKillProbeOptions, ProbeLoadError, load_oom_kill_probe
 
 # Backoff between load attempts: 15 s, 30 s, 60 s, ... up to load_retry_max_interval.
@@ -61,6 +66,8 @@ class ProbeSlot:
         )
         for hook, reason in self.probe.rejected_hooks.items():
             self._check.log.info('%s probe: not using %s: %s', self.name, hook, reason)
+        for limitation in getattr(self.probe, 'limitations', ()):
+            self._check.warning('The %s probe runs with a limitation: %s', self.name, limitation)
         if self.probe.core_error:
             # The factory logged it; keep it visible in the check's status too.
             self._check.warnings.append(
@@ -85,8 +92,15 @@ class ProbeSlot:
             probe.close()
 
 
+def load_ebpf_stats_probe(options: EbpfStatsOptions, log: Any) -> EbpfStatsProbe:
+    try:
+        return EbpfStatsProbe.load(options, log)
+    except RequirementError as e:
+        raise ProbeLoadError(str(e)) from None
+
+
 class EbpfProbeCheck(AgentCheck, ConfigMixin):
-    """OOM kills seen by an eBPF probe: one metric point and one event per kill."""
+    """What the kernel knows: OOM kills (a metric point and an event each) and every eBPF program and map."""
 
     __NAMESPACE__ = 'ebpf_probe'
     SERVICE_CHECK_CAN_LOAD = 'probe.can_load'
@@ -98,12 +112,14 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._close_requested = False
         self._tags: list[str] = []
         self._oom_kill: ProbeSlot | None = None
+        self._ebpf_stats: ProbeSlot | None = None
+        self._accounting: Accounting | None = None
         # Runs after the base class has validated the config models.
         self.check_initializations.append(self._configure)
 
     def _configure(self) -> None:
+        """Validate everything first; only then set the check up (a bad option leaves nothing half-made)."""
         config = self.config
-        self._tags = list(config.tags or ())
         options = OOMKillProbeOptions(
             enable_core=config.enable_core,
             allow_runtime_compiled_fallback=config.allow_runtime_compiled_fallback,
@@ -115,12 +131,31 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             raise ConfigurationError(
                 '`enable_core` and `allow_runtime_compiled_fallback` are both false: the probe has no way to load'
             )
+        patterns = {}
+        for option in ('program_name_include', 'program_name_exclude', 'map_name_include', 'map_name_exclude'):
+            try:
+                patterns[option] = NamePatterns.compile(getattr(config, option), None).include
+            except re.error as e:
+                raise ConfigurationError(f'`{option}`: invalid regular expression: {e}') from None
+        accounting = AccountingOptions(
+            own_pid=os.getpid(),
+            exclude_own_objects=config.exclude_own_objects,
+            programs=NamePatterns(patterns['program_name_include'], patterns['program_name_exclude']),
+            maps=NamePatterns(patterns['map_name_include'], patterns['map_name_exclude']),
+            max_programs=config.max_programs_reported,
+            max_maps=config.max_maps_reported,
+            run_time=config.collect_program_runtime,
+        )
+        stats_options = EbpfStatsOptions(collect_program_runtime=config.collect_program_runtime)
+        retry = float(config.load_retry_max_interval)
+
+        self._tags = list(config.tags or ())
         if config.collect_oom_kill:
-            self._oom_kill = ProbeSlot(
-                'oom_kill',
-                lambda: load_oom_kill_probe(options, self.log),
-                float(config.load_retry_max_interval),
-                self,
+            self._oom_kill = ProbeSlot('oom_kill', lambda: load_oom_kill_probe(options, self.log), retry, self)
+        if config.collect_ebpf_stats:
+            self._accounting = Accounting(accounting)
+            self._ebpf_stats = ProbeSlot(
+                'ebpf_stats', lambda: load_ebpf_stats_probe(stats_options, self.log), retry, self
             )
 
     def check(self, _: Any) -> None:
@@ -129,6 +164,8 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         try:
             if self._oom_kill is not None:
                 self._collect_oom_kills(self._oom_kill)
+            if self._ebpf_stats is not None:
+                self._collect_ebpf_stats(self._ebpf_stats)
         finally:
             with self._lock:
                 self._running = False
@@ -145,8 +182,9 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 self._close_probes()
 
     def _close_probes(self) -> None:
-        if self._oom_kill is not None:
-            self._oom_kill.close()
+        for slot in (self._oom_kill, self._ebpf_stats):
+            if slot is not None:
+                slot.close()
 
     def _collect_oom_kills(self, slot: ProbeSlot) -> None:
         service_tags = ['probe:oom_kill', *self._tags]
@@ -164,6 +202,23 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 result.dropped,
             )
         self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.OK, tags=service_tags)
+
+    def _collect_ebpf_stats(self, slot: ProbeSlot) -> None:
+        service_tags = ['probe:ebpf_stats', *self._tags]
+        probe: EbpfStatsProbe | None = slot.get()
+        if probe is None or self._accounting is None:
+            self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=service_tags, message=slot.error)
+            return
+        snapshot = probe.get_and_flush()
+        for point in self._accounting.points(snapshot):
+            submit = self.count if point.type == COUNT else self.gauge
+            submit(point.metric, point.value, tags=[*point.tags, *self._tags])
+        self.service_check(
+            self.SERVICE_CHECK_CAN_LOAD,
+            AgentCheck.OK,
+            tags=service_tags,
+            message='; '.join(probe.limitations) or None,
+        )
 
     def _submit_oom_kill(self, kill: OOMKill) -> None:
         container = parse_cgroup_path(kill.cgroup_path)

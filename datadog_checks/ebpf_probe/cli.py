@@ -24,6 +24,7 @@ import yaml
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent / 'data' / 'conf.yaml.example'
 CHECK_NAME = 'ebpf_probe'
+log = logging.getLogger('ebpf_probe.cli')
 SERVICE_CHECK_STATUS = {0: 'OK', 1: 'WARNING', 2: 'CRITICAL', 3: 'UNKNOWN'}
 
 
@@ -164,7 +165,8 @@ def run_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     problems.append(last_error)
                 for sc in submitted['service_checks']:
                     if sc['status'] == 2:
-                        problems.append(f'{sc["check"]} is CRITICAL: {sc["message"]}')
+                        probe = ','.join(t for t in sc['tags'] if t.startswith('probe:'))
+                        problems.append(f'{sc["check"]} ({probe}) is CRITICAL: {sc["message"]}')
                 runs.append(
                     {
                         'aggregator': submitted,
@@ -180,6 +182,7 @@ def run_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     }
                 )
                 check.warnings.clear()
+                log.info('run %d of %d finished (instance %d)', n + 1, args.check_times, index)
                 if not args.json:
                     _print_run(out, submitted)
                     out.flush()

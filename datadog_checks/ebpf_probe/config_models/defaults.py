@@ -8,7 +8,15 @@ def instance_allow_runtime_compiled_fallback():
     return True
 
 
+def instance_collect_ebpf_stats():
+    return True
+
+
 def instance_collect_oom_kill():
+    return True
+
+
+def instance_collect_program_runtime():
     return True
 
 
@@ -28,12 +36,24 @@ def instance_enable_legacy_tags_normalization():
     return True
 
 
+def instance_exclude_own_objects():
+    return False
+
+
 def instance_load_retry_max_interval():
     return 600
 
 
 def instance_max_buffered_oom_kills():
     return 512
+
+
+def instance_max_maps_reported():
+    return 500
+
+
+def instance_max_programs_reported():
+    return 500
 
 
 def instance_min_collection_interval():

@@ -32,16 +32,25 @@ class InstanceConfig(BaseModel):
     )
     allow_runtime_compiled_fallback: Optional[bool] = None
     btf_path: Optional[str] = None
+    collect_ebpf_stats: Optional[bool] = None
     collect_oom_kill: Optional[bool] = None
+    collect_program_runtime: Optional[bool] = None
     disable_generic_tags: Optional[bool] = None
     empty_default_hostname: Optional[bool] = None
     enable_core: Optional[bool] = None
     enable_legacy_tags_normalization: Optional[bool] = None
+    exclude_own_objects: Optional[bool] = None
     load_retry_max_interval: Optional[int] = Field(None, ge=0)
+    map_name_exclude: Optional[tuple[str, ...]] = None
+    map_name_include: Optional[tuple[str, ...]] = None
     max_buffered_oom_kills: Optional[int] = Field(None, ge=1, le=65536)
+    max_maps_reported: Optional[int] = Field(None, ge=0)
+    max_programs_reported: Optional[int] = Field(None, ge=0)
     metric_patterns: Optional[MetricPatterns] = None
     min_collection_interval: Optional[float] = None
     mount_tracefs: Optional[bool] = None
+    program_name_exclude: Optional[tuple[str, ...]] = None
+    program_name_include: Optional[tuple[str, ...]] = None
     service: Optional[str] = None
     tags: Optional[tuple[str, ...]] = None
 
