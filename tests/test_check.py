@@ -33,7 +33,7 @@ def make_check(instance):
 def test_a_real_oom_kill_is_one_metric_point_and_one_event(
     dd_run_check, aggregator, instance, memory_cgroup, variant_options, hook
 ):
-    check = make_check({**instance, **variant_options})
+    check = make_check({**instance, **variant_options, 'collect_ebpf_stats': False})
     try:
         dd_run_check(check)  # loads the probe
         aggregator.assert_service_check(CAN_LOAD, AgentCheck.OK, tags=['probe:oom_kill', *instance['tags']])
@@ -106,15 +106,20 @@ def test_cancel_is_idempotent_and_a_later_run_loads_again(dd_run_check, aggregat
     check.cancel()
 
 
-def test_collect_oom_kill_false_loads_nothing(dd_run_check, aggregator, instance):
-    check = make_check({**instance, 'collect_oom_kill': False})
+def test_collect_nothing_loads_nothing(dd_run_check, aggregator, instance):
+    check = make_check({**instance, 'collect_oom_kill': False, 'collect_ebpf_stats': False})
     dd_run_check(check)
     assert check._oom_kill is None
     assert aggregator.metric_names == []
 
 
 class TestCannotLoad:
-    INSTANCE = {'btf_path': '/nonexistent/vmlinux.btf', 'allow_runtime_compiled_fallback': False, 'tags': ['a:b']}
+    INSTANCE = {
+        'btf_path': '/nonexistent/vmlinux.btf',
+        'allow_runtime_compiled_fallback': False,
+        'collect_ebpf_stats': False,
+        'tags': ['a:b'],
+    }
 
     def test_service_check_is_critical_with_the_reason_and_the_check_keeps_running(self, dd_run_check, aggregator):
         check = make_check(self.INSTANCE)
@@ -136,7 +141,7 @@ class TestCannotLoad:
         monkeypatch.setattr(check_module, 'load_oom_kill_probe', failing_loader)
         clock = [1000.0]
         monkeypatch.setattr(check_module.time, 'monotonic', lambda: clock[0])
-        check = make_check({'load_retry_max_interval': 60})
+        check = make_check({'load_retry_max_interval': 60, 'collect_ebpf_stats': False})
         with caplog.at_level(logging.DEBUG):
             for _ in range(3):  # same instant: one attempt, then backoff
                 dd_run_check(check)
@@ -175,6 +180,15 @@ class TestCannotLoad:
         ('max_buffered_oom_kills', 'many'),
         ('load_retry_max_interval', -1),
         ('tags', 'not-a-list'),
+        ('collect_ebpf_stats', 'yes please'),
+        ('collect_program_runtime', [True]),
+        ('exclude_own_objects', 'maybe'),
+        ('program_name_include', 'not-a-list'),
+        ('map_name_exclude', 42),
+        ('max_programs_reported', -1),
+        ('max_maps_reported', 'all'),
+        ('program_name_exclude', ['(unclosed']),
+        ('map_name_include', ['[z-a]']),
     ],
 )
 def test_a_wrong_option_is_a_configuration_error_naming_it(dd_run_check, aggregator, option, value):

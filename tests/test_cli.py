@@ -32,7 +32,7 @@ def test_the_script_is_installed():
 @pytest.mark.oom
 @pytest.mark.parametrize('variant', ['co-re', 'bcc'])
 def test_an_oom_kill_during_the_pause_is_in_the_next_run(tmp_path, memory_cgroup, variant):
-    config = 'init_config:\ninstances:\n  - tags: [team:kernel]\n'
+    config = 'init_config:\ninstances:\n  - tags: [team:kernel]\n    collect_ebpf_stats: false\n'
     if variant == 'bcc':
         config += '    enable_core: false\n'
     conf = tmp_path / 'conf.yaml'
@@ -44,13 +44,13 @@ def test_an_oom_kill_during_the_pause_is_in_the_next_run(tmp_path, memory_cgroup
         text=True,
     )
     try:
-        # Wait for the first run to have loaded the probe, then kill a process during the pause.
+        # Wait for the first run to be over, then kill a process during the pause.
         stderr_lines = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             line = proc.stderr.readline()
             stderr_lines.append(line)
-            if 'Loaded the oom_kill probe' in line or not line:
+            if 'run 1 of 2 finished' in line or not line:
                 break
         assert f'Loaded the oom_kill probe ({variant})' in ''.join(stderr_lines)
         victim = memory_cgroup.oom_kill(comm='cli-victim', oom_score_adj=42)
@@ -131,8 +131,73 @@ def test_without_privileges_it_says_which_capabilities_are_missing(tmp_path):
     no_capabilities = ['setpriv', '--inh-caps=-all', '--bounding-set=-all']
     result = run_cli('--json', prefix=no_capabilities)
     assert result.returncode == 1
-    [line] = result.stderr.splitlines()
-    assert 'missing capabilities CAP_BPF, CAP_PERFMON' in line
+    oom_line, stats_line = result.stderr.splitlines()
+    assert '(probe:oom_kill) is CRITICAL: missing capabilities CAP_BPF, CAP_PERFMON' in oom_line
+    assert '(probe:ebpf_stats) is CRITICAL: missing capability CAP_SYS_ADMIN' in stats_line
     [run] = json.loads(result.stdout)
-    [sc] = run['aggregator']['service_checks']
-    assert sc['status'] == 2 and 'CAP_SYS_ADMIN' in sc['message']
+    statuses = {sc['tags'][0]: sc['status'] for sc in run['aggregator']['service_checks']}
+    assert statuses == {'probe:oom_kill': 2, 'probe:ebpf_stats': 2}
+    assert run['aggregator']['metrics'] == []
+
+
+def test_json_lists_every_program_and_map_bpftool_lists(tmp_path):
+    """What users compare: the check's output against `bpftool prog show` and `bpftool map show`."""
+    from .bpf_objects import OWNER_COMM, bpftool, make_test_objects
+
+    objects = make_test_objects()
+    try:
+        programs, maps = bpftool('prog', 'show'), bpftool('map', 'show')
+        conf = tmp_path / 'conf.yaml'
+        conf.write_text('instances:\n  - collect_oom_kill: false\n')
+        proc = subprocess.Popen(
+            [EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', '2000', '-l', 'info', '-c', str(conf)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            lines = []
+            while not lines or (lines[-1] and 'run 1 of 2 finished' not in lines[-1]):
+                lines.append(proc.stderr.readline())
+            [loaded] = [line for line in lines if 'Loaded the ebpf_stats probe' in line]
+            assert 'with BPF_ENABLE_STATS, iter/bpf_map, iter/task_file' in loaded
+            objects.run_program(500)  # during the pause, between the two runs
+            stdout, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0
+        second = json.loads(stdout)[1]['aggregator']['metrics']
+    finally:
+        objects.close()
+
+    def series(metric, **tags):
+        return [
+            m for m in second
+            if m['metric'] == f'ebpf_probe.{metric}' and all(f'{k}:{v}' in m['tags'] for k, v in tags.items())
+        ]  # fmt: skip
+
+    for program in programs:
+        # bpftool shows the kernel's 15-character name; the check the full one.
+        found = [
+            s for s in series('program.translated_size', program_type=program['type'])
+            if any(t.startswith(f'program_name:{program["name"]}') for t in s['tags'])
+        ]  # fmt: skip
+        assert found, program
+        if (
+            len(found) == 1
+            and series('program.instances', **dict(t.split(':', 1) for t in found[0]['tags']))[0]['points'][0][1] == 1
+        ):
+            assert found[0]['points'][0][1] == program['bytes_xlated']
+    for m in maps:
+        [memory] = series('map.memory', map_name=m['name'], map_type=m['type'])
+        [max_entries] = series('map.max_entries', map_name=m['name'], map_type=m['type'])
+        assert memory['points'][0][1] == m['bytes_memlock']
+        assert max_entries['points'][0][1] == m['max_entries']
+        assert f'owner:{OWNER_COMM}' in memory['tags']
+    for kind, made in objects.maps.items():
+        entries = series('map.entries', map_name=made.name)
+        assert [e['points'][0][1] for e in entries] == ([made.entries] if made.entries is not None else [])
+    [runs] = series('program.run_count', program_name=objects.program_name, owner=OWNER_COMM)
+    assert runs['points'][0][1] == 500
+    [run_time] = series('program.run_time', program_name=objects.program_name)
+    assert run_time['points'][0][1] > 0

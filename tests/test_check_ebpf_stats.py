@@ -1,0 +1,144 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""The check's eBPF accounting metrics for objects we made, against the kernel and bpftool."""
+
+import os
+
+import pytest
+
+from datadog_checks.base import AgentCheck
+from datadog_checks.dev.utils import get_metadata_metrics
+from datadog_checks.ebpf_probe import EbpfProbeCheck
+
+from .bpf_objects import OWNER_COMM, bpftool, make_test_objects
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
+
+ME = OWNER_COMM
+INSTANCE = {'collect_oom_kill': False, 'tags': ['team:kernel']}
+
+
+@pytest.fixture(scope='module')
+def objects():
+    objects = make_test_objects()
+    yield objects
+    objects.close()
+
+
+def run_twice(dd_run_check, aggregator, check, between=None):
+    dd_run_check(check)
+    if between:
+        between()
+    aggregator.reset()
+    dd_run_check(check)
+
+
+def test_maps_and_programs_we_made_are_reported_with_bpftools_figures(dd_run_check, aggregator, objects):
+    check = EbpfProbeCheck('ebpf_probe', {}, [INSTANCE])
+    try:
+        run_twice(dd_run_check, aggregator, check, between=lambda: objects.run_program(1000))
+        shown_maps = {m['id']: m for m in bpftool('map', 'show')}
+        expected_types = {'hash': 'hash', 'lru': 'lru_hash', 'pcpu': 'percpu_hash', 'array': 'array',
+                          'ringbuf': 'ringbuf', 'big': 'hash'}  # fmt: skip
+        for kind, made in objects.maps.items():
+            tags = [f'map_name:{made.name}', f'map_type:{expected_types[kind]}', f'owner:{ME}', 'team:kernel']
+            aggregator.assert_metric('ebpf_probe.map.instances', value=1, count=1, tags=tags)
+            aggregator.assert_metric('ebpf_probe.map.max_entries', value=made.max_entries, count=1, tags=tags)
+            aggregator.assert_metric(
+                'ebpf_probe.map.memory', value=shown_maps[made.id]['bytes_memlock'], count=1, tags=tags
+            )
+            if made.entries is None:
+                aggregator.assert_metric('ebpf_probe.map.entries', count=0, tags=tags)
+                aggregator.assert_metric('ebpf_probe.map.occupancy', count=0, tags=tags)
+            else:
+                aggregator.assert_metric('ebpf_probe.map.entries', value=made.entries, count=1, tags=tags)
+                aggregator.assert_metric(
+                    'ebpf_probe.map.occupancy', value=made.entries / made.max_entries, count=1, tags=tags
+                )
+
+        [shown] = [p for p in bpftool('prog', 'show') if p['id'] == objects.program_id]
+        tags = [f'program_name:{objects.program_name}', 'program_type:socket_filter', f'owner:{ME}', 'team:kernel']
+        aggregator.assert_metric('ebpf_probe.program.run_count', value=1000, count=1, tags=tags)
+        [run_time] = [m for m in aggregator.metrics('ebpf_probe.program.run_time') if m.tags == tags]
+        assert run_time.value > 0
+        [average] = [m for m in aggregator.metrics('ebpf_probe.program.average_run_time') if m.tags == tags]
+        assert average.value == pytest.approx(run_time.value / 1000)
+        [cpu] = [m for m in aggregator.metrics('ebpf_probe.program.cpu_usage') if m.tags == tags]
+        assert 0 < cpu.value < 100
+        aggregator.assert_metric('ebpf_probe.program.recursion_misses', value=0, count=1, tags=tags)
+        aggregator.assert_metric('ebpf_probe.program.translated_size', value=shown['bytes_xlated'], tags=tags)
+        aggregator.assert_metric('ebpf_probe.program.jited_size', value=shown['bytes_jited'], tags=tags)
+        aggregator.assert_metric('ebpf_probe.program.memory', value=shown['bytes_memlock'], tags=tags)
+        aggregator.assert_metric('ebpf_probe.program.verified_instructions', value=2, tags=tags)
+
+        # The check's own iterators are there too, marked as its own.
+        own = [m for m in aggregator.metrics('ebpf_probe.program.instances') if 'ebpf_probe_self:true' in m.tags]
+        assert {t for m in own for t in m.tags if t.startswith('program_name:')} == {
+            'program_name:map_entries',
+            'program_name:bpf_owners',
+        }
+
+        # Totals count every object bpftool lists.
+        totals = aggregator.metrics('ebpf_probe.programs.total')
+        assert sum(m.value for m in totals) == len(bpftool('prog', 'show'))
+        assert sum(m.value for m in aggregator.metrics('ebpf_probe.maps.total')) == len(bpftool('map', 'show'))
+        aggregator.assert_metric('ebpf_probe.maps.total', value=2, tags=['map_type:hash', f'owner:{ME}', 'team:kernel'])
+        aggregator.assert_service_check(
+            'ebpf_probe.probe.can_load', AgentCheck.OK, tags=['probe:ebpf_stats', 'team:kernel']
+        )
+        aggregator.assert_metrics_using_metadata(get_metadata_metrics())
+        aggregator.assert_no_duplicate_metrics()
+    finally:
+        check.cancel()
+
+
+def test_first_run_has_no_run_time_yet(dd_run_check, aggregator, objects):
+    check = EbpfProbeCheck('ebpf_probe', {}, [INSTANCE])
+    try:
+        dd_run_check(check)
+        assert aggregator.metrics('ebpf_probe.program.run_count') == []
+        assert aggregator.metrics('ebpf_probe.program.instances')
+    finally:
+        check.cancel()
+
+
+def test_own_objects_can_be_excluded_but_stay_in_the_totals(dd_run_check, aggregator, objects):
+    check = EbpfProbeCheck('ebpf_probe', {}, [{**INSTANCE, 'exclude_own_objects': True}])
+    try:
+        dd_run_check(check)
+        for name in ('ebpf_probe.program.instances', 'ebpf_probe.map.instances'):
+            assert not [m for m in aggregator.metrics(name) if 'ebpf_probe_self:true' in m.tags]
+        assert [m for m in aggregator.metrics('ebpf_probe.programs.total') if 'ebpf_probe_self:true' in m.tags]
+    finally:
+        check.cancel()
+
+
+def test_name_patterns_and_limits_bound_the_series(dd_run_check, aggregator, objects):
+    instance = {**INSTANCE, 'map_name_include': [f'^{objects.prefix}_'], 'map_name_exclude': ['_ringbuf$'],
+                'program_name_include': ['^nothing-matches$'], 'max_maps_reported': 2}  # fmt: skip
+    check = EbpfProbeCheck('ebpf_probe', {}, [instance])
+    try:
+        dd_run_check(check)
+        reported = aggregator.metrics('ebpf_probe.map.instances')
+        # Five of our maps match; the two largest (by memory) are reported, the rest counted.
+        assert len(reported) == 2
+        assert all(t.startswith(f'map_name:{objects.prefix}_') for m in reported for t in m.tags if 'map_name' in t)
+        assert f'map_name:{objects.maps["big"].name}' in {t for m in reported for t in m.tags}
+        aggregator.assert_metric('ebpf_probe.maps.unreported', value=3, tags=['team:kernel'])
+        assert aggregator.metrics('ebpf_probe.program.instances') == []
+        aggregator.assert_metric('ebpf_probe.programs.unreported', value=0, tags=['team:kernel'])
+    finally:
+        check.cancel()
+
+
+def test_without_cap_sys_admin_the_stats_probe_says_so(dd_run_check, aggregator, monkeypatch):
+    from datadog_checks.ebpf_probe import kernel
+
+    monkeypatch.setattr(kernel, 'effective_capabilities', lambda: (1 << kernel.CAP_BPF) | (1 << kernel.CAP_PERFMON))
+    check = EbpfProbeCheck('ebpf_probe', {}, [INSTANCE])
+    dd_run_check(check)
+    [sc] = aggregator.service_checks('ebpf_probe.probe.can_load')
+    assert sc.status == AgentCheck.CRITICAL
+    assert sc.message.startswith('missing capability CAP_SYS_ADMIN')
+    assert aggregator.metric_names == []
+    assert os.getpid()  # the check did not raise
