@@ -142,3 +142,27 @@ def test_without_cap_sys_admin_the_stats_probe_says_so(dd_run_check, aggregator,
     assert sc.message.startswith('missing capability CAP_SYS_ADMIN')
     assert aggregator.metric_names == []
     assert os.getpid()  # the check did not raise
+
+
+def test_without_the_iterators_the_rest_works_and_the_check_says_so_once(
+    dd_run_check, aggregator, objects, monkeypatch, caplog
+):
+    from datadog_checks.ebpf_probe import ebpf_stats
+
+    monkeypatch.setattr(ebpf_stats, 'STATS_OBJECT', 'missing-iterators.bpf.o')
+    check = EbpfProbeCheck('ebpf_probe', {}, [INSTANCE])
+    try:
+        for _ in range(3):
+            dd_run_check(check)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+        assert len(warnings) == 1
+        assert 'the BPF iterators are not loaded' in warnings[0] and 'missing-iterators.bpf.o' in warnings[0]
+        assert check.warnings == warnings  # shown in the Agent's status too
+        sc = aggregator.service_checks('ebpf_probe.probe.can_load')[-1]
+        assert sc.status == AgentCheck.OK
+        # Entries still come, counted map by map; owners from /proc.
+        big = objects.maps['big']
+        tags = [f'map_name:{big.name}', 'map_type:hash', f'owner:{ME}', 'team:kernel']
+        aggregator.assert_metric('ebpf_probe.map.entries', value=big.entries, tags=tags)
+    finally:
+        check.cancel()

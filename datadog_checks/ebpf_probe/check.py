@@ -213,12 +213,8 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         for point in self._accounting.points(snapshot):
             submit = self.count if point.type == COUNT else self.gauge
             submit(point.metric, point.value, tags=[*point.tags, *self._tags])
-        self.service_check(
-            self.SERVICE_CHECK_CAN_LOAD,
-            AgentCheck.OK,
-            tags=service_tags,
-            message='; '.join(probe.limitations) or None,
-        )
+        # Limitations were said once, when the probe loaded; OK service checks carry no message.
+        self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.OK, tags=service_tags)
 
     def _submit_oom_kill(self, kill: OOMKill) -> None:
         container = parse_cgroup_path(kill.cgroup_path)
