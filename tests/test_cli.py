@@ -194,7 +194,7 @@ def test_json_lists_every_program_and_map_bpftool_lists(tmp_path):
         assert memory['points'][0][1] == m['bytes_memlock']
         assert max_entries['points'][0][1] == m['max_entries']
         assert f'owner:{OWNER_COMM}' in memory['tags']
-    for kind, made in objects.maps.items():
+    for made in objects.maps.values():
         entries = series('map.entries', map_name=made.name)
         assert [e['points'][0][1] for e in entries] == ([made.entries] if made.entries is not None else [])
     [runs] = series('program.run_count', program_name=objects.program_name, owner=OWNER_COMM)
