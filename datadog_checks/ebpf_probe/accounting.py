@@ -63,7 +63,7 @@ class AccountingOptions:
 def owner_label(owners: Sequence[Owner], pinned: bool) -> str:
     """Who holds an object: the process that does (lowest pid first), else 'pinned' (bpffs) or 'kernel'."""
     if owners:
-        return owners[0].comm
+        return min(owners).comm  # Owner orders by pid first
     return 'pinned' if pinned else 'kernel'
 
 
