@@ -26,12 +26,13 @@ PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis m
 # BCC_KERNEL_SOURCE by the tests: a test fixture that leaves /lib/modules alone.
 KERNEL_HEADERS := .cache/kernel-headers
 
-.PHONY: help run test bpf deps venv lint format kernel-headers clean
+.PHONY: help run test bench bpf deps venv lint format kernel-headers clean
 
 help:
 	@echo "make run   - set up everything, build the BPF objects, run the check once and print what it submits"
 	@echo "make test  - set up everything and run the whole test suite (as root: it loads BPF programs)"
 	@echo "make bpf   - build the CO-RE objects only"
+	@echo "make bench - measure start-up, scale, run cost, OOM bursts and memory against the goals"
 	@echo "make lint  - ruff"
 
 run: deps venv bpf
@@ -84,3 +85,7 @@ format: venv
 
 clean:
 	rm -rf $(BPF_OUT)/*.bpf.o build dist .pytest_cache .ruff_cache
+
+# Performance against the goals and the peers (as root, ~5 minutes): a markdown table and JSON.
+bench: deps venv bpf kernel-headers
+	$(BIN)/python -m benchmarks.run

@@ -7,9 +7,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import re
 import resource
+import struct
+import threading
 
 VMLINUX_BTF = '/sys/kernel/btf/vmlinux'
 TRACEFS_MOUNTS = ('/sys/kernel/tracing', '/sys/kernel/debug/tracing')
@@ -122,6 +125,71 @@ def has_vmlinux_btf() -> bool:
     return os.path.exists(VMLINUX_BTF)
 
 
+_BTF_HEADER = struct.Struct('<HBBIIIII')  # magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
+_BTF_MAGIC = 0xEB9F
+_BTF_KIND_STRUCT = 4
+
+
+def _read_vmlinux_btf(path: str) -> bytes | mmap.mmap:
+    """The kernel's BTF: mapped where the kernel allows it (6.16+: no copy), else read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b''.join(chunks)
+    finally:
+        os.close(fd)
+
+
+def btf_struct_members(struct_name: str, path: str = VMLINUX_BTF) -> list[str] | None:
+    """Member names of a struct in the kernel's BTF, found without parsing all of it.
+
+    libbpf's parse of the whole vmlinux BTF costs ~7 ms (and libbpf does it again when it loads
+    the CO-RE object): this finds the struct's name in the string section, then the type record
+    naming it, in about 0.5 ms. None when it cannot tell (the caller then asks libbpf).
+    """
+    try:
+        data = _read_vmlinux_btf(path)
+    except OSError:
+        return None
+    try:
+        if len(data) < _BTF_HEADER.size:
+            return None
+        magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = _BTF_HEADER.unpack_from(data)
+        if magic != _BTF_MAGIC:
+            return None
+        types, strings = hdr_len + type_off, hdr_len + str_off
+        at = data.find(b'\0' + struct_name.encode() + b'\0', strings, strings + str_len)
+        if at < 0:
+            return None
+        needle = struct.pack('<I', at + 1 - strings)
+
+        def name(offset: int) -> str:
+            start = strings + offset
+            return data[start : data.find(b'\0', start, strings + str_len)].decode('ascii', 'replace')
+
+        position = types
+        while (position := data.find(needle, position, types + type_len)) >= 0:
+            if (position - types) % 4 == 0:
+                info = struct.unpack_from('<I', data, position + 4)[0]
+                if (info >> 24) & 0x1F == _BTF_KIND_STRUCT:
+                    vlen = info & 0xFFFF
+                    members = struct.iter_unpack('<III', data[position + 12 : position + 12 + 12 * vlen])
+                    names = [name(m[0]) if m[0] < str_len else '' for m in members]
+                    if names and all(names):
+                        return names
+            position += 1
+        return None
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
 def tracefs_path() -> str | None:
     """Where tracefs is mounted (its events folder is readable), or None."""
     for path in TRACEFS_MOUNTS:
@@ -193,41 +261,61 @@ def tracepoint_fields(format_text: str) -> list[str]:
 class KernelSymbols:
     """Address ranges of a few kernel functions, from /proc/kallsyms, read once on demand.
 
-    Only the wanted functions are kept: the whole table would cost megabytes.
+    Only the wanted functions are kept (the whole table would cost megabytes). Reading the
+    file costs tens of milliseconds (the kernel formats 5 MB of text), so prefetch() does it
+    in the background as soon as it is known to be needed.
     """
 
     def __init__(self, names: frozenset[str], path: str = KALLSYMS):
         self._names = names
         self._path = path
         self._ranges: dict[str, tuple[int, int]] | None = None
+        self._lock = threading.Lock()
+
+    def prefetch(self) -> None:
+        if self._ranges is None:
+            threading.Thread(target=self.ranges, name='ebpf-probe-kallsyms', daemon=True).start()
 
     def ranges(self) -> dict[str, tuple[int, int]]:
         """name -> [start, end) of each wanted function found with a real address."""
-        if self._ranges is None:
-            self._ranges = self._read()
-        return self._ranges
+        with self._lock:
+            if self._ranges is None:
+                self._ranges = self._read()
+            return self._ranges
 
     def _read(self) -> dict[str, tuple[int, int]]:
-        ranges: dict[str, tuple[int, int]] = {}
-        pending: str | None = None
-        pending_start = 0
         try:
             with open(self._path, 'rb') as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) < 3:
-                        continue
-                    address = int(parts[0], 16)
-                    if pending is not None and address > pending_start:
-                        # A function ends where the next symbol at a higher address starts.
-                        ranges[pending] = (pending_start, address)
-                        pending = None
-                    name = parts[2].decode('ascii', 'replace')
-                    if name in self._names and parts[1] in (b't', b'T') and address:
-                        pending, pending_start = name, address
+                data = f.read()
         except OSError:
             return {}
+        ranges: dict[str, tuple[int, int]] = {}
+        for name in self._names:
+            for kind in (b' t ', b' T '):
+                at = data.find(kind + name.encode() + b'\n')
+                if at < 0:
+                    continue
+                start = int(data[data.rfind(b'\n', 0, at) + 1 : at], 16)
+                end = self._next_address(data, at + len(kind) + len(name) + 1, start)
+                if start and end:  # zero addresses: kallsyms hidden by kptr_restrict
+                    ranges[name] = (start, end)
+                break
         return ranges
+
+    @staticmethod
+    def _next_address(data: bytes, line: int, start: int) -> int | None:
+        """A function ends where the next symbol at a higher address starts."""
+        while line < len(data):
+            space = data.find(b' ', line)
+            if space < 0:
+                return None
+            address = int(data[line:space], 16)
+            if address > start:
+                return address
+            line = data.find(b'\n', space) + 1
+            if line == 0:
+                return None
+        return None
 
     def find(self, address: int) -> str | None:
         for name, (start, end) in self.ranges().items():

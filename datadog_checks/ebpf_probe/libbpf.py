@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -48,6 +49,9 @@ BTF_KIND_TYPE_TAG = 18
 BTF_KIND_ENUM64 = 19
 _BTF_MODIFIERS = (BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT, BTF_KIND_TYPE_TAG)
 
+# enum libbpf_print_level
+LIBBPF_DEBUG = 2
+
 # How many of libbpf's last messages an error keeps.
 _LOG_LINES_KEPT = 40
 
@@ -80,6 +84,7 @@ class _LibbpfLog(threading.local):
 
 
 _log = _LibbpfLog()
+_debug_log = logging.getLogger('datadog_checks.ebpf_probe.libbpf')
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
@@ -314,8 +319,11 @@ class _Libbpf:
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
 
     def _on_print(self, level: int, fmt: bytes, va_list: int) -> int:
-        # The va_list arrives as a pointer on x86-64 and arm64; vsnprintf formats it.
+        # The va_list arrives as a pointer on x86-64 and arm64; vsnprintf formats it. libbpf's
+        # debug lines (hundreds per load) are formatted only when someone wants them.
         lines = _log.lines
+        if level == LIBBPF_DEBUG and not _debug_log.isEnabledFor(logging.DEBUG):
+            return 0
         if lines is not None:
             buf = ctypes.create_string_buffer(1024)
             self._libc.vsnprintf(buf, len(buf), fmt, va_list)

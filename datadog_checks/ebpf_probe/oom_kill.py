@@ -300,6 +300,25 @@ class HookPlan:
     rejected: dict[str, str] = field(default_factory=dict)
 
 
+PID_ONLY = "this kernel's mark_victim tracepoint passes only a pid (kernels before ~6.9)"
+
+
+def task_hook_available() -> tuple[bool, str]:
+    """Whether the kernel's BTF shows the mark_victim tracepoint passing the victim's task.
+
+    The task argument and the tracepoint's memory fields came in the same kernel change, so the
+    fields of trace_event_raw_mark_victim, found in a fraction of a millisecond, tell. When that
+    quick look cannot tell, libbpf parses the BTF and reads the prototype itself.
+    """
+    if not kernel.has_vmlinux_btf():
+        return False, f"tp_btf needs the kernel's own BTF at {kernel.VMLINUX_BTF}"
+    fields = kernel.btf_struct_members('trace_event_raw_mark_victim')
+    if fields is not None:
+        return ('total_vm' in fields, '' if 'total_vm' in fields else PID_ONLY)
+    with libbpf.Btf.load_vmlinux() as btf:
+        return mark_victim_passes_task(btf)
+
+
 def mark_victim_passes_task(btf: libbpf.Btf) -> tuple[bool, str]:
     """Whether the mark_victim tracepoint's prototype passes the victim's task_struct."""
     type_id = btf.find('btf_trace_mark_victim', libbpf.BTF_KIND_TYPEDEF)
@@ -310,7 +329,7 @@ def mark_victim_passes_task(btf: libbpf.Btf) -> tuple[bool, str]:
         first = btf.skip_modifiers(params[1])
         if btf.kind(first) == libbpf.BTF_KIND_PTR and btf.name(btf.skip_modifiers(btf.pointee(first))) == 'task_struct':
             return True, ''
-    return False, "this kernel's mark_victim tracepoint passes only a pid (kernels before ~6.9)"
+    return False, PID_ONLY
 
 
 def _plan_tracepoint(plan: HookPlan, options: OOMKillProbeOptions, name: str) -> None:
@@ -327,17 +346,16 @@ def _plan_tracepoint(plan: HookPlan, options: OOMKillProbeOptions, name: str) ->
     plan.tracepoint_has_mm = 'total_vm' in kernel.tracepoint_fields(fmt)
 
 
-def _plan(options: OOMKillProbeOptions, task_hook: str, btf: libbpf.Btf | None, no_btf_reason: str) -> HookPlan:
+def _plan(options: OOMKillProbeOptions, task_hook: str, task_hook_check: tuple[bool, str] | None) -> HookPlan:
+    """Which hooks to use; task_hook_check is (available, why not), or None when it cannot be told yet."""
     plan = HookPlan()
     disabled = 'disabled by the probe options'
     if task_hook in options.disabled_hooks:
         plan.rejected[task_hook] = disabled
-    elif btf is not None:
-        plan.mark_victim_task, reason = mark_victim_passes_task(btf)
+    elif task_hook_check is not None:
+        plan.mark_victim_task, reason = task_hook_check
         if not plan.mark_victim_task:
             plan.rejected[task_hook] = reason
-    else:
-        plan.rejected[task_hook] = no_btf_reason
     kprobe = HOOK_NAMES[HOOK_KPROBE]
     if kprobe in options.disabled_hooks:
         plan.rejected[kprobe] = disabled
@@ -377,6 +395,11 @@ class _Drain:
         self._pending: list[bytes] = []
         self._dropped_seen = 0
         self._flush_lock = threading.Lock()
+
+    def _prefetch_symbols(self) -> None:
+        """Without the kprobe, memcg vs system comes from kernel stacks: have kallsyms ready for the first kill."""
+        if HOOK_NAMES[HOOK_KPROBE] not in self.hooks:
+            self._symbols.prefetch()
 
     def _on_record(self, raw: bytes) -> None:
         self._pending.append(raw)
@@ -429,14 +452,7 @@ class CoreOOMKillProbe(_Drain):
                 f'the kernel has no BTF ({kernel.VMLINUX_BTF}), which CO-RE needs: use a kernel built with '
                 "CONFIG_DEBUG_INFO_BTF=y, or set btf_path to this kernel's BTF (e.g. from BTFHub)"
             )
-        btf = libbpf.Btf.load_vmlinux() if kernel.has_vmlinux_btf() else None
-        try:
-            plan = _plan(
-                options, HOOK_NAMES[HOOK_TP_BTF], btf, f"tp_btf needs the kernel's own BTF at {kernel.VMLINUX_BTF}"
-            )
-        finally:
-            if btf is not None:
-                btf.close()
+        plan = _plan(options, HOOK_NAMES[HOOK_TP_BTF], task_hook_available())
 
         obj = libbpf.BpfObject(str(path), btf_custom_path=options.btf_path)
         try:
@@ -466,7 +482,9 @@ class CoreOOMKillProbe(_Drain):
                 events.set_max_entries(0)  # libbpf sizes it to the number of CPUs
             obj.load()
             hooks = cls._attach(obj, plan, log)
-            return cls(obj, hooks, plan.rejected, use_ringbuf)
+            probe = cls(obj, hooks, plan.rejected, use_ringbuf)
+            probe._prefetch_symbols()
+            return probe
         except BaseException:
             obj.close()
             raise
@@ -536,13 +554,12 @@ class BccOOMKillProbe(_Drain):
         btf = None
         if kernel.has_vmlinux_btf():
             try:
-                btf = libbpf.Btf.load_vmlinux()
+                btf = libbpf.Btf.load_vmlinux()  # BCC needs the offsets from it anyway
             except (libbpf.LibbpfError, libbpf.LibbpfUnavailable) as e:
                 log.debug('kernel BTF unreadable, offsets come from kernel headers: %s', e)
         try:
-            plan = _plan(options, HOOK_NAMES[HOOK_RAW_TP], btf, '')
+            plan = _plan(options, HOOK_NAMES[HOOK_RAW_TP], mark_victim_passes_task(btf) if btf else None)
             if btf is None and HOOK_NAMES[HOOK_RAW_TP] not in options.disabled_hooks:
-                plan.rejected.pop(HOOK_NAMES[HOOK_RAW_TP], None)
                 plan.mark_victim_task = cls._task_hook_from_tracefs(plan, options)
             defines = bcc_offsets(btf)
         finally:
@@ -579,7 +596,9 @@ class BccOOMKillProbe(_Drain):
                         raise
             if 'HOOK_TRACEPOINT' in defines:
                 hooks.append(HOOK_NAMES[HOOK_TRACEPOINT])  # BCC attached TRACEPOINT_PROBE when compiling
-            return cls(program, hooks, plan.rejected)
+            probe = cls(program, hooks, plan.rejected)
+            probe._prefetch_symbols()
+            return probe
         except BaseException:
             program.close()
             raise
