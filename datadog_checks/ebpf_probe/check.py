@@ -13,7 +13,7 @@ from datadog_checks.base.utils.tagging import tagger
 
 from . import formatting
 from .accounting import COUNT, Accounting, AccountingOptions, NamePatterns
-from .config_models import ConfigMixin
+from .config_models import ConfigMixin, InstanceConfig, SharedConfig
 from .containers import Container, parse_cgroup_path
 from .ebpf_stats import EbpfStatsOptions, EbpfStatsProbe
 from .kernel import RequirementError
@@ -21,6 +21,10 @@ from .oom_kill import FlushResult, OOMKill, OOMKillProbe, OOMKillProbeOptions, P
 
 # Backoff between load attempts: 15 s, 30 s, 60 s, ... up to load_retry_max_interval.
 FIRST_RETRY_INTERVAL = 15.0
+# Options the Agent itself reads from any instance or init_config.
+AGENT_OPTIONS = frozenset(
+    {'name', 'loader', 'check_tag_cardinality', 'process_isolation', 'ha_enabled', 'profile_memory', 'service'}
+)
 
 
 class ProbeSlot:
@@ -148,6 +152,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         )
         stats_options = EbpfStatsOptions(collect_program_runtime=config.collect_program_runtime)
         retry = float(config.load_retry_max_interval)
+        self._report_unknown_options()
 
         self._tags = list(config.tags or ())
         if config.collect_oom_kill:
@@ -157,6 +162,22 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             self._ebpf_stats = ProbeSlot(
                 'ebpf_stats', lambda: load_ebpf_stats_probe(stats_options, self.log), retry, self
             )
+
+    def _report_unknown_options(self) -> None:
+        """Options this check does not know are said (once), never silently ignored."""
+        for section, given, model in (
+            ('instances', self.instance or {}, InstanceConfig),
+            ('init_config', self.init_config or {}, SharedConfig),
+        ):
+            known = set(model.model_fields) | AGENT_OPTIONS
+            unknown = sorted(str(option) for option in given if option not in known)
+            if unknown:
+                self.warning(
+                    'Unknown option%s in `%s`, ignored: %s (see conf.yaml.example for the options)',
+                    's' if len(unknown) > 1 else '',
+                    section,
+                    ', '.join(unknown),
+                )
 
     def check(self, _: Any) -> None:
         with self._lock:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -200,7 +199,7 @@ def tracefs_path() -> str | None:
 
 def mount_tracefs(path: str = TRACEFS_MOUNTS[0]) -> str:
     """Mount tracefs at `path` with the mount(2) system call (no shell)."""
-    libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded: no ldconfig run
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
     if libc.mount(b'tracefs', path.encode(), b'tracefs', 0, None) != 0:
         err = ctypes.get_errno()
@@ -251,8 +250,9 @@ def tracepoint_fields(format_text: str) -> list[str]:
     """Names of a tracepoint's own fields (not the common_ ones) from its format file."""
     names = []
     for match in re.finditer(r'field:([^;]+);', format_text):
-        declaration = match.group(1).strip()
-        name = re.split(r'[\s*]+', declaration.split('[')[0])[-1]
+        # 'int pid', 'char comm[16]', '__data_loc char[] comm': drop array brackets, keep the last word.
+        declaration = re.sub(r'\[[^\]]*\]', '', match.group(1)).strip()
+        name = re.split(r'[\s*]+', declaration)[-1]
         if not name.startswith('common_'):
             names.append(name)
     return names

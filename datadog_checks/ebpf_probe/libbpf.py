@@ -11,7 +11,6 @@ call (for example the verifier log), so errors say what went wrong.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -315,7 +314,7 @@ class _Libbpf:
         self._lib: ctypes.CDLL | None = None
         self._lock = threading.Lock()
         self._print_fn = _PRINT_FN(self._on_print)
-        self._libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
+        self._libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded: no ldconfig run
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
 
     def _on_print(self, level: int, fmt: bytes, va_list: int) -> int:
