@@ -18,7 +18,7 @@ BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(BPF_ARCH) -I/us
 RUNTIME_PACKAGES := libbpf1 python3-venv python3-bpfcc bpftool
 BUILD_PACKAGES := clang llvm libbpf-dev linux-libc-dev
 # Kernel headers for BCC's runtime compilation in tests (this machine's kernel has none of its own).
-TEST_PACKAGES := linux-headers-amd64
+TEST_PACKAGES := linux-headers-amd64 strace util-linux
 DEBIAN_PACKAGES := $(RUNTIME_PACKAGES) $(BUILD_PACKAGES) $(TEST_PACKAGES)
 PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis markdown-it-py ruff
 

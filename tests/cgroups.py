@@ -54,7 +54,7 @@ class MemoryCgroup:
     """A memory cgroup of its own (v1 or v2, whichever has the memory controller)."""
 
     def __init__(self, limit_mb: int = 32, prefix: str = 'ebpf-probe-test'):
-        self.name = f'{prefix}-{uuid.uuid4().hex[:10]}'
+        self.name = f'{prefix}-{uuid.uuid4().hex[:10]}'  # the prefix may hold odd characters
         v2_root = _v2_memory_root()
         if os.path.isdir(V1_MEMORY):
             self.version, root = 1, V1_MEMORY
@@ -80,12 +80,16 @@ class MemoryCgroup:
         with open(os.path.join(self.dir, name), 'w') as f:
             f.write(value)
 
-    def oom_kill(self, comm: str = 'oom-victim', oom_score_adj: int = 0, alloc_mb: int = 256) -> Victim:
-        """Run a process that overflows the limit; returns once the kernel has killed it."""
+    def oom_kill(self, comm: str | bytes = 'oom-victim', oom_score_adj: int = 0, alloc_mb: int = 256) -> Victim:
+        """Run a process that overflows the limit; returns once the kernel has killed it.
+
+        comm may be bytes that are not UTF-8: the victim names itself with them.
+        """
         started = time.time()
+        comm_arg = os.fsencode(comm) if isinstance(comm, str) else comm
         proc = subprocess.Popen(
-            [VICTIM_PYTHON, '-c', VICTIM_SCRIPT, os.path.join(self.dir, 'cgroup.procs'), comm, str(oom_score_adj),
-             str(alloc_mb)],
+            [VICTIM_PYTHON.encode(), b'-c', VICTIM_SCRIPT.encode(), os.path.join(self.dir, 'cgroup.procs').encode(),
+             comm_arg, str(oom_score_adj).encode(), str(alloc_mb).encode()],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )  # fmt: skip

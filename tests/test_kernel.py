@@ -63,10 +63,20 @@ def test_the_quick_btf_look_agrees_with_libbpf():
 
 
 @pytest.mark.kernel
-def test_the_quick_btf_look_says_when_it_cannot_tell():
+@pytest.mark.parametrize('name', ['task_struct', 'mm_struct', 'kernfs_node', 'bpf_map', 'oom_control'])
+def test_the_quick_btf_look_is_exact_or_says_it_cannot_tell(name):
+    with libbpf.Btf.load_vmlinux() as btf:
+        members = [member for member, _type, _offset in btf.members(btf.struct(name))]
+    quick = kernel.btf_struct_members(name)
+    if '' in members:
+        assert quick is None  # anonymous members: the quick look leaves it to libbpf
+    else:
+        assert quick == members
+
+
+@pytest.mark.kernel
+def test_the_quick_btf_look_of_a_missing_struct_is_none():
     assert kernel.btf_struct_members('no_such_struct_anywhere') is None
-    # task_struct has anonymous members: the quick look leaves it to libbpf.
-    assert kernel.btf_struct_members('task_struct') is None
 
 
 @pytest.mark.kernel
