@@ -337,3 +337,19 @@ def test_cancel_from_another_thread_during_runs():
     assert check._oom_kill.probe is not None
     check.cancel()
     stub_aggregator.reset()
+
+
+@pytest.mark.oom
+def test_a_name_cut_by_the_kernel_inside_a_utf8_character(dd_run_check, aggregator, memory_cgroup):
+    # 9 two-byte characters: the kernel keeps 15 bytes, half of the 8th character.
+    check = EbpfProbeCheck('ebpf_probe', {}, [{'collect_ebpf_stats': False}])
+    try:
+        dd_run_check(check)
+        victim = memory_cgroup.oom_kill(comm='ééééééééé')
+        aggregator.reset()
+        dd_run_check(check)
+    finally:
+        check.cancel()
+    [event] = aggregator.events
+    assert event['msg_title'] == f'OOM kill: ééééééé\\xc3 (pid {victim.pid})'
+    assert 'process_name:ééééééé\\xc3' in event['tags']
