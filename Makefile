@@ -20,20 +20,21 @@ BUILD_PACKAGES := clang llvm libbpf-dev linux-libc-dev
 # Kernel headers for BCC's runtime compilation in tests (this machine's kernel has none of its own).
 TEST_PACKAGES := linux-headers-amd64 strace util-linux
 DEBIAN_PACKAGES := $(RUNTIME_PACKAGES) $(BUILD_PACKAGES) $(TEST_PACKAGES)
-PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis markdown-it-py ruff
+PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis markdown-it-py ruff mypy build
 
 # A folder joining Debian's split kernel headers (-common and -amd64), handed to BCC with
 # BCC_KERNEL_SOURCE by the tests: a test fixture that leaves /lib/modules alone.
 KERNEL_HEADERS := .cache/kernel-headers
 
-.PHONY: help run test bench bpf deps venv lint format kernel-headers clean
+.PHONY: help run test bench bpf deps venv lint ddev ddev-test format kernel-headers clean
 
 help:
 	@echo "make run   - set up everything, build the BPF objects, run the check once and print what it submits"
 	@echo "make test  - set up everything and run the whole test suite (as root: it loads BPF programs)"
 	@echo "make bpf   - build the CO-RE objects only"
 	@echo "make bench - measure start-up, scale, run cost, OOM bursts and memory against the goals"
-	@echo "make lint  - ruff"
+	@echo "make lint  - ruff, mypy and ddev's validations"
+	@echo "make ddev-test - the suite and the lint through ddev"
 
 run: deps venv bpf
 	$(BIN)/ebpf-probe check
@@ -75,9 +76,36 @@ $(KERNEL_HEADERS)/.joined: | deps
 	cp -rs $$common/. $(KERNEL_HEADERS)/ && cp -rs --remove-destination $$arch/. $(KERNEL_HEADERS)/
 	@touch $@
 
-lint: venv
+# ddev (Datadog's integration tooling) in a venv of its own; 14.4 is its last release for Python 3.11.
+DDEV_VENV := .cache/ddev
+DDEV := $(CURDIR)/$(DDEV_VENV)/bin/ddev
+DDEV_VALIDATIONS := config models metadata service-checks readmes package imports dashboards
+
+ddev: $(DDEV_VENV)/.installed
+$(DDEV_VENV)/.installed: | deps
+	test -x $(DDEV_VENV)/bin/python || $(SYSTEM_PYTHON) -m venv $(DDEV_VENV)
+	$(DDEV_VENV)/bin/pip install -q --disable-pip-version-check "ddev==14.4.0"
+	@touch $@
+
+# ddev wants the integration as a folder of a git repository: a throwaway workspace holding a
+# link named after the package to this checkout (the project itself stays where it is).
+lint: venv ddev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	@workspace=$$(mktemp -d) && trap 'rm -rf "$$workspace"' EXIT && git -C "$$workspace" init -q && \
+	ln -s $(CURDIR) "$$workspace/ebpf_probe" && cd "$$workspace" && \
+	for validation in $(DDEV_VALIDATIONS); do \
+		echo "ddev -x validate $$validation ebpf_probe"; \
+		output=$$($(DDEV) -x validate $$validation ebpf_probe 2>&1); status=$$?; \
+		echo "$$output" | grep -v 'upgrade to version'; \
+		test $$status -eq 0 || exit 1; \
+	done
+
+# The suite in ddev's own environment, and ddev's lint, as integrations-core's CI runs them.
+ddev-test: venv ddev bpf kernel-headers
+	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(DDEV) -x test .
+	$(DDEV) -x test --lint .
 
 format: venv
 	$(BIN)/ruff check --fix .

@@ -31,7 +31,7 @@ ALLOWED_READS = (
     '/etc/localtime',
     '/usr/share/zoneinfo/',
     '/proc/mounts',  # libffi, when ctypes makes the libbpf callbacks
-    '/etc/ssl/',  # CA certificates, read by datadog_checks_base's HTTP stack when it is imported
+    '/etc/ssl/',  # CA certificates, read by the base package's HTTP stack when it is imported
 )
 
 

@@ -109,7 +109,8 @@ class Accounting:
             current[p.id] = now
             before = self._previous.get(p.id)
             if before is not None:
-                deltas[p.id] = tuple(max(0, a - b) for a, b in zip(now, before, strict=True))
+                # A counter going backwards (reset) counts as no progress, never negative.
+                deltas[p.id] = (max(0, now[0] - before[0]), max(0, now[1] - before[1]), max(0, now[2] - before[2]))
         self._previous = current
         return deltas
 

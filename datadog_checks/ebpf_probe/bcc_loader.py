@@ -181,6 +181,7 @@ class BccProgram:
             raise BccError(f'cannot read the BCC source {source}: {e}') from None
         cflags = [f'-D{name}={value}' for name, value in sorted(defines.items())]
         cflags += [f'-I{source.parent}', '-Wno-unused-function']
+        error: Exception | None
         with _captured_stderr() as output:
             try:
                 bpf = bcc.BPF(text=text.encode(), cflags=cflags)
@@ -205,6 +206,7 @@ class BccProgram:
         self._attach('kprobe ' + event, self._bpf.attach_kprobe, event=event.encode(), fn_name=function.encode())
 
     def _attach(self, what: str, attach: Callable[..., Any], **kwargs: bytes) -> None:
+        error: Exception | None
         with _captured_stderr() as output:
             try:
                 attach(**kwargs)

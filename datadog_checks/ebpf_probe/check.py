@@ -6,7 +6,7 @@ import os
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from datadog_checks.base import AgentCheck, ConfigurationError
 from datadog_checks.base.utils.tagging import tagger
@@ -25,6 +25,16 @@ FIRST_RETRY_INTERVAL = 15.0
 AGENT_OPTIONS = frozenset(
     {'name', 'loader', 'check_tag_cardinality', 'process_isolation', 'ha_enabled', 'profile_memory', 'service'}
 )
+
+
+T = TypeVar('T')
+
+
+def given(value: T | None) -> T:
+    """An option the spec gives a default: the config model never leaves it None."""
+    if value is None:
+        raise ConfigurationError('an option with a default came out empty from the config model')
+    return value
 
 
 class ProbeSlot:
@@ -125,11 +135,11 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         """Validate everything first; only then set the check up (a bad option leaves nothing half-made)."""
         config = self.config
         options = OOMKillProbeOptions(
-            enable_core=config.enable_core,
-            allow_runtime_compiled_fallback=config.allow_runtime_compiled_fallback,
-            mount_tracefs=config.mount_tracefs,
+            enable_core=given(config.enable_core),
+            allow_runtime_compiled_fallback=given(config.allow_runtime_compiled_fallback),
+            mount_tracefs=given(config.mount_tracefs),
             btf_path=config.btf_path,
-            max_buffered_kills=config.max_buffered_oom_kills,
+            max_buffered_kills=given(config.max_buffered_oom_kills),
         )
         if not (options.enable_core or options.allow_runtime_compiled_fallback):
             raise ConfigurationError(
@@ -143,15 +153,15 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 raise ConfigurationError(f'`{option}`: invalid regular expression: {e}') from None
         accounting = AccountingOptions(
             own_pid=os.getpid(),
-            exclude_own_objects=config.exclude_own_objects,
+            exclude_own_objects=given(config.exclude_own_objects),
             programs=NamePatterns(patterns['program_name_include'], patterns['program_name_exclude']),
             maps=NamePatterns(patterns['map_name_include'], patterns['map_name_exclude']),
-            max_programs=config.max_programs_reported,
-            max_maps=config.max_maps_reported,
-            run_time=config.collect_program_runtime,
+            max_programs=given(config.max_programs_reported),
+            max_maps=given(config.max_maps_reported),
+            run_time=given(config.collect_program_runtime),
         )
-        stats_options = EbpfStatsOptions(collect_program_runtime=config.collect_program_runtime)
-        retry = float(config.load_retry_max_interval)
+        stats_options = EbpfStatsOptions(collect_program_runtime=given(config.collect_program_runtime))
+        retry = float(given(config.load_retry_max_interval))
         self._report_unknown_options()
 
         self._tags = list(config.tags or ())
@@ -211,7 +221,9 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         service_tags = ['probe:oom_kill', *self._tags]
         probe: OOMKillProbe | None = slot.get()
         if probe is None:
-            self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=service_tags, message=slot.error)
+            self.service_check(
+                self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=service_tags, message=slot.error or ''
+            )
             return
         result: FlushResult = probe.get_and_flush()
         for kill in result.kills:
@@ -228,7 +240,9 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         service_tags = ['probe:ebpf_stats', *self._tags]
         probe: EbpfStatsProbe | None = slot.get()
         if probe is None or self._accounting is None:
-            self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=service_tags, message=slot.error)
+            self.service_check(
+                self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=service_tags, message=slot.error or ''
+            )
             return
         snapshot = probe.get_and_flush()
         for point in self._accounting.points(snapshot):

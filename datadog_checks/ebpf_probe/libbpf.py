@@ -511,7 +511,7 @@ def read_iterator(link: Link, chunk: int = 65536) -> bytes:
     """Run a BPF iterator once: everything its program wrote for this pass."""
     fd = _call_int(f'bpf_iter_create({link.program})', lib().bpf_iter_create, link.fd)
     try:
-        parts = []
+        parts: list[bytes] = []
         while True:
             data = os.read(fd, chunk)
             if not data:

@@ -390,6 +390,8 @@ class _Drain:
     _symbols = kernel.KernelSymbols(MEMCG_OOM_FUNCTIONS | SYSTEM_OOM_FUNCTIONS)
 
     core_error: str | None = None
+    hooks: list[str]
+    rejected_hooks: dict[str, str]
 
     def __init__(self) -> None:
         self._pending: list[bytes] = []
