@@ -26,11 +26,12 @@ PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis m
 # BCC_KERNEL_SOURCE by the tests: a test fixture that leaves /lib/modules alone.
 KERNEL_HEADERS := .cache/kernel-headers
 
-.PHONY: help run test bench bpf deps venv lint ddev ddev-test format kernel-headers clean
+.PHONY: help run test test-kernels bench bpf deps venv lint ddev ddev-test format kernel-headers clean
 
 help:
 	@echo "make run   - set up everything, build the BPF objects, run the check once and print what it submits"
 	@echo "make test  - set up everything and run the whole test suite (as root: it loads BPF programs)"
+	@echo "make test-kernels - the OOM-kill and accounting tests on Debian 12's 6.1 kernel under qemu"
 	@echo "make bpf   - build the CO-RE objects only"
 	@echo "make bench - measure start-up, scale, run cost, OOM bursts and memory against the goals"
 	@echo "make lint  - ruff, mypy and ddev's validations"
@@ -41,6 +42,22 @@ run: deps venv bpf
 
 test: deps venv bpf kernel-headers lint
 	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(BIN)/pytest -ra tests
+	@if command -v qemu-system-x86_64 >/dev/null; then $(MAKE) --no-print-directory test-kernels; \
+	else echo "qemu-system-x86_64 is not installed: the second-kernel tests (make test-kernels) did not run"; fi
+
+# The same build on a second kernel: Debian 12's own 6.1 under qemu, with kprobes and without the
+# map-counting kfunc. The kernel and a Debian root are cached in .cache/vm (tests/vm/build_base.sh).
+VM_PACKAGES := qemu-system-x86 debootstrap cpio
+test-kernels: deps venv bpf
+	@missing=$$(for p in $(VM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	bash tests/vm/build_base.sh
+	$(BIN)/pytest -ra -s -m vm tests/vm
 
 bpf: $(CORE_OBJECTS)
 
