@@ -203,3 +203,41 @@ def test_no_way_to_load_is_a_configuration_error(dd_run_check, aggregator):
     check = make_check({'enable_core': False, 'allow_runtime_compiled_fallback': False})
     with pytest.raises(Exception, match='`enable_core` and `allow_runtime_compiled_fallback` are both false'):
         dd_run_check(check)
+
+
+@pytest.mark.unit
+def test_container_kills_carry_the_agents_container_tags(aggregator):
+    from datadog_checks.base.stubs import tagger
+    from datadog_checks.ebpf_probe.oom_kill import OOMKill, VictimMemory
+
+    container = 'c0ffee' + '0' * 58
+    path = (
+        '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_1234_5678_9abc_def012345678.slice/'
+        f'cri-containerd-{container}.scope'
+    )
+    kill = OOMKill(
+        timestamp=1.0, victim_pid=10, victim_tid=10, victim_comm='java', victim_uid=1000, oom_score_adj=0,
+        trigger_pid=10, trigger_tid=10, trigger_comm='java', memcg_oom=True, cgroup_path=path, cgroup_id=1,
+        cgroup_path_truncated=False, memory=VictimMemory(1, 2, 3, 4, 5), oom_domain_pages=None, badness_points=None,
+        sigkill=True, hook='tp_btf/mark_victim',
+    )  # fmt: skip
+    tagger.reset()
+    tagger.set_tags(
+        {f'container_id://{container}': ['kube_namespace:shop', 'pod_name:web-1', 'kube_container_name:app']}
+    )
+    check = make_check({'tags': ['env_name:prod']})
+    check.run_check_initializations()
+    check._submit_oom_kill(kill)
+    tagger.assert_called(f'container_id://{container}', tagger.ORCHESTRATOR)
+    expected = {
+        'process_name:java', 'trigger_process_name:java', 'trigger_type:cgroup',
+        f'cgroup_name:cri-containerd-{container}.scope', f'container_id:{container}', 'container_runtime:containerd',
+        'pod_uid:1b2c3d4e-1234-5678-9abc-def012345678', 'kube_namespace:shop', 'pod_name:web-1',
+        'kube_container_name:app', 'env_name:prod',
+    }  # fmt: skip
+    [metric] = aggregator.metrics('ebpf_probe.oom_kill.count')
+    assert set(metric.tags) == expected
+    [event] = aggregator.events
+    assert set(event['tags']) == expected
+    assert event['aggregation_key'] == container
+    tagger.reset()
