@@ -49,13 +49,7 @@ test: deps venv bpf kernel-headers lint
 # map-counting kfunc. The kernel and a Debian root are cached in .cache/vm (tests/vm/build_base.sh).
 VM_PACKAGES := qemu-system-x86 debootstrap cpio
 test-kernels: deps venv bpf
-	@missing=$$(for p in $(VM_PACKAGES); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "Installing Debian packages:" $$missing; \
-		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	$(call install_missing,$(VM_PACKAGES))
 	bash tests/vm/build_base.sh
 	$(BIN)/pytest -ra -s -m vm tests/vm
 
@@ -67,15 +61,20 @@ $(BPF_OUT)/%.bpf.o: bpf/%.bpf.c bpf/kernel_types.h $(wildcard bpf/*.h) | deps
 	$(LLVM_STRIP) -g $@  # drop DWARF, keep the BTF that CO-RE needs
 
 # Install the Debian packages that are missing (apt-get update only when something is).
-deps: .cache/deps.stamp
-.cache/deps.stamp: Makefile
-	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+# Install those of the Debian packages $(1) that are missing (apt-get update only when some are).
+define install_missing
+	@missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages:" $$missing; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+endef
+
+deps: .cache/deps.stamp
+.cache/deps.stamp: Makefile
+	$(call install_missing,$(DEBIAN_PACKAGES))
 	@mkdir -p .cache && touch $@
 
 venv: $(VENV)/.installed

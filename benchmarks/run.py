@@ -27,6 +27,7 @@ from datadog_checks.ebpf_probe import EbpfProbeCheck, libbpf
 from datadog_checks.ebpf_probe.accounting import Accounting, AccountingOptions
 from datadog_checks.ebpf_probe.ebpf_stats import MAP_COUNT_OBJECT, EbpfStatsOptions, EbpfStatsProbe, EntryCounter
 from datadog_checks.ebpf_probe.resources import bpf_file
+from tests.cgroups import MemoryCgroup
 
 from .common import PYTHON, REPO, Results, Row, build_c, run_child, status_kb, summary
 
@@ -254,30 +255,11 @@ def bench_check_run(results: Results, runs: int) -> None:
 # --- 4. OOM burst -------------------------------------------------------------------------------
 
 
-class Cgroup:
-    def __init__(self, limit_mb: int):
-        self.name = f'ebpf-probe-bench-{uuid.uuid4().hex[:8]}'
-        self.dir = f'/sys/fs/cgroup/memory/{self.name}'
-        os.mkdir(self.dir)
-        with open(f'{self.dir}/memory.limit_in_bytes', 'w') as f:
-            f.write(str(limit_mb << 20))
-
-    def remove(self) -> None:
-        for _ in range(100):
-            try:
-                os.rmdir(self.dir)
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.05)
-
-
 def bench_oom_burst(results: Results, kills: int, workers: int, bursts: int) -> None:
     say(f'OOM burst: {bursts} x {kills} OOM kills in {workers} memory cgroups between two check runs')
     victim = build_c('oom_victim.c', 'oom_victim')
     check = EbpfProbeCheck('ebpf_probe', {}, [{}])
-    cgroups = [Cgroup(8) for _ in range(workers)]
+    cgroups = [MemoryCgroup(limit_mb=8, prefix='ebpf-probe-bench') for _ in range(workers)]
     run_ms, burst_s, exact = [], [], []
     try:
         check.run()
@@ -308,12 +290,12 @@ def bench_oom_burst(results: Results, kills: int, workers: int, bursts: int) -> 
             cg.remove()
 
 
-def _burst(victim: Path, cgroups: list[Cgroup], kills: int) -> tuple[list[int], float]:
+def _burst(victim: Path, cgroups: list[MemoryCgroup], kills: int) -> tuple[list[int], float]:
     """`kills` OOM kills spread over the cgroups, in parallel; the victims' pids and the time it took."""
     pids: list[int] = []
     lock = threading.Lock()
 
-    def work(cgroup: Cgroup, count: int) -> None:
+    def work(cgroup: MemoryCgroup, count: int) -> None:
         for _ in range(count):
             proc = subprocess.Popen([str(victim), f'{cgroup.dir}/cgroup.procs', 'bench-victim'])
             proc.wait()
