@@ -316,14 +316,8 @@ def _burst(victim: Path, cgroups: list[MemoryCgroup], kills: int) -> tuple[list[
 def _program_ns_per_run(name: str) -> float | None:
     """run_time_ns / run_cnt of the program of that name that ran (ours: nothing else runs it here)."""
     best = None
-    for prog_id in libbpf.object_ids('prog'):
-        fd = libbpf.fd_by_id('prog', prog_id)
-        if fd is None:
-            continue
-        try:
-            info = libbpf.prog_info(fd)
-        finally:
-            os.close(fd)
+    for _prog_id, fd in libbpf.open_objects('prog'):
+        info = libbpf.prog_info(fd)
         if info.name.decode() == name and info.run_cnt and (best is None or info.run_cnt > best[0]):
             best = (info.run_cnt, info.run_time_ns / info.run_cnt)
     return best[1] if best else None

@@ -6,10 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from .processes import read_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -45,14 +46,8 @@ def test_an_oom_kill_during_the_pause_is_in_the_next_run(tmp_path, memory_cgroup
     )
     try:
         # Wait for the first run to be over, then kill a process during the pause.
-        stderr_lines = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            stderr_lines.append(line)
-            if 'run 1 of 2 finished' in line or not line:
-                break
-        assert f'Loaded the oom_kill probe ({variant})' in ''.join(stderr_lines)
+        first_run = read_until(proc.stderr, 'run 1 of 2 finished')
+        assert f'Loaded the oom_kill probe ({variant})' in first_run
         victim = memory_cgroup.oom_kill(comm='cli-victim', oom_score_adj=42)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -156,9 +151,7 @@ def test_json_lists_every_program_and_map_bpftool_lists(tmp_path):
             text=True,
         )
         try:
-            lines = []
-            while not lines or (lines[-1] and 'run 1 of 2 finished' not in lines[-1]):
-                lines.append(proc.stderr.readline())
+            lines = read_until(proc.stderr, 'run 1 of 2 finished').splitlines()
             [loaded] = [line for line in lines if 'Loaded the ebpf_stats probe' in line]
             assert 'with BPF_ENABLE_STATS, iter/bpf_map, iter/task_file' in loaded
             objects.run_program(500)  # during the pause, between the two runs

@@ -22,6 +22,7 @@ from datadog_checks.ebpf_probe import check as check_module
 
 from .bpf_objects import bpftool
 from .cgroups import MemoryCgroup
+from .processes import read_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -99,8 +100,7 @@ def test_nothing_is_left_after_a_sigterm_mid_run():
         text=True,
     )
     try:
-        while 'run 1 of 1000 finished' not in (line := proc.stderr.readline()):
-            assert line, 'the CLI stopped before its first run ended'
+        read_until(proc.stderr, 'run 1 of 1000 finished')
         assert kernel_objects() != before  # its probes are loaded
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -197,8 +197,7 @@ def test_with_only_cap_bpf_and_cap_perfmon_oom_kills_work_and_accounting_says_wh
         text=True,
     )  # fmt: skip
     try:
-        while 'run 1 of 2 finished' not in (line := proc.stderr.readline()):
-            assert line, proc.stderr.read()
+        read_until(proc.stderr, 'run 1 of 2 finished')
         victim = memory_cgroup.oom_kill(comm='capbpf-victim')
         stdout, _ = proc.communicate(timeout=60)
     finally:

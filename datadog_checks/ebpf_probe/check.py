@@ -80,7 +80,7 @@ class ProbeSlot:
         )
         for hook, reason in self.probe.rejected_hooks.items():
             self._check.log.info('%s probe: not using %s: %s', self.name, hook, reason)
-        for limitation in getattr(self.probe, 'limitations', ()):
+        for limitation in self.probe.limitations:
             self._check.warning('The %s probe runs with a limitation: %s', self.name, limitation)
         if self.probe.core_error:
             # The factory logged it; keep it visible in the check's status too.

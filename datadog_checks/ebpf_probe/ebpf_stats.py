@@ -77,7 +77,7 @@ class ProgramRecord:
     recursion_misses: int
     map_ids: tuple[int, ...]
     owners: tuple[Owner, ...]
-    pinned: bool
+    pinned: bool  # held by a pin in bpffs; looked up only for objects no process holds
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class MapRecord:
     entries: int | None  # None where a count would not be true (arrays, ring buffers...) or was not possible
     entries_method: str | None  # 'iterator', 'for_each', 'batch', 'get_next_key'
     owners: tuple[Owner, ...]
-    pinned: bool
+    pinned: bool  # held by a pin in bpffs; looked up only for objects no process holds
 
     @property
     def occupancy(self) -> float | None:
@@ -316,21 +316,27 @@ class EbpfStatsProbe:
                 'the kernel has no BTF: map entries are counted map by map and owners read from /proc'
             )
             return False, False
-        with libbpf.Btf.load_vmlinux() as btf:
+        try:
+            btf = kernel.VmlinuxBtf()
+        except (OSError, ValueError) as e:
+            self.rejected_hooks['iter/bpf_map'] = self.rejected_hooks['iter/task_file'] = f'unreadable BTF: {e}'
+            self.limitations.append(f'the kernel BTF is unreadable ({e}): maps are counted map by map')
+            return False, False
+        with btf:
             if 'map_entries' in disabled:
                 self.rejected_hooks['iter/bpf_map'] = 'disabled by the probe options'
-            elif btf.find('bpf_map_sum_elem_count', libbpf.BTF_KIND_FUNC) is None:
+            elif not btf.has_function('bpf_map_sum_elem_count'):
                 self.rejected_hooks['iter/bpf_map'] = 'the kernel has no bpf_map_sum_elem_count kfunc (6.6+)'
                 self.limitations.append(
                     'the kernel has no bpf_map_sum_elem_count kfunc (6.6+): hash maps are counted map by map'
                 )
-            elif btf.struct('bpf_iter__bpf_map') is None:
+            elif not btf.has_struct('bpf_iter__bpf_map'):
                 self.rejected_hooks['iter/bpf_map'] = 'the kernel has no bpf_map iterator (5.8+)'
             else:
                 want_entries = True
             if 'bpf_owners' in disabled:
                 self.rejected_hooks['iter/task_file'] = 'disabled by the probe options'
-            elif btf.struct('bpf_iter__task_file') is None:
+            elif not btf.has_struct('bpf_iter__task_file'):
                 self.rejected_hooks['iter/task_file'] = 'the kernel has no task_file iterator (5.8+)'
                 self.limitations.append('the kernel has no task_file iterator (5.8+): owners are read from /proc')
             else:
@@ -348,7 +354,7 @@ class EbpfStatsProbe:
         with self._lock:
             owners, link_programs = self._owners()
             entries = self._iterator_entries()
-            pinned = pinned_objects()
+            pinned = PinnedObjects()  # walks bpffs only if some object has no holder
             programs = self._programs(owners, link_programs, pinned)
             maps = self._maps(owners, entries, pinned, programs)
             return EbpfSnapshot(time.monotonic(), programs, maps, self.run_time_stats)
@@ -381,14 +387,11 @@ class EbpfStatsProbe:
         self,
         owners: dict[tuple[int, int], set[Owner]],
         link_programs: dict[int, set[Owner]],
-        pinned: set[tuple[int, int]],
+        pinned: PinnedObjects,
     ) -> list[ProgramRecord]:
         records = []
         seen_names = set()
-        for prog_id in libbpf.object_ids('prog'):
-            fd = libbpf.fd_by_id('prog', prog_id)
-            if fd is None:
-                continue  # unloaded meanwhile
+        for prog_id, fd in libbpf.open_objects('prog'):
             try:
                 info = libbpf.prog_info(fd)
                 tag = bytes(info.tag).hex()
@@ -403,10 +406,8 @@ class EbpfStatsProbe:
                 memory = _memlock(fd)
             except libbpf.LibbpfError as e:
                 if e.errno == errno.ENOENT:
-                    continue
+                    continue  # gone meanwhile
                 raise
-            finally:
-                os.close(fd)
             holders = owners.get((OWNED_PROG, prog_id), set()) | link_programs.get(prog_id, set())
             records.append(
                 ProgramRecord(
@@ -423,7 +424,7 @@ class EbpfStatsProbe:
                     recursion_misses=info.recursion_misses,
                     map_ids=map_ids,
                     owners=tuple(sorted(holders)),
-                    pinned=(OWNED_PROG, prog_id) in pinned,
+                    pinned=not holders and (OWNED_PROG, prog_id) in pinned,
                 )
             )
         for key in set(self._names) - seen_names:
@@ -434,7 +435,7 @@ class EbpfStatsProbe:
         self,
         owners: dict[tuple[int, int], set[Owner]],
         entries: dict[int, int],
-        pinned: set[tuple[int, int]],
+        pinned: PinnedObjects,
         programs: list[ProgramRecord],
     ) -> list[MapRecord]:
         # A map nobody holds an fd to belongs to whoever holds the programs that use it.
@@ -443,10 +444,7 @@ class EbpfStatsProbe:
             for map_id in program.map_ids:
                 users.setdefault(map_id, set()).update(program.owners)
         records = []
-        for map_id in libbpf.object_ids('map'):
-            fd = libbpf.fd_by_id('map', map_id)
-            if fd is None:
-                continue
+        for map_id, fd in libbpf.open_objects('map'):
             try:
                 info = libbpf.map_info(fd)
                 memory = _memlock(fd)
@@ -458,10 +456,8 @@ class EbpfStatsProbe:
                         count, method = self._counter.count(fd, info)
             except libbpf.LibbpfError as e:
                 if e.errno == errno.ENOENT:
-                    continue
+                    continue  # gone meanwhile
                 raise
-            finally:
-                os.close(fd)
             holders = owners.get((OWNED_MAP, map_id)) or users.get(map_id, set())
             records.append(
                 MapRecord(
@@ -477,7 +473,7 @@ class EbpfStatsProbe:
                     entries=count,
                     entries_method=method,
                     owners=tuple(sorted(holders)),
-                    pinned=(OWNED_MAP, map_id) in pinned,
+                    pinned=not holders and (OWNED_MAP, map_id) in pinned,
                 )
             )
         return records
@@ -546,6 +542,18 @@ def bpffs_mounts(mounts: str = '/proc/self/mounts') -> list[str]:
             return [line.split()[1] for line in f if len(line.split()) > 2 and line.split()[2] == 'bpf']
     except OSError:
         return []
+
+
+class PinnedObjects:
+    """`(kind, id) in pinned`, with bpffs walked on the first question only."""
+
+    def __init__(self) -> None:
+        self._pinned: set[tuple[int, int]] | None = None
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        if self._pinned is None:
+            self._pinned = pinned_objects()
+        return key in self._pinned
 
 
 def pinned_objects() -> set[tuple[int, int]]:

@@ -437,6 +437,21 @@ def fd_by_id(kind: str, object_id: int) -> int | None:
     return ret
 
 
+def open_objects(kind: str) -> Iterator[tuple[int, int]]:
+    """(id, fd) of every program or map in the kernel, the way bpftool lists them.
+
+    Each fd is closed as soon as the loop moves on; an object unloaded meanwhile is skipped.
+    """
+    for object_id in object_ids(kind):
+        fd = fd_by_id(kind, object_id)
+        if fd is None:
+            continue
+        try:
+            yield object_id, fd
+        finally:
+            os.close(fd)
+
+
 def _info(fd: int, info: ctypes.Structure) -> None:
     size = ctypes.c_uint32(ctypes.sizeof(info))
     ret = lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))

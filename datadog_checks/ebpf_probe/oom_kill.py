@@ -53,7 +53,8 @@ F_SIGKILL = 1 << 7
 
 RECORD = struct.Struct(
     '<'
-    '9Q'  # timestamp_ns, total_vm_kb, anon/file/shmem_rss_kb, pgtables_kb, oom_domain_pages, badness_points, cgroup_id
+    '7Q'  # timestamp_ns, total_vm_kb, anon/file/shmem_rss_kb, pgtables_kb, oom_domain_pages
+    'qQ'  # badness_points (signed), cgroup_id
     '6I'  # victim_pid, victim_tid, victim_uid, trigger_pid, trigger_tid, flags
     'hBB'  # oom_score_adj, hook, cgroup_depth
     'I'  # kernel_stack_depth
@@ -194,7 +195,7 @@ def decode_record(raw: bytes, boot_to_unix: float, symbols: kernel.KernelSymbols
         cgroup_path_truncated=bool(flags & F_CGROUP_TRUNCATED),
         memory=memory,
         oom_domain_pages=domain_pages if has_oc else None,
-        badness_points=struct.unpack('<q', struct.pack('<Q', badness))[0] if has_oc else None,
+        badness_points=badness if has_oc else None,
         sigkill=bool(flags & F_SIGKILL),
         hook=HOOK_NAMES.get(hook, str(hook)),
     )
@@ -231,6 +232,7 @@ class OOMKillProbe(Protocol):
     hooks: list[str]  # attached hooks
     rejected_hooks: dict[str, str]  # hook -> why it is not used here
     core_error: str | None  # why CO-RE failed, when this is the BCC fallback
+    limitations: tuple[str, ...]
 
     def get_and_flush(self) -> FlushResult: ...
 
@@ -392,6 +394,7 @@ class _Drain:
     core_error: str | None = None
     hooks: list[str]
     rejected_hooks: dict[str, str]
+    limitations: tuple[str, ...] = ()  # the OOM probe works fully or not at all
 
     def __init__(self) -> None:
         self._pending: list[bytes] = []

@@ -34,6 +34,7 @@ def step(results, name, function):
 def cli_with_an_oom_kill_between_runs():
     """`ebpf-probe check --json -t 2`, a real OOM kill in a memory cgroup during the pause."""
     from cgroups import MemoryCgroup
+    from processes import read_until
 
     with open('/tmp/conf.yaml', 'w') as f:
         f.write('instances:\n  - tags: [kernel:second]\n')
@@ -42,11 +43,7 @@ def cli_with_an_oom_kill_between_runs():
          '-l', 'info', '-c', '/tmp/conf.yaml'],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    stderr = []
-    while 'run 1 of 2 finished' not in (line := proc.stderr.readline()):
-        stderr.append(line)
-        if not line:
-            raise RuntimeError('the CLI stopped before its first run ended: ' + ''.join(stderr))
+    first_run = read_until(proc.stderr, 'run 1 of 2 finished')
     cgroup = MemoryCgroup(limit_mb=32)
     try:
         victim = cgroup.oom_kill(comm='vm-victim', oom_score_adj=42)
@@ -56,7 +53,7 @@ def cli_with_an_oom_kill_between_runs():
     return {
         'returncode': proc.returncode,
         'runs': json.loads(stdout) if stdout.strip() else None,
-        'stderr': ''.join(stderr) + rest,
+        'stderr': first_run + rest,
         'victim_pid': victim.pid,
         'cgroup_path': cgroup.path,
         'limit_pages': 32 * 1024 * 1024 // os.sysconf('SC_PAGE_SIZE'),

@@ -33,7 +33,7 @@ def build_overlay(work: Path) -> Path:
     (root / 'opt' / 'ebpf-probe' / 'wheel').mkdir(parents=True)
     shutil.copy(HERE / 'init', root / 'init')
     shutil.copy(HERE / 'guest.py', root / 'opt' / 'ebpf-probe' / 'guest.py')
-    for helper in ('cgroups.py', 'bpf_objects.py'):
+    for helper in ('cgroups.py', 'bpf_objects.py', 'processes.py'):
         shutil.copy(REPO / 'tests' / helper, root / 'opt' / 'ebpf-probe' / helper)
     dist = work / 'dist'
     subprocess.run([sys.executable, '-m', 'build', '--wheel', '--outdir', str(dist), str(REPO)], check=True,
