@@ -65,14 +65,6 @@ struct mm_struct___atomic_rss {
 	struct mm_rss_stat rss_stat;
 } PA;
 
-/* Indices of mm->rss_stat. */
-enum {
-	MM_FILEPAGES,
-	MM_ANONPAGES,
-	MM_SWAPENTS,
-	MM_SHMEMPAGES,
-};
-
 typedef struct {
 	unsigned long sig[1];
 } PA sigset_t;
@@ -213,7 +205,9 @@ struct bpf_ringbuf {
 	u64 mask;
 } PA;
 
-/* x86-64 registers, for BPF_KPROBE's argument access. */
+/* Registers, for BPF_KPROBE's argument access (bpf_tracing.h picks the names
+ * by __TARGET_ARCH_*). Only the uapi layout matters: no relocation. */
+#if defined(__TARGET_ARCH_x86)
 struct pt_regs {
 	unsigned long r15;
 	unsigned long r14;
@@ -236,7 +230,21 @@ struct pt_regs {
 	unsigned long flags;
 	unsigned long sp;
 	unsigned long ss;
-} PA;
+};
+#elif defined(__TARGET_ARCH_arm64)
+/* bpf_tracing.h reads arm64 registers through user_pt_regs, the start of pt_regs. */
+struct user_pt_regs {
+	u64 regs[31];
+	u64 sp;
+	u64 pc;
+	u64 pstate;
+};
+struct pt_regs {
+	struct user_pt_regs user_regs;
+};
+#else
+#error "kernel_types.h: set __TARGET_ARCH_x86 or __TARGET_ARCH_arm64"
+#endif
 
 #undef PA
 

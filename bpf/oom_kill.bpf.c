@@ -3,7 +3,8 @@
  * OOM-kill probe, CO-RE variant: compiled once with clang, relocated by
  * libbpf against the running kernel's BTF.
  *
- * Three hooks; user space autoloads and attaches the ones this kernel offers:
+ * Three hooks; user space autoloads and attaches the ones this kernel offers
+ * (the table in datadog_checks/ebpf_probe/oom_kill/hooks.py):
  *  - tp_btf/mark_victim: the task argument (kernels whose tracepoint passes
  *    the task, ~6.9+ and backports) gives the victim; current is the trigger.
  *  - kprobe/oom_kill_process: oc->chosen is the victim; oc gives the OOM
@@ -11,8 +12,9 @@
  *    the record; beside tp_btf it only leaves its oom_control facts for it.
  *  - tracepoint/oom/mark_victim: the classic tracepoint's fields, for kernels
  *    that offer neither of the above.
- * Records go to a ring buffer (perf buffer before 5.8); a record that finds
- * no room is counted in dropped_kills.
+ * Records go to a ring buffer, or a perf buffer where the kernel has none
+ * (user space decides, and sets use_ringbuf); a record that finds no room is
+ * counted in dropped_kills, once.
  */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
@@ -28,13 +30,111 @@ char LICENSE[] SEC("license") = "GPL";
 const volatile __u64 page_size_kb = 4;
 /* The kprobe writes records itself unless tp_btf/mark_victim is attached. */
 const volatile bool kprobe_writes_records = true;
+/* Ring buffer (5.8+), else perf buffer: the events map's type, set to match. */
+const volatile bool use_ringbuf = true;
+
+#define PAGE_KB page_size_kb
+
+/* --- How this variant reads the kernel (see oom_kill_fill.h) -------------- */
+
+static __always_inline __u32 read_task_tgid(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, tgid);
+}
+
+static __always_inline __u32 read_task_tid(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, pid);
+}
+
+static __always_inline __u32 read_task_uid(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, real_cred, uid.val);
+}
+
+static __always_inline short read_task_oom_score_adj(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, signal, oom_score_adj);
+}
+
+static __always_inline bool read_task_sigkill_pending(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, signal, shared_pending.signal.sig[0]) & (1UL << (SIGKILL - 1));
+}
+
+static __always_inline void read_task_comm(struct task_struct *task, char *buf)
+{
+	bpf_probe_read_kernel_str(buf, OOM_COMM_LEN, &task->comm);
+}
+
+static __always_inline struct mm_struct *read_task_mm(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, mm);
+}
+
+static __always_inline __u64 read_mm_total_vm_pages(struct mm_struct *mm)
+{
+	return BPF_CORE_READ(mm, total_vm);
+}
+
+/*
+ * mm->rss_stat[i] in pages. A macro: the index must be a constant where the
+ * relocation is made, so that libbpf can scale it by the kernel's element size
+ * (struct percpu_counter's size varies with the kernel's configuration).
+ */
+#define read_mm_rss_pages(mm, i)							\
+	(bpf_core_type_exists(struct mm_rss_stat) ?	/* before 6.2: atomics */	\
+	 BPF_CORE_READ((struct mm_struct___atomic_rss *)(mm), rss_stat.count[i].counter) : \
+	 BPF_CORE_READ((mm), rss_stat[i].count))
+
+static __always_inline long read_mm_pgtables_bytes(struct mm_struct *mm)
+{
+	return BPF_CORE_READ(mm, pgtables_bytes.counter);
+}
+
+static __always_inline struct kernfs_node *read_kn_parent(struct kernfs_node *kn)
+{
+	struct kernfs_node___rcu_parent *rcu_kn = (void *)kn;
+
+	if (bpf_core_field_exists(rcu_kn->__parent))	/* 6.15+ */
+		return BPF_CORE_READ(rcu_kn, __parent);
+	return BPF_CORE_READ(kn, parent);
+}
+
+static __always_inline const char *read_kn_name(struct kernfs_node *kn)
+{
+	return BPF_CORE_READ(kn, name);
+}
+
+static __always_inline __u64 read_kn_id(struct kernfs_node *kn)
+{
+	return BPF_CORE_READ(kn, id);
+}
+
+static __always_inline struct kernfs_node *read_task_memcg_kn(struct task_struct *task)
+{
+	int memory_id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
+	struct cgroup_subsys_state *css = NULL;
+	struct css_set *cgroups = BPF_CORE_READ(task, cgroups);
+
+	if (!cgroups || !bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id))
+		return NULL;
+	bpf_core_read(&css, sizeof(css), &cgroups->subsys[memory_id]);
+	if (!css)
+		return NULL;
+	return BPF_CORE_READ(css, cgroup, kn);
+}
+
+#include "oom_kill_fill.h"
+
+/* --- Maps and output ------------------------------------------------------- */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
-/* Staging record for the perf-buffer fallback. */
+/* Staging record for the perf-buffer path. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -58,9 +158,13 @@ struct {
 	__type(value, struct oom_control_info);
 } oom_controls SEC(".maps");
 
-static __always_inline bool have_ringbuf(void)
+static __always_inline void count_drop(void)
 {
-	return bpf_core_type_exists(struct bpf_ringbuf);
+	__u32 zero = 0;
+	__u64 *dropped = bpf_map_lookup_elem(&dropped_kills, &zero);
+
+	if (dropped)
+		__sync_fetch_and_add(dropped, 1);
 }
 
 static __always_inline struct oom_kill_record *record_reserve(void)
@@ -68,141 +172,21 @@ static __always_inline struct oom_kill_record *record_reserve(void)
 	__u32 zero = 0;
 	struct oom_kill_record *r;
 
-	if (have_ringbuf())
+	if (use_ringbuf)
 		r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
 	else
 		r = bpf_map_lookup_elem(&heap, &zero);
-	if (!r) {
-		__u64 *dropped = bpf_map_lookup_elem(&dropped_kills, &zero);
-
-		if (dropped)
-			__sync_fetch_and_add(dropped, 1);
-	}
+	if (!r && use_ringbuf)
+		count_drop();
 	return r;
 }
 
 static __always_inline void record_submit(void *ctx, struct oom_kill_record *r)
 {
-	__u32 zero = 0;
-
-	if (have_ringbuf()) {
+	if (use_ringbuf)
 		bpf_ringbuf_submit(r, 0);
-		return;
-	}
-	if (bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, r, sizeof(*r))) {
-		__u64 *dropped = bpf_map_lookup_elem(&dropped_kills, &zero);
-
-		if (dropped)
-			__sync_fetch_and_add(dropped, 1);
-	}
-}
-
-static __always_inline void record_init(struct oom_kill_record *r, __u8 hook)
-{
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-
-	/* Ring buffer space is not zeroed. The arrays after the counters are
-	 * read only up to their depth fields and NULs, so zero just the rest. */
-	__builtin_memset(r, 0, __builtin_offsetof(struct oom_kill_record, kernel_stack));
-	r->timestamp_ns = bpf_ktime_get_ns();
-	r->hook = hook;
-	r->trigger_pid = pid_tgid >> 32;
-	r->trigger_tid = (__u32)pid_tgid;
-	bpf_get_current_comm(r->trigger_comm, sizeof(r->trigger_comm));
-}
-
-/*
- * mm->rss_stat[i] in pages. The index must be a constant so that libbpf can
- * relocate it with the kernel's element size (struct percpu_counter's size
- * varies with the kernel's configuration).
- */
-#define RSS_PAGES(mm, i)							\
-	(bpf_core_type_exists(struct mm_rss_stat) ?				\
-	 BPF_CORE_READ((struct mm_struct___atomic_rss *)(mm), rss_stat.count[i].counter) : \
-	 BPF_CORE_READ((mm), rss_stat[i].count))
-
-static __always_inline __u64 positive(long pages)
-{
-	/* Per-CPU deltas not yet folded in can leave the shared count negative. */
-	return pages > 0 ? pages : 0;
-}
-
-static __always_inline void fill_memory(struct oom_kill_record *r, struct task_struct *task)
-{
-	struct mm_struct *mm = BPF_CORE_READ(task, mm);
-
-	if (!mm)
-		return;
-	r->total_vm_kb = BPF_CORE_READ(mm, total_vm) * page_size_kb;
-	r->anon_rss_kb = positive(RSS_PAGES(mm, MM_ANONPAGES)) * page_size_kb;
-	r->file_rss_kb = positive(RSS_PAGES(mm, MM_FILEPAGES)) * page_size_kb;
-	r->shmem_rss_kb = positive(RSS_PAGES(mm, MM_SHMEMPAGES)) * page_size_kb;
-	r->pgtables_kb = BPF_CORE_READ(mm, pgtables_bytes.counter) >> 10;
-	r->flags |= OOM_F_MEMORY;
-}
-
-static __always_inline struct kernfs_node *kernfs_parent(struct kernfs_node *kn)
-{
-	struct kernfs_node___rcu_parent *rcu_kn = (void *)kn;
-
-	if (bpf_core_field_exists(rcu_kn->__parent))
-		return BPF_CORE_READ(rcu_kn, __parent);
-	return BPF_CORE_READ(kn, parent);
-}
-
-/* The victim's memory cgroup path, leaf first, read now: it may be gone soon. */
-static __always_inline void fill_cgroup(struct oom_kill_record *r, struct task_struct *task)
-{
-	int memory_id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
-	struct cgroup_subsys_state *css = NULL;
-	struct css_set *cgroups = BPF_CORE_READ(task, cgroups);
-	struct kernfs_node *kn;
-	int i;
-
-	if (!cgroups || !bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id))
-		return;
-	bpf_core_read(&css, sizeof(css), &cgroups->subsys[memory_id]);
-	if (!css)
-		return;
-	kn = BPF_CORE_READ(css, cgroup, kn);
-	if (!kn)
-		return;
-	r->cgroup_id = BPF_CORE_READ(kn, id);
-	r->flags |= OOM_F_CGROUP;
-#pragma unroll
-	for (i = 0; i < OOM_CGROUP_MAX_DEPTH; i++) {
-		struct kernfs_node *parent = kernfs_parent(kn);
-		const char *name;
-		long len;
-
-		if (!parent)	/* the hierarchy's root has no name in the path */
-			return;
-		name = BPF_CORE_READ(kn, name);
-		len = bpf_probe_read_kernel_str(r->cgroup_names[i], OOM_CGROUP_NAME_LEN, name);
-		if (len == OOM_CGROUP_NAME_LEN)
-			r->flags |= OOM_F_CGROUP_TRUNCATED;
-		r->cgroup_depth = i + 1;
-		kn = parent;
-	}
-	if (kernfs_parent(kn))
-		r->flags |= OOM_F_CGROUP_TRUNCATED;
-}
-
-static __always_inline void fill_victim(struct oom_kill_record *r, struct task_struct *task)
-{
-	unsigned long pending;
-
-	r->victim_pid = BPF_CORE_READ(task, tgid);
-	r->victim_tid = BPF_CORE_READ(task, pid);
-	r->victim_uid = BPF_CORE_READ(task, real_cred, uid.val);
-	r->oom_score_adj = BPF_CORE_READ(task, signal, oom_score_adj);
-	BPF_CORE_READ_STR_INTO(&r->victim_comm, task, comm);
-	r->flags |= OOM_F_VICTIM_TASK;
-	pending = BPF_CORE_READ(task, signal, shared_pending.signal.sig[0]);
-	if (pending & (1UL << (SIGKILL - 1)))
-		r->flags |= OOM_F_SIGKILL;
-	fill_memory(r, task);
-	fill_cgroup(r, task);
+	else if (bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, r, sizeof(*r)))
+		count_drop();	/* the perf ring was full */
 }
 
 /*
@@ -218,14 +202,7 @@ static __always_inline void fill_kernel_stack(void *ctx, struct oom_kill_record 
 		r->kernel_stack_depth = size / sizeof(__u64);
 }
 
-static __always_inline void fill_oom_control(struct oom_kill_record *r, struct oom_control *oc)
-{
-	r->oom_domain_pages = BPF_CORE_READ(oc, totalpages);
-	r->badness_points = BPF_CORE_READ(oc, chosen_points);
-	r->flags |= OOM_F_OOM_CONTROL | OOM_F_CONSTRAINT_KNOWN;
-	if (BPF_CORE_READ(oc, memcg))
-		r->flags |= OOM_F_MEMCG;
-}
+/* --- Hooks ----------------------------------------------------------------- */
 
 SEC("tp_btf/mark_victim")
 int BPF_PROG(mark_victim_btf, struct task_struct *task, uid_t uid)
@@ -242,11 +219,7 @@ int BPF_PROG(mark_victim_btf, struct task_struct *task, uid_t uid)
 	r->victim_uid = uid;
 	info = bpf_map_lookup_elem(&oom_controls, &tid);
 	if (info && info->victim_pid == r->victim_pid) {
-		r->oom_domain_pages = info->oom_domain_pages;
-		r->badness_points = info->badness_points;
-		r->flags |= OOM_F_OOM_CONTROL | OOM_F_CONSTRAINT_KNOWN;
-		if (info->memcg)
-			r->flags |= OOM_F_MEMCG;
+		set_oom_control(r, info->oom_domain_pages, info->badness_points, info->memcg);
 		bpf_map_delete_elem(&oom_controls, &tid);
 	} else {
 		fill_kernel_stack(ctx, r);
@@ -280,7 +253,8 @@ int BPF_KPROBE(oom_kill_process, struct oom_control *oc)
 		return 0;
 	record_init(r, OOM_HOOK_KPROBE);
 	fill_victim(r, victim);
-	fill_oom_control(r, oc);
+	set_oom_control(r, BPF_CORE_READ(oc, totalpages), BPF_CORE_READ(oc, chosen_points),
+			BPF_CORE_READ(oc, memcg) != NULL);
 	record_submit(ctx, r);
 	return 0;
 }
@@ -294,8 +268,7 @@ int mark_victim_tracepoint(struct trace_event_raw_mark_victim *args)
 	if (!r)
 		return 0;
 	record_init(r, OOM_HOOK_TRACEPOINT);
-	r->victim_pid = BPF_CORE_READ(args, pid);
-	r->victim_tid = r->victim_pid;
+	set_victim_thread(r, BPF_CORE_READ(args, pid));
 	if (bpf_core_field_exists(args->total_vm)) {
 		__u32 comm_loc = BPF_CORE_READ(args, __data_loc_comm);
 

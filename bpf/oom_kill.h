@@ -2,8 +2,9 @@
 /*
  * The one record both sides of the OOM-kill probe read: written by the BPF
  * programs (CO-RE object and BCC variant), decoded by
- * datadog_checks/ebpf_probe/oom_kill.py. Fixed-size fields only; any change
- * here must be mirrored in RECORD_FORMAT there (a test checks the size).
+ * datadog_checks/ebpf_probe/oom_kill/record.py. Fixed-size fields only; any
+ * change here must be mirrored in RECORD_FIELDS there (a test compares every
+ * field's offset with this struct's BTF in the compiled object).
  */
 #ifndef EBPF_PROBE_OOM_KILL_H
 #define EBPF_PROBE_OOM_KILL_H
@@ -29,8 +30,10 @@
 #define OOM_F_MEMORY (1U << 3)		/* the *_kb memory fields filled */
 #define OOM_F_OOM_CONTROL (1U << 4)	/* oom_domain_pages, badness_points filled */
 #define OOM_F_CGROUP (1U << 5)		/* cgroup_id, cgroup_names filled */
-#define OOM_F_CGROUP_TRUNCATED (1U << 6)	/* more levels, or a longer name, than kept */
+#define OOM_F_CGROUP_NAME_TRUNCATED (1U << 6)	/* a level's name is longer than kept */
 #define OOM_F_SIGKILL (1U << 7)		/* SIGKILL pending on the victim: a kill, not only a mark */
+#define OOM_F_CGROUP_DEPTH_TRUNCATED (1U << 8)	/* more levels above the kept ones */
+#define OOM_F_VICTIM_PID_UNKNOWN (1U << 9)	/* only the victim's thread id is known */
 
 struct oom_kill_record {
 	__u64 timestamp_ns;	/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -43,7 +46,7 @@ struct oom_kill_record {
 	__s64 badness_points;	/* oom_control.chosen_points: not /proc/PID/oom_score */
 	__u64 cgroup_id;	/* kernfs id of the victim's memory cgroup */
 	__u32 victim_pid;	/* tgid */
-	__u32 victim_tid;
+	__u32 victim_tid;	/* the thread the kernel marked */
 	__u32 victim_uid;
 	__u32 trigger_pid;
 	__u32 trigger_tid;

@@ -2,7 +2,8 @@
 /*
  * OOM-kill probe, runtime-compiled variant: BCC compiles this text on the
  * host when the CO-RE object cannot be loaded. Same record, same hooks as
- * oom_kill.bpf.c; user space defines which hooks to build:
+ * oom_kill.bpf.c, filled by the same code (oom_kill_fill.h); user space
+ * defines which hooks to build:
  *   HOOK_RAW_TP     raw_tracepoint/mark_victim, task argument (~6.9+)
  *   HOOK_KPROBE     kprobe/oom_kill_process; KPROBE_WRITES_RECORDS unless
  *                   HOOK_RAW_TP is built too
@@ -18,6 +19,11 @@
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf.h>
 #include "oom_kill.h"
+
+/* Used through pointers only, whatever the headers declare. */
+struct task_struct;
+struct mm_struct;
+struct kernfs_node;
 
 #ifdef OFFSETS_FROM_HEADERS
 #include <linux/version.h>
@@ -66,8 +72,148 @@
 #endif /* OFFSETS_FROM_HEADERS */
 
 #define SIGKILL_BIT (1UL << (9 - 1))
+#define PAGE_KB PAGE_SIZE_KB
 
 #define READ_AT(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
+
+/* --- How this variant reads the kernel (see oom_kill_fill.h) -------------- */
+
+static inline u32 read_task_tgid(struct task_struct *task)
+{
+	int tgid = 0;
+
+	READ_AT(tgid, task, OFF_TASK_TGID);
+	return tgid;
+}
+
+static inline u32 read_task_tid(struct task_struct *task)
+{
+	int pid = 0;
+
+	READ_AT(pid, task, OFF_TASK_PID);
+	return pid;
+}
+
+static inline u32 read_task_uid(struct task_struct *task)
+{
+	void *cred = NULL;
+	u32 uid = 0;
+
+	READ_AT(cred, task, OFF_TASK_REAL_CRED);
+	if (cred)
+		READ_AT(uid, cred, OFF_CRED_UID);
+	return uid;
+}
+
+static inline void *read_task_signal(struct task_struct *task)
+{
+	void *signal = NULL;
+
+	READ_AT(signal, task, OFF_TASK_SIGNAL);
+	return signal;
+}
+
+static inline short read_task_oom_score_adj(struct task_struct *task)
+{
+	void *signal = read_task_signal(task);
+	short adj = 0;
+
+	if (signal)
+		READ_AT(adj, signal, OFF_SIGNAL_OOM_SCORE_ADJ);
+	return adj;
+}
+
+static inline bool read_task_sigkill_pending(struct task_struct *task)
+{
+	void *signal = read_task_signal(task);
+	unsigned long pending = 0;
+
+	if (signal)
+		READ_AT(pending, signal, OFF_SIGNAL_PENDING);
+	return pending & SIGKILL_BIT;
+}
+
+static inline void read_task_comm(struct task_struct *task, char *buf)
+{
+	bpf_probe_read_kernel_str(buf, OOM_COMM_LEN, (void *)task + OFF_TASK_COMM);
+}
+
+static inline struct mm_struct *read_task_mm(struct task_struct *task)
+{
+	void *mm = NULL;
+
+	READ_AT(mm, task, OFF_TASK_MM);
+	return mm;
+}
+
+static inline u64 read_mm_total_vm_pages(struct mm_struct *mm)
+{
+	unsigned long total_vm = 0;
+
+	READ_AT(total_vm, mm, OFF_MM_TOTAL_VM);
+	return total_vm;
+}
+
+static inline long read_mm_rss_pages(struct mm_struct *mm, int counter)
+{
+	long pages = 0;
+
+	READ_AT(pages, mm, OFF_MM_RSS_STAT + counter * RSS_STAT_STRIDE + OFF_RSS_COUNT);
+	return pages;
+}
+
+static inline long read_mm_pgtables_bytes(struct mm_struct *mm)
+{
+	long bytes = 0;
+
+	READ_AT(bytes, mm, OFF_MM_PGTABLES);
+	return bytes;
+}
+
+static inline struct kernfs_node *read_kn_parent(struct kernfs_node *kn)
+{
+	void *parent = NULL;
+
+	READ_AT(parent, kn, OFF_KN_PARENT);
+	return parent;
+}
+
+static inline const char *read_kn_name(struct kernfs_node *kn)
+{
+	const char *name = NULL;
+
+	READ_AT(name, kn, OFF_KN_NAME);
+	return name;
+}
+
+static inline u64 read_kn_id(struct kernfs_node *kn)
+{
+	u64 id = 0;
+
+	READ_AT(id, kn, OFF_KN_ID);
+	return id;
+}
+
+static inline struct kernfs_node *read_task_memcg_kn(struct task_struct *task)
+{
+	void *cgroups = NULL, *css = NULL, *cgroup = NULL, *kn = NULL;
+
+	READ_AT(cgroups, task, OFF_TASK_CGROUPS);
+	if (!cgroups || MEMORY_CGRP_ID < 0)	/* no memory controller in this kernel */
+		return NULL;
+	READ_AT(css, cgroups, OFF_CSS_SET_SUBSYS + MEMORY_CGRP_ID * sizeof(void *));
+	if (!css)
+		return NULL;
+	READ_AT(cgroup, css, OFF_CSS_CGROUP);
+	if (!cgroup)
+		return NULL;
+	READ_AT(kn, cgroup, OFF_CGROUP_KN);
+	return kn;
+}
+
+#include "oom_kill_fill.h"
+
+/* --- Maps and output ------------------------------------------------------- */
 
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -94,13 +240,13 @@ static inline struct oom_kill_record *record_reserve(void)
 	struct oom_kill_record *r;
 #ifdef USE_RINGBUF
 	r = events.ringbuf_reserve(sizeof(struct oom_kill_record));
+	if (!r)
+		count_drop();
 #else
 	int zero = 0;
 
 	r = heap.lookup(&zero);
 #endif
-	if (!r)
-		count_drop();
 	return r;
 }
 
@@ -110,133 +256,30 @@ static inline void record_submit(void *ctx, struct oom_kill_record *r)
 	events.ringbuf_submit(r, 0);
 #else
 	if (events.perf_submit(ctx, r, sizeof(*r)))
-		count_drop();
+		count_drop();	/* the perf ring was full */
 #endif
 }
 
-static inline void record_init(void *ctx, struct oom_kill_record *r, u8 hook)
+static inline void fill_kernel_stack(void *ctx, struct oom_kill_record *r)
 {
-	u64 pid_tgid = bpf_get_current_pid_tgid();
-	long size;
+	long size = bpf_get_stack(ctx, r->kernel_stack, sizeof(r->kernel_stack), 0);
 
-	__builtin_memset(r, 0, offsetof(struct oom_kill_record, kernel_stack));
-	r->timestamp_ns = bpf_ktime_get_ns();
-	r->hook = hook;
-	r->trigger_pid = pid_tgid >> 32;
-	r->trigger_tid = (u32)pid_tgid;
-	bpf_get_current_comm(r->trigger_comm, sizeof(r->trigger_comm));
-	size = bpf_get_stack(ctx, r->kernel_stack, sizeof(r->kernel_stack), 0);
 	if (size > 0)
 		r->kernel_stack_depth = size / sizeof(u64);
 }
 
-static inline u64 rss_pages(void *mm, int member)
-{
-	long pages = 0;
-
-	READ_AT(pages, mm, OFF_MM_RSS_STAT + member * RSS_STAT_STRIDE + OFF_RSS_COUNT);
-	return pages > 0 ? pages : 0;
-}
-
-static inline void fill_memory(struct oom_kill_record *r, void *task)
-{
-	void *mm = NULL;
-	unsigned long total_vm = 0;
-	long pgtables = 0;
-
-	READ_AT(mm, task, OFF_TASK_MM);
-	if (!mm)
-		return;
-	READ_AT(total_vm, mm, OFF_MM_TOTAL_VM);
-	READ_AT(pgtables, mm, OFF_MM_PGTABLES);
-	r->total_vm_kb = total_vm * PAGE_SIZE_KB;
-	r->file_rss_kb = rss_pages(mm, 0) * PAGE_SIZE_KB;	/* MM_FILEPAGES */
-	r->anon_rss_kb = rss_pages(mm, 1) * PAGE_SIZE_KB;	/* MM_ANONPAGES */
-	r->shmem_rss_kb = rss_pages(mm, 3) * PAGE_SIZE_KB;	/* MM_SHMEMPAGES */
-	r->pgtables_kb = pgtables > 0 ? pgtables >> 10 : 0;
-	r->flags |= OOM_F_MEMORY;
-}
-
-static inline void fill_cgroup(struct oom_kill_record *r, void *task)
-{
-	void *cgroups = NULL, *css = NULL, *cgroup = NULL, *kn = NULL;
-	int i;
-
-	READ_AT(cgroups, task, OFF_TASK_CGROUPS);
-	if (!cgroups || MEMORY_CGRP_ID < 0)	/* no memory controller in this kernel */
-		return;
-	READ_AT(css, cgroups, OFF_CSS_SET_SUBSYS + MEMORY_CGRP_ID * sizeof(void *));
-	if (!css)
-		return;
-	READ_AT(cgroup, css, OFF_CSS_CGROUP);
-	if (!cgroup)
-		return;
-	READ_AT(kn, cgroup, OFF_CGROUP_KN);
-	if (!kn)
-		return;
-	READ_AT(r->cgroup_id, kn, OFF_KN_ID);
-	r->flags |= OOM_F_CGROUP;
-#pragma unroll
-	for (i = 0; i < OOM_CGROUP_MAX_DEPTH; i++) {
-		void *parent = NULL, *name = NULL;
-		long len;
-
-		READ_AT(parent, kn, OFF_KN_PARENT);
-		if (!parent)
-			return;
-		READ_AT(name, kn, OFF_KN_NAME);
-		len = bpf_probe_read_kernel_str(r->cgroup_names[i], OOM_CGROUP_NAME_LEN, name);
-		if (len == OOM_CGROUP_NAME_LEN)
-			r->flags |= OOM_F_CGROUP_TRUNCATED;
-		r->cgroup_depth = i + 1;
-		kn = parent;
-	}
-	{
-		void *parent = NULL;
-
-		READ_AT(parent, kn, OFF_KN_PARENT);
-		if (parent)
-			r->flags |= OOM_F_CGROUP_TRUNCATED;
-	}
-}
-
-static inline void fill_victim(struct oom_kill_record *r, void *task)
-{
-	void *signal = NULL, *cred = NULL;
-	unsigned long pending = 0;
-	short adj = 0;
-	int tgid = 0, pid = 0;
-
-	READ_AT(tgid, task, OFF_TASK_TGID);
-	READ_AT(pid, task, OFF_TASK_PID);
-	r->victim_pid = tgid;
-	r->victim_tid = pid;
-	READ_AT(cred, task, OFF_TASK_REAL_CRED);
-	if (cred)
-		READ_AT(r->victim_uid, cred, OFF_CRED_UID);
-	READ_AT(signal, task, OFF_TASK_SIGNAL);
-	if (signal) {
-		READ_AT(adj, signal, OFF_SIGNAL_OOM_SCORE_ADJ);
-		READ_AT(pending, signal, OFF_SIGNAL_PENDING);
-		if (pending & SIGKILL_BIT)
-			r->flags |= OOM_F_SIGKILL;
-	}
-	r->oom_score_adj = adj;
-	bpf_probe_read_kernel_str(r->victim_comm, sizeof(r->victim_comm), task + OFF_TASK_COMM);
-	r->flags |= OOM_F_VICTIM_TASK;
-	fill_memory(r, task);
-	fill_cgroup(r, task);
-}
+/* --- Hooks ----------------------------------------------------------------- */
 
 #ifdef HOOK_RAW_TP
 int oom_mark_victim_raw(struct bpf_raw_tracepoint_args *ctx)
 {
-	void *task = (void *)ctx->args[0];
+	struct task_struct *task = (struct task_struct *)ctx->args[0];
 	struct oom_kill_record *r = record_reserve();
+	bool with_oom_control = false;
 
 	if (!r)
 		return 0;
-	record_init(ctx, r, OOM_HOOK_RAW_TP);
+	record_init(r, OOM_HOOK_RAW_TP);
 	fill_victim(r, task);
 	r->victim_uid = (u32)ctx->args[1];
 #if defined(HOOK_KPROBE) && !defined(KPROBE_WRITES_RECORDS)
@@ -245,15 +288,14 @@ int oom_mark_victim_raw(struct bpf_raw_tracepoint_args *ctx)
 		struct oom_control_info *info = oom_controls.lookup(&tid);
 
 		if (info && info->victim_pid == r->victim_pid) {
-			r->oom_domain_pages = info->oom_domain_pages;
-			r->badness_points = info->badness_points;
-			r->flags |= OOM_F_OOM_CONTROL | OOM_F_CONSTRAINT_KNOWN;
-			if (info->memcg)
-				r->flags |= OOM_F_MEMCG;
+			set_oom_control(r, info->oom_domain_pages, info->badness_points, info->memcg);
 			oom_controls.delete(&tid);
+			with_oom_control = true;
 		}
 	}
 #endif
+	if (!with_oom_control)
+		fill_kernel_stack(ctx, r);
 	record_submit(ctx, r);
 	return 0;
 }
@@ -263,7 +305,8 @@ int oom_mark_victim_raw(struct bpf_raw_tracepoint_args *ctx)
 int oom_kill_process_kprobe(struct pt_regs *ctx)
 {
 	void *oc = (void *)PT_REGS_PARM1(ctx);
-	void *victim = NULL, *memcg = NULL;
+	struct task_struct *victim = NULL;
+	void *memcg = NULL;
 	unsigned long totalpages = 0;
 	long points = 0;
 
@@ -279,25 +322,19 @@ int oom_kill_process_kprobe(struct pt_regs *ctx)
 
 		if (!r)
 			return 0;
-		record_init(ctx, r, OOM_HOOK_KPROBE);
+		record_init(r, OOM_HOOK_KPROBE);
 		fill_victim(r, victim);
-		r->oom_domain_pages = totalpages;
-		r->badness_points = points;
-		r->flags |= OOM_F_OOM_CONTROL | OOM_F_CONSTRAINT_KNOWN;
-		if (memcg)
-			r->flags |= OOM_F_MEMCG;
+		set_oom_control(r, totalpages, points, memcg != NULL);
 		record_submit(ctx, r);
 	}
 #else
 	{
 		u32 tid = (u32)bpf_get_current_pid_tgid();
 		struct oom_control_info info = {};
-		int tgid = 0;
 
-		READ_AT(tgid, victim, OFF_TASK_TGID);
 		info.oom_domain_pages = totalpages;
 		info.badness_points = points;
-		info.victim_pid = tgid;
+		info.victim_pid = read_task_tgid(victim);
 		info.memcg = memcg != NULL;
 		oom_controls.update(&tid, &info);
 	}
@@ -313,9 +350,8 @@ TRACEPOINT_PROBE(oom, mark_victim)
 
 	if (!r)
 		return 0;
-	record_init(args, r, OOM_HOOK_TRACEPOINT);
-	r->victim_pid = args->pid;
-	r->victim_tid = args->pid;
+	record_init(r, OOM_HOOK_TRACEPOINT);
+	set_victim_thread(r, args->pid);
 #ifdef MARK_VICTIM_HAS_MM
 	TP_DATA_LOC_READ_STR(r->victim_comm, comm, sizeof(r->victim_comm));
 	r->victim_uid = args->uid;
@@ -328,6 +364,7 @@ TRACEPOINT_PROBE(oom, mark_victim)
 	r->pgtables_kb = args->pgtables;
 	r->flags |= OOM_F_MEMORY;
 #endif
+	fill_kernel_stack(args, r);
 	record_submit(args, r);
 	return 0;
 }

@@ -16,17 +16,31 @@ V2_CANDIDATES = ('/sys/fs/cgroup', '/sys/fs/cgroup/unified')
 VICTIM_PYTHON = '/usr/bin/python3'
 
 # Runs in the child: join the cgroup, take the given name and oom_score_adj, then allocate
-# (bytearray touches every page) until the cgroup's limit makes the kernel kill it.
+# (bytearray touches every page) until the cgroup's limit makes the kernel kill it. Modes:
+# 'main' allocates in the main thread, 'thread' in a second thread; 'hold' allocates, says
+# 'ready' and waits (a bystander the OOM killer may choose). Optionally pinned to one CPU.
 VICTIM_SCRIPT = """
-import ctypes, os, sys
-procs, comm, adj, mb = sys.argv[1:5]
+import ctypes, os, sys, threading, time
+procs, comm, adj, mb, mode, cpu = sys.argv[1:7]
 with open(procs, 'w') as f:
     f.write(str(os.getpid()))
 with open('/proc/self/oom_score_adj', 'w') as f:
     f.write(adj)
-name = comm.encode('utf-8', 'surrogateescape')
-ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
-hog = bytearray(int(mb) * 1024 * 1024)
+if cpu != '-':
+    os.sched_setaffinity(0, {int(cpu)})
+libc = ctypes.CDLL(None, use_errno=True)
+def name_thread(): libc.prctl(15, ctypes.c_char_p(comm.encode('utf-8', 'surrogateescape')), 0, 0, 0)  # PR_SET_NAME
+def allocate(): globals()['hog'] = bytearray(int(mb) * 1024 * 1024)
+name_thread()
+if mode == 'thread':
+    worker = threading.Thread(target=lambda: (name_thread(), allocate()))
+    worker.start()
+    worker.join()
+else:
+    allocate()
+if mode == 'hold':
+    print('ready', flush=True)
+    time.sleep(3600)
 sys.exit(3)  # not reached when the OOM killer does its job
 """
 
@@ -51,10 +65,15 @@ def _v2_memory_root() -> str | None:
 
 
 class MemoryCgroup:
-    """A memory cgroup of its own (v1 or v2, whichever has the memory controller)."""
+    """A memory cgroup of its own (v1 or v2, whichever has the memory controller).
 
-    def __init__(self, limit_mb: int = 32, prefix: str = 'ebpf-probe-test'):
-        self.name = f'{prefix}-{uuid.uuid4().hex[:10]}'  # the prefix may hold odd characters
+    `below` puts it under levels of parents of those names (made here, removed with it).
+    """
+
+    def __init__(
+        self, limit_mb: int = 32, prefix: str = 'ebpf-probe-test', below: tuple[str, ...] = (), name: str | None = None
+    ):
+        self.name = name or f'{prefix}-{uuid.uuid4().hex[:10]}'  # the prefix may hold odd characters
         v2_root = _v2_memory_root()
         if os.path.isdir(V1_MEMORY):
             self.version, root = 1, V1_MEMORY
@@ -62,8 +81,18 @@ class MemoryCgroup:
             self.version, root = 2, v2_root
         else:
             raise RuntimeError('no memory cgroup controller mounted (v1 memory or v2 with +memory)')
-        self.dir = os.path.join(root, self.name)
+        self._made: list[str] = []
+        parent = root
+        for level in below:
+            parent = os.path.join(parent, level)
+            os.mkdir(parent)
+            self._made.append(parent)
+            if self.version == 2:
+                with open(os.path.join(parent, 'cgroup.subtree_control'), 'w') as f:
+                    f.write('+memory')
+        self.dir = os.path.join(parent, self.name)
         os.mkdir(self.dir)
+        self._made.append(self.dir)
         limit = str(limit_mb * 1024 * 1024)
         if self.version == 1:
             self._write('memory.limit_in_bytes', limit)
@@ -74,25 +103,44 @@ class MemoryCgroup:
             if os.path.exists(os.path.join(self.dir, 'memory.swap.max')):
                 self._write('memory.swap.max', '0')
         # The path the kernel reports for this cgroup, relative to its hierarchy's root.
-        self.path = '/' + self.name
+        self.path = '/' + '/'.join((*below, self.name))
 
     def _write(self, name: str, value: str) -> None:
         with open(os.path.join(self.dir, name), 'w') as f:
             f.write(value)
 
-    def oom_kill(self, comm: str | bytes = 'oom-victim', oom_score_adj: int = 0, alloc_mb: int = 256) -> Victim:
+    @property
+    def inode(self) -> int:
+        """The cgroup directory's inode number: the kernfs id the kernel gives the cgroup."""
+        return os.stat(self.dir).st_ino
+
+    def start(
+        self, comm: str | bytes, oom_score_adj: int = 0, alloc_mb: int = 256, mode: str = 'main', cpu: int | None = None
+    ) -> subprocess.Popen:
+        """A process in this cgroup running VICTIM_SCRIPT (see its modes)."""
+        comm_arg = os.fsencode(comm) if isinstance(comm, str) else comm
+        return subprocess.Popen(
+            [VICTIM_PYTHON.encode(), b'-c', VICTIM_SCRIPT.encode(), os.path.join(self.dir, 'cgroup.procs').encode(),
+             comm_arg, str(oom_score_adj).encode(), str(alloc_mb).encode(), mode.encode(),
+             b'-' if cpu is None else str(cpu).encode()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def oom_kill(
+        self,
+        comm: str | bytes = 'oom-victim',
+        oom_score_adj: int = 0,
+        alloc_mb: int = 256,
+        mode: str = 'main',
+        cpu: int | None = None,
+    ) -> Victim:
         """Run a process that overflows the limit; returns once the kernel has killed it.
 
         comm may be bytes that are not UTF-8: the victim names itself with them.
         """
         started = time.time()
-        comm_arg = os.fsencode(comm) if isinstance(comm, str) else comm
-        proc = subprocess.Popen(
-            [VICTIM_PYTHON.encode(), b'-c', VICTIM_SCRIPT.encode(), os.path.join(self.dir, 'cgroup.procs').encode(),
-             comm_arg, str(oom_score_adj).encode(), str(alloc_mb).encode()],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
+        proc = self.start(comm, oom_score_adj, alloc_mb, mode, cpu)
         _, stderr = proc.communicate(timeout=120)
         victim = Victim(proc.pid, proc.returncode, started, time.time())
         if victim.returncode != -signal.SIGKILL:
@@ -100,9 +148,14 @@ class MemoryCgroup:
         return victim
 
     def remove(self) -> None:
+        for folder in reversed(self._made):
+            self._remove(folder)
+
+    @staticmethod
+    def _remove(folder: str) -> None:
         for _ in range(100):
             try:
-                with open(os.path.join(self.dir, 'cgroup.procs')) as f:
+                with open(os.path.join(folder, 'cgroup.procs')) as f:
                     pids = [int(p) for p in f.read().split()]
             except FileNotFoundError:
                 return
@@ -112,10 +165,10 @@ class MemoryCgroup:
                 except ProcessLookupError:
                     pass
             try:
-                os.rmdir(self.dir)
+                os.rmdir(folder)
                 return
             except FileNotFoundError:
                 return
             except OSError:
                 time.sleep(0.05)  # the killed tasks are still leaving
-        raise RuntimeError(f'could not remove {self.dir}')
+        raise RuntimeError(f'could not remove {folder}')

@@ -1,32 +1,44 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""The OOM-kill probe against the real kernel: real OOM kills in memory cgroups of their own."""
+"""The OOM-kill probe against the real kernel: real OOM kills in memory cgroups of their own,
+compared with the kernel's own report of them."""
 
 import json
 import logging
 import subprocess
 import time
+import uuid
 
 import pytest
 
-from datadog_checks.ebpf_probe import bcc_loader, kernel, libbpf
-from datadog_checks.ebpf_probe.bcc_loader import BccProgram, bcc_offsets
-from datadog_checks.ebpf_probe.oom_kill import (
-    BCC_SOURCE,
-    CORE_OBJECT,
-    RECORD,
+from datadog_checks.ebpf_probe.kernel import features, libbpf
+from datadog_checks.ebpf_probe.kernel import bcc as kernel_bcc
+from datadog_checks.ebpf_probe.kernel.bcc import BccProgram
+from datadog_checks.ebpf_probe.kernel.btf import Btf
+from datadog_checks.ebpf_probe.oom_kill import hooks
+from datadog_checks.ebpf_probe.oom_kill.bcc import BCC_SOURCE, bcc_offsets
+from datadog_checks.ebpf_probe.oom_kill.core import CORE_OBJECT
+from datadog_checks.ebpf_probe.oom_kill.probe import (
+    PERF_SAMPLE_SIZE,
+    RING_SAMPLE_SIZE,
     OOMKillProbeOptions,
-    ProbeLoadError,
     load_oom_kill_probe,
 )
+from datadog_checks.ebpf_probe.oom_kill.record import RECORD, record_offsets
+from datadog_checks.ebpf_probe.probe import ProbeLoadError
 from datadog_checks.ebpf_probe.resources import bpf_file
+
+from . import kernels
+from .cgroups import MemoryCgroup
+from .kernel_report import KernelLog, KernelOomReport
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
 log = logging.getLogger('test')
 CORE_ONLY = OOMKillProbeOptions(enable_core=True, allow_runtime_compiled_fallback=False)
 BCC_ONLY = OOMKillProbeOptions(enable_core=False, allow_runtime_compiled_fallback=True)
-KPROBE = 'kprobe/oom_kill_process'
+KERNEL = kernels.current()
+PAGE_SIZE = __import__('resource').getpagesize()
 
 
 def our_program_ids(name: str) -> set[int]:
@@ -42,53 +54,62 @@ def wait_until_gone(name: str, timeout: float = 10.0) -> set[int]:
     return ids
 
 
-def assert_is_the_kill(kill, victim, memory_cgroup, comm, adj):
-    assert kill.victim_pid == victim.pid
-    assert kill.victim_tid == victim.pid
-    assert kill.victim_comm == comm
-    assert kill.oom_score_adj == adj
-    assert kill.victim_uid == 0
-    # The victim overflowed its own cgroup: it triggered its own kill.
-    assert kill.trigger_pid == victim.pid
-    assert kill.trigger_comm == comm
-    assert kill.memcg_oom is True
-    assert kill.trigger_type == 'cgroup'
-    assert kill.sigkill is True
-    assert victim.started - 1 <= kill.timestamp <= victim.ended + 1
+def assert_hooks(probe, variant: str) -> None:
+    if KERNEL is not None:
+        assert tuple(probe.hooks) == (KERNEL.core_hooks if variant == 'co-re' else KERNEL.bcc_hooks)
+    else:
+        assert probe.hooks and set(probe.hooks) <= {h.name for h in hooks.HOOKS}
+
+
+def assert_equals_the_kernel_report(kill, report: KernelOomReport, cgroup: MemoryCgroup) -> None:
+    """Every field the kernel printed, equal; the cgroup id is the directory's inode."""
+    assert kill.victim_pid == report.pid
+    assert kill.victim_comm == report.comm
+    assert kill.victim_uid == report.uid
+    assert kill.oom_score_adj == report.oom_score_adj
+    assert kill.trigger_comm == report.trigger_comm
+    assert kill.memory is not None
+    assert (
+        kill.memory.total_vm_kb,
+        kill.memory.anon_rss_kb,
+        kill.memory.file_rss_kb,
+        kill.memory.shmem_rss_kb,
+        kill.memory.pgtables_kb,
+    ) == (report.total_vm_kb, report.anon_rss_kb, report.file_rss_kb, report.shmem_rss_kb, report.pgtables_kb)
+    assert report.constraint == 'CONSTRAINT_MEMCG' and kill.memcg_oom is True and kill.trigger_type == 'cgroup'
+    assert kill.cgroup_path == report.task_memcg == cgroup.path
+    assert kill.cgroup_id == cgroup.inode
+    assert kill.cgroup_path_truncated is False
 
 
 @pytest.mark.oom
-@pytest.mark.parametrize(
-    'options, variant, hook',
-    [(CORE_ONLY, 'co-re', 'tp_btf/mark_victim'), (BCC_ONLY, 'bcc', 'raw_tracepoint/mark_victim')],
-    ids=['co-re', 'bcc'],
-)
-def test_probe_records_a_real_oom_kill_once(memory_cgroup, options, variant, hook):
+@pytest.mark.parametrize('options, variant', [(CORE_ONLY, 'co-re'), (BCC_ONLY, 'bcc')], ids=['co-re', 'bcc'])
+def test_a_real_oom_kill_is_recorded_once_as_the_kernel_reports_it(memory_cgroup, options, variant):
     probe = load_oom_kill_probe(options, log)
     try:
         assert probe.variant == variant
-        assert probe.hooks == [hook]
+        assert_hooks(probe, variant)
         probe.get_and_flush()  # whatever happened on the host before this test
 
-        victim = memory_cgroup.oom_kill(comm='oomtest-victim', oom_score_adj=42)
+        with KernelLog() as kernel_log:
+            victim = memory_cgroup.oom_kill(comm='oomtest-victim', oom_score_adj=42)
         result = probe.get_and_flush()
 
+        [report] = kernel_log.oom_reports()
         assert result.dropped == 0
-        assert len(result.kills) == 1
-        kill = result.kills[0]
-        assert_is_the_kill(kill, victim, memory_cgroup, 'oomtest-victim', 42)
-        assert kill.hook == hook
-        assert kill.cgroup_path == memory_cgroup.path
-        assert kill.cgroup_name == memory_cgroup.name
-        assert kill.cgroup_id and kill.cgroup_path_truncated is False
-        # The victim filled its 32 MB limit with anonymous memory (its RSS also holds what the
-        # interpreter allocated before joining the cgroup, which the cgroup was not charged for).
-        assert kill.memory is not None
-        assert 16 * 1024 < kill.memory.anon_rss_kb < 64 * 1024
-        assert kill.memory.total_vm_kb > kill.memory.rss_kb > 0
-        assert kill.memory.pgtables_kb > 0
-        # Neither hook here sees oom_control (that needs the kprobe).
-        assert kill.oom_domain_pages is None and kill.badness_points is None
+        [kill] = result.kills
+        assert_equals_the_kernel_report(kill, report, memory_cgroup)
+        assert kill.victim_pid == victim.pid and kill.victim_tid == victim.pid
+        assert kill.trigger_pid == victim.pid  # it overflowed its own cgroup: it triggered its own kill
+        assert kill.sigkill is True
+        assert victim.started - 1 <= kill.timestamp <= victim.ended + 1
+        assert kill.hook == probe.hooks[0]
+        if hooks.KPROBE.name in probe.hooks:
+            # oom_control, through the kprobe: the domain is the cgroup's limit (no swap here).
+            assert kill.oom_domain_pages == report.limit_kb * 1024 // PAGE_SIZE
+            assert kill.badness_points is not None and kill.badness_points > 0
+        else:
+            assert kill.oom_domain_pages is None and kill.badness_points is None
 
         assert probe.get_and_flush().kills == []  # none returned twice
     finally:
@@ -97,46 +118,45 @@ def test_probe_records_a_real_oom_kill_once(memory_cgroup, options, variant, hoo
 
 
 @pytest.mark.oom
-def test_classic_tracepoint_hook_reports_what_its_fields_hold(memory_cgroup):
-    options = OOMKillProbeOptions(
-        allow_runtime_compiled_fallback=False, disabled_hooks=frozenset({'tp_btf/mark_victim'})
-    )
-    probe = load_oom_kill_probe(options, log)
+@pytest.mark.parametrize('options, variant', [(CORE_ONLY, 'co-re'), (BCC_ONLY, 'bcc')], ids=['co-re', 'bcc'])
+def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, variant):
+    """Kernels before 5.8 have no ring buffer: the same kills through a perf buffer."""
+    probe = load_oom_kill_probe(OOMKillProbeOptions(**{**options.__dict__, 'force_perf_buffer': True}), log)
     try:
-        assert probe.hooks == ['tracepoint/oom/mark_victim']
+        assert probe.variant == variant
         probe.get_and_flush()
-        victim = memory_cgroup.oom_kill(comm='oomtest-tp', oom_score_adj=7)
-        [kill] = probe.get_and_flush().kills
-        assert kill.victim_pid == victim.pid
-        assert kill.victim_comm == 'oomtest-tp'
-        assert kill.oom_score_adj == 7
-        assert kill.memory is not None and kill.memory.anon_rss_kb > 16 * 1024
-        # memcg vs system comes from the trigger's kernel stack here.
-        assert kill.memcg_oom is True
-        # The classic tracepoint gives a pid, not the task: no cgroup path.
-        assert kill.cgroup_path is None
+        with KernelLog() as kernel_log:
+            victims = [memory_cgroup.oom_kill(comm=f'perf-{i}') for i in range(2)]
+        result = probe.get_and_flush()
+        assert result.dropped == 0
+        assert [k.victim_pid for k in result.kills] == [v.pid for v in victims]
+        for kill, report in zip(result.kills, kernel_log.oom_reports(), strict=True):
+            assert_equals_the_kernel_report(kill, report, memory_cgroup)
+        assert probe.get_and_flush().kills == []
     finally:
         probe.close()
 
 
-def test_probe_close_detaches_and_frees_everything():
-    probe = load_oom_kill_probe(CORE_ONLY, log)
-    assert our_program_ids('mark_victim_btf')
-    probe.close()
-    assert wait_until_gone('mark_victim_btf') == set()
-
-
 @pytest.mark.oom
 @pytest.mark.slow
-def test_kills_beyond_the_buffer_are_counted_as_dropped(memory_cgroup):
-    # One page of ring buffer holds 3 records of 1.3 kB.
-    options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, max_buffered_kills=1)
-    probe = load_oom_kill_probe(options, log)
+@pytest.mark.parametrize(
+    'options, sample_size',
+    [
+        (CORE_ONLY, RING_SAMPLE_SIZE),
+        (OOMKillProbeOptions(allow_runtime_compiled_fallback=False, force_perf_buffer=True), PERF_SAMPLE_SIZE),
+        (OOMKillProbeOptions(enable_core=False, force_perf_buffer=True), PERF_SAMPLE_SIZE),
+    ],
+    ids=['co-re-ring', 'co-re-perf', 'bcc-perf'],
+)
+def test_kills_beyond_the_buffer_are_counted_as_dropped_exactly(memory_cgroup, options, sample_size):
+    # One page holds this many records; the victims run on one CPU, so one perf buffer takes them all.
+    fits = PAGE_SIZE // sample_size
+    probe = load_oom_kill_probe(OOMKillProbeOptions(**{**options.__dict__, 'max_buffered_kills': 1}), log)
     try:
         probe.get_and_flush()
-        victims = [memory_cgroup.oom_kill(comm=f'burst-{i}') for i in range(5)]
+        victims = [memory_cgroup.oom_kill(comm=f'burst-{i}', cpu=0) for i in range(fits + 2)]
         result = probe.get_and_flush()
-        assert [k.victim_pid for k in result.kills] == [v.pid for v in victims[:3]]
+        assert [k.victim_pid for k in result.kills] == [v.pid for v in victims[:fits]]
         assert result.dropped == 2
         again = probe.get_and_flush()
         assert again.kills == [] and again.dropped == 0  # a drop is reported once
@@ -144,87 +164,221 @@ def test_kills_beyond_the_buffer_are_counted_as_dropped(memory_cgroup):
         probe.close()
 
 
-def test_record_layout_matches_the_compiled_object():
-    obj = libbpf.BpfObject(str(bpf_file(CORE_OBJECT)))
+def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(monkeypatch):
+    from datadog_checks.ebpf_probe.kernel import requirements
+
+    monkeypatch.setattr(requirements, 'kernel_version', lambda release=None: (5, 4, 0))  # a version before 5.8
+    monkeypatch.setattr(requirements, 'raise_memlock_limit', lambda version=None: None)  # not what this is about
+    probe = load_oom_kill_probe(BCC_ONLY, log)
     try:
-        btf = obj.btf()
-        record = btf.struct('oom_kill_record')
-        assert btf.size(record) == RECORD.size
-        assert btf.member(record, 'kernel_stack')[0] == 136
-        assert btf.member(record, 'cgroup_names')[0] == 296
+        assert probe._program._is_ring is features.has_ring_buffer()
     finally:
-        obj.close()
-
-
-def test_kprobe_is_in_the_object_and_passes_the_verifier():
-    """This kernel has no kprobes: the kprobe program must still load, then fail to attach."""
-    obj = libbpf.BpfObject(str(bpf_file(CORE_OBJECT)))
+        probe.close()
+    monkeypatch.setattr(features, 'has_ring_buffer', lambda: False)
+    probe = load_oom_kill_probe(BCC_ONLY, log)
     try:
-        obj.set_autoload('mark_victim_btf', False)
-        obj.set_autoload('mark_victim_tracepoint', False)
-        obj.load()  # runs the verifier on the kprobe program
-        assert obj.program_fd('oom_kill_process') > 0
-        with pytest.raises(libbpf.LibbpfError) as error:
-            obj.attach('oom_kill_process')
-        assert error.value.errno != 0
-    finally:
-        obj.close()
-
-
-def test_kprobe_is_rejected_here_for_the_right_reason():
-    supported, reason = kernel.kprobe_support()
-    assert not supported
-    assert 'CONFIG_KPROBES' in reason
-    probe = load_oom_kill_probe(CORE_ONLY, log)
-    try:
-        assert KPROBE not in probe.hooks
-        assert probe.rejected_hooks[KPROBE] == reason
+        assert probe._program._is_ring is False
     finally:
         probe.close()
 
 
-def test_tp_btf_is_chosen_from_btf_not_the_version_number():
-    with libbpf.Btf.load_vmlinux() as btf:
-        from datadog_checks.ebpf_probe.oom_kill import mark_victim_passes_task
+@pytest.mark.oom
+def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(memory_cgroup):
+    options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, disabled_hooks=frozenset({hooks.TP_BTF.name}))
+    if KERNEL is not None and KERNEL.kprobes:
+        options = OOMKillProbeOptions(**{**options.__dict__, 'disabled_hooks': frozenset({hooks.TP_BTF.name,
+                                                                                           hooks.KPROBE.name})})  # fmt: skip
+    probe = load_oom_kill_probe(options, log)
+    try:
+        assert probe.hooks == [hooks.TRACEPOINT.name]
+        probe.get_and_flush()
+        with KernelLog() as kernel_log:
+            # A process killed for the allocation of one of its threads: its main thread is marked.
+            self_killed = memory_cgroup.oom_kill(comm='oomtest-tp', oom_score_adj=7, mode='thread')
+            # A bystander killed for another process's allocation: only its thread id is known.
+            bystander = memory_cgroup.start('bystander', oom_score_adj=1000, alloc_mb=12, mode='hold')
+            assert bystander.stdout.readline() == b'ready\n'
+            allocator = memory_cgroup.start('allocator', alloc_mb=20)
+            allocator.wait(timeout=60)
+            bystander.wait(timeout=60)
+        [mine, other] = probe.get_and_flush().kills
+        reports = kernel_log.oom_reports()
+        assert [r.pid for r in reports] == [self_killed.pid, bystander.pid]
 
-        assert mark_victim_passes_task(btf) == (True, '')
+        assert (mine.victim_pid, mine.victim_tid) == (self_killed.pid, self_killed.pid)
+        assert mine.trigger_pid == self_killed.pid and mine.trigger_tid != self_killed.pid  # the second thread
+        assert mine.memcg_oom is True  # from the trigger's kernel stack
+        assert mine.cgroup_path is None  # the tracepoint gives no task: no cgroup
+        if KERNEL is None or KERNEL.task_tracepoint:
+            assert mine.victim_comm == 'oomtest-tp' and mine.oom_score_adj == 7
+            assert mine.memory is not None and mine.memory.anon_rss_kb == reports[0].anon_rss_kb
+
+        assert other.victim_pid is None and other.victim_tid == bystander.pid
+        assert other.trigger_pid == allocator.pid
+        assert allocator.returncode == 3  # it went on once the bystander was gone
+    finally:
+        probe.close()
+
+
+@pytest.mark.oom
+@pytest.mark.parametrize('length', [127, 128, 200])
+def test_a_long_cgroup_name_is_marked_truncated_only_when_it_is(length):
+    name = (f'long-{length}-{uuid.uuid4().hex}' + 'x' * length)[:length]
+    cgroup = MemoryCgroup(name=name)
+    probe = load_oom_kill_probe(CORE_ONLY, log)
+    try:
+        probe.get_and_flush()
+        cgroup.oom_kill(comm='long-name')
+        [kill] = probe.get_and_flush().kills
+        assert kill.cgroup_id == cgroup.inode
+        assert kill.cgroup_path == '/' + name[:127]
+        assert kill.cgroup_path_truncated is (length > 127)
+    finally:
+        probe.close()
+        cgroup.remove()
+
+
+@pytest.mark.oom
+def test_a_cgroup_deeper_than_kept_levels_shows_the_leaf_levels_after_an_ellipsis():
+    levels = tuple(f'ebpf-probe-deep-{uuid.uuid4().hex[:6]}' if i == 0 else f'l{i}' for i in range(9))
+    cgroup = MemoryCgroup(below=levels)  # 10 levels in all
+    probe = load_oom_kill_probe(CORE_ONLY, log)
+    try:
+        probe.get_and_flush()
+        cgroup.oom_kill(comm='deep')
+        [kill] = probe.get_and_flush().kills
+        kept = (*levels, cgroup.name)[-8:]
+        assert kill.cgroup_path == '/.../' + '/'.join(kept)
+        assert kill.cgroup_path_truncated is True
+        assert kill.cgroup_name == cgroup.name
+        assert kill.cgroup_id == cgroup.inode
+    finally:
+        probe.close()
+        cgroup.remove()
+
+
+def test_probe_close_detaches_and_frees_everything():
+    probe = load_oom_kill_probe(CORE_ONLY, log)
+    program = {hooks.TP_BTF.name: 'mark_victim_btf', hooks.KPROBE.name: 'oom_kill_proces'}.get(probe.hooks[0])
+    program = program or 'mark_victim_tra'
+    assert our_program_ids(program)
+    probe.close()
+    assert wait_until_gone(program) == set()
+
+
+def test_record_layout_matches_the_compiled_object_field_by_field():
+    obj = libbpf.BpfObject(str(bpf_file(CORE_OBJECT)))
+    try:
+        btf = obj.btf()
+        record = btf.find('oom_kill_record', 4)
+        assert btf.size(record) == RECORD.size
+        in_btf = {name: offset_bits // 8 for name, _type, offset_bits in btf.members(record)}
+        assert in_btf == record_offsets()
+    finally:
+        obj.close()
+
+
+def test_the_kprobe_program_passes_the_verifier_and_attaches_where_the_kernel_has_kprobes():
+    obj = libbpf.BpfObject(str(bpf_file(CORE_OBJECT)))
+    try:
+        obj.set_autoload(hooks.TP_BTF.program, False)
+        obj.set_autoload(hooks.TRACEPOINT.program, False)
+        obj.load()  # runs the verifier on the kprobe program
+        assert libbpf.prog_info(obj.program_fd(hooks.KPROBE.program)).type == 2  # BPF_PROG_TYPE_KPROBE
+        has_kprobes = features.kprobe_support()[0]
+        if KERNEL is not None:
+            assert has_kprobes is KERNEL.kprobes
+        if has_kprobes:
+            assert obj.attach(hooks.KPROBE.program).fd > 0
+        else:
+            with pytest.raises(libbpf.LibbpfError) as error:
+                obj.attach(hooks.KPROBE.program)
+            assert 'bpf_program__attach(oom_kill_process) failed' in str(error.value)
+    finally:
+        obj.close()
+
+
+def test_a_kernel_without_kprobes_is_said_so():
+    supported, reason = features.kprobe_support()
+    probe = load_oom_kill_probe(CORE_ONLY, log)
+    try:
+        if supported:
+            assert hooks.KPROBE.name in probe.hooks
+        else:
+            assert 'CONFIG_KPROBES' in reason
+            assert probe.rejected_hooks[hooks.KPROBE.name] == reason
+    finally:
+        probe.close()
+
+
+def test_the_task_hook_is_chosen_from_btf_not_the_version_number():
+    with Btf.open() as btf:
+        quick = hooks.task_hook_in_btf(btf)
+        assert quick == hooks.mark_victim_passes_task(btf)  # the quick look and the prototype agree
+    if KERNEL is not None:
+        assert quick[0] is KERNEL.task_tracepoint
 
 
 def test_bcc_kprobe_variant_compiles_and_loads():
-    defines = bcc_offsets(libbpf.Btf.load_vmlinux())
+    with Btf.open() as btf:
+        defines = bcc_offsets(btf)
     defines.update(PAGE_SIZE_KB='4', USE_RINGBUF='1', RINGBUF_PAGES='16', HOOK_KPROBE='1', KPROBE_WRITES_RECORDS='1')
     program = BccProgram.compile(bpf_file(BCC_SOURCE), defines)
     try:
         bpf = program._bpf
-        assert bpf.load_func(b'oom_kill_process_kprobe', bpf.KPROBE).fd > 0
+        assert bpf.load_func(hooks.BCC_KPROBE_FUNCTION.encode(), bpf.KPROBE).fd > 0
     finally:
         program.close()
 
 
 def test_bcc_variant_compiles_with_offsets_from_kernel_headers():
     """Without BTF, offsets come from the kernel headers BCC compiles with. Here those are
-    Debian's 6.1 headers, not this kernel's, so only compiling and loading can be checked."""
+    Debian's 6.1 headers, not this kernel's, so only compiling and loading can be checked;
+    the 5.10 VM row runs this path for real."""
     defines = bcc_offsets(None)
     assert defines == {'OFFSETS_FROM_HEADERS': '1'}
     defines.update(PAGE_SIZE_KB='4', USE_RINGBUF='1', RINGBUF_PAGES='16', HOOK_RAW_TP='1', HOOK_KPROBE='1')
     program = BccProgram.compile(bpf_file(BCC_SOURCE), defines)
     try:
         bpf = program._bpf
-        assert bpf.load_func(b'oom_mark_victim_raw', bpf.RAW_TRACEPOINT).fd > 0
-        assert bpf.load_func(b'oom_kill_process_kprobe', bpf.KPROBE).fd > 0
+        assert bpf.load_func(hooks.RAW_TP.program.encode(), bpf.RAW_TRACEPOINT).fd > 0
+        assert bpf.load_func(hooks.BCC_KPROBE_FUNCTION.encode(), bpf.KPROBE).fd > 0
     finally:
         program.close()
 
 
-def test_bcc_offsets_from_btf_match_the_kernel():
-    with libbpf.Btf.load_vmlinux() as btf:
+def bpftool_member_offsets(struct_name: str) -> dict[str, int]:
+    """Byte offsets of a kernel struct's direct members, as bpftool reads the kernel's BTF."""
+    raw = subprocess.run(
+        ['bpftool', 'btf', 'dump', 'file', '/sys/kernel/btf/vmlinux', 'format', 'raw'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    start = raw.index(f"STRUCT '{struct_name}' ")
+    offsets = {}
+    for line in raw[start:].splitlines()[1:]:
+        if not line.startswith('\t'):
+            break
+        name, _, rest = line.strip().partition(' ')
+        offsets[name.strip("'")] = int(rest.split('bits_offset=')[1].split()[0]) // 8
+    return offsets
+
+
+def test_bcc_offsets_from_btf_are_what_bpftool_reads():
+    with Btf.open() as btf:
         defines = bcc_offsets(btf)
-        task = btf.struct('task_struct')
-        assert int(defines['OFF_TASK_TGID']) == btf.member(task, 'tgid')[0]
-        # 6.18: kernfs_node.parent is __parent, rss_stat an array of percpu_counter.
-        assert int(defines['OFF_KN_PARENT']) == btf.member(btf.struct('kernfs_node'), '__parent')[0]
-        assert int(defines['RSS_STAT_STRIDE']) == btf.size(btf.struct('percpu_counter'))
-        assert int(defines['MEMORY_CGRP_ID']) == btf.enum_value('cgroup_subsys_id', 'memory_cgrp_id')
+    task = bpftool_member_offsets('task_struct')
+    for macro, member in (('OFF_TASK_PID', 'pid'), ('OFF_TASK_TGID', 'tgid'), ('OFF_TASK_MM', 'mm'),
+                          ('OFF_TASK_SIGNAL', 'signal'), ('OFF_TASK_REAL_CRED', 'real_cred')):  # fmt: skip
+        assert int(defines[macro]) == task[member], macro
+    kernfs = bpftool_member_offsets('kernfs_node')
+    assert int(defines['OFF_KN_PARENT']) == kernfs.get('__parent', kernfs.get('parent'))
+    signal = bpftool_member_offsets('signal_struct')
+    pending = bpftool_member_offsets('sigpending')
+    assert int(defines['OFF_SIGNAL_PENDING']) == signal['shared_pending'] + pending['signal']
+    oc = bpftool_member_offsets('oom_control')
+    assert int(defines['OFF_OC_CHOSEN_POINTS']) == oc['chosen_points']
 
 
 class TestFallback:
@@ -239,6 +393,7 @@ class TestFallback:
             probe = load_oom_kill_probe(options, log)
         try:
             assert probe.variant == 'bcc'
+            assert probe.core_error.startswith('bpf_object__open_file(corrupt.bpf.o) failed')
             [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
             assert 'CO-RE load of the OOM kill probe failed' in warning.getMessage()
             assert 'bpf_object__open_file' in warning.getMessage()
@@ -256,7 +411,7 @@ class TestFallback:
         assert 'allow_runtime_compiled_fallback: true' in message
 
     def test_both_failing_is_one_error_with_both_causes(self, tmp_path, monkeypatch):
-        monkeypatch.setattr(bcc_loader, 'find_kernel_headers', lambda release=None: None)
+        monkeypatch.setattr(kernel_bcc, 'find_kernel_headers', lambda release=None: None)
         options = OOMKillProbeOptions(core_object_path=self.corrupt_object(tmp_path))
         with pytest.raises(ProbeLoadError) as error:
             load_oom_kill_probe(options, log)

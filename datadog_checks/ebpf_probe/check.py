@@ -5,29 +5,29 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from datadog_checks.base import AgentCheck, ConfigurationError
 from datadog_checks.base.utils.tagging import tagger
 
-from . import formatting
-from .accounting import COUNT, Accounting, AccountingOptions, NamePatterns
 from .config_models import ConfigMixin, InstanceConfig, SharedConfig
-from .containers import Container, parse_cgroup_path
-from .ebpf_stats import EbpfStatsOptions, EbpfStatsProbe
-from .kernel import RequirementError
-from .oom_kill import FlushResult, OOMKill, OOMKillProbe, OOMKillProbeOptions, ProbeLoadError, load_oom_kill_probe
+from .ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, MetricOptions, NamePatterns, StatsMetrics
+from .ebpf_stats.metrics import COUNT
+from .kernel.requirements import RequirementError
+from .oom_kill import OOMKill, OOMKillProbe, OOMKillProbeOptions, load_oom_kill_probe, report
+from .oom_kill.containers import Container, parse_cgroup_path
+from .probe import Probe, ProbeLoadError, ProbeSlot
 
-# Backoff between load attempts: 15 s, 30 s, 60 s, ... up to load_retry_max_interval.
-FIRST_RETRY_INTERVAL = 15.0
 # Options the Agent itself reads from any instance or init_config.
 AGENT_OPTIONS = frozenset(
     {'name', 'loader', 'check_tag_cardinality', 'process_isolation', 'ha_enabled', 'profile_memory', 'service'}
 )
-
+# The tagger's cardinality for each of the Agent's names of it.
+TAGGER_CARDINALITY = {report.LOW: 'LOW', report.ORCHESTRATOR: 'ORCHESTRATOR', report.HIGH: 'HIGH'}
 
 T = TypeVar('T')
+P = TypeVar('P', bound=Probe)
 
 
 def given(value: T | None) -> T:
@@ -35,75 +35,6 @@ def given(value: T | None) -> T:
     if value is None:
         raise ConfigurationError('an option with a default came out empty from the config model')
     return value
-
-
-class ProbeSlot:
-    """One probe in the check: loaded on first use, retried with backoff when it cannot load.
-
-    The error of a failed load is kept, reported on every run, and logged once per distinct
-    message (no traceback): a host without the needed privileges is a state, not an accident.
-    """
-
-    def __init__(self, name: str, loader: Any, max_interval: float, check: AgentCheck):
-        self.name = name
-        self._loader = loader
-        self._max_interval = max_interval
-        self._check = check
-        self.probe: Any = None
-        self.error: str | None = None
-        self._failures = 0
-        self._next_attempt = 0.0
-        self._logged_error: str | None = None
-
-    def get(self) -> Any:
-        """The loaded probe, loading it if due; None while it cannot load (see .error)."""
-        if self.probe is not None:
-            return self.probe
-        now = time.monotonic()
-        if now < self._next_attempt:
-            return None
-        try:
-            self.probe = self._loader()
-        except ProbeLoadError as e:
-            self._failed(str(e), now)
-            return None
-        except Exception as e:  # an unexpected failure must not stop the other probe or later runs
-            self._check.log.debug('Loading the %s probe failed', self.name, exc_info=True)
-            self._failed(f'unexpected error: {type(e).__name__}: {e}', now)
-            return None
-        self._failures = 0
-        self._next_attempt = 0.0
-        self.error = None
-        self._logged_error = None
-        self._check.log.info(
-            'Loaded the %s probe (%s) with %s', self.name, self.probe.variant, ', '.join(self.probe.hooks)
-        )
-        for hook, reason in self.probe.rejected_hooks.items():
-            self._check.log.info('%s probe: not using %s: %s', self.name, hook, reason)
-        for limitation in self.probe.limitations:
-            self._check.warning('The %s probe runs with a limitation: %s', self.name, limitation)
-        if self.probe.core_error:
-            # The factory logged it; keep it visible in the check's status too.
-            self._check.warnings.append(
-                f'The {self.name} probe runs on the BCC fallback: CO-RE failed: {self.probe.core_error}'
-            )
-        return self.probe
-
-    def _failed(self, message: str, now: float) -> None:
-        self.error = message
-        self._failures += 1
-        interval = min(FIRST_RETRY_INTERVAL * 2 ** (self._failures - 1), self._max_interval)
-        self._next_attempt = now + interval
-        if message != self._logged_error:
-            self._check.warning('Cannot load the %s probe: %s (retrying in %ds)', self.name, message, interval)
-            self._logged_error = message
-        else:
-            self._check.log.debug('Still cannot load the %s probe: %s', self.name, message)
-
-    def close(self) -> None:
-        probe, self.probe = self.probe, None
-        if probe is not None:
-            probe.close()
 
 
 def load_ebpf_stats_probe(options: EbpfStatsOptions, log: Any) -> EbpfStatsProbe:
@@ -125,9 +56,10 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._running = False
         self._close_requested = False
         self._tags: list[str] = []
-        self._oom_kill: ProbeSlot | None = None
-        self._ebpf_stats: ProbeSlot | None = None
-        self._accounting: Accounting | None = None
+        self._cardinality = report.LOW
+        self._oom_kill: ProbeSlot[OOMKillProbe] | None = None
+        self._ebpf_stats: ProbeSlot[EbpfStatsProbe] | None = None
+        self._stats_metrics: StatsMetrics | None = None
         # Runs after the base class has validated the config models.
         self.check_initializations.append(self._configure)
 
@@ -151,7 +83,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 patterns[option] = NamePatterns.compile(getattr(config, option), None).include
             except re.error as e:
                 raise ConfigurationError(f'`{option}`: invalid regular expression: {e}') from None
-        accounting = AccountingOptions(
+        metric_options = MetricOptions(
             own_pid=os.getpid(),
             exclude_own_objects=given(config.exclude_own_objects),
             programs=NamePatterns(patterns['program_name_include'], patterns['program_name_exclude']),
@@ -162,25 +94,40 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         )
         stats_options = EbpfStatsOptions(collect_program_runtime=given(config.collect_program_runtime))
         retry = float(given(config.load_retry_max_interval))
+        self._cardinality = self._tag_cardinality()
         self._report_unknown_options()
 
         self._tags = list(config.tags or ())
         if config.collect_oom_kill:
-            self._oom_kill = ProbeSlot('oom_kill', lambda: load_oom_kill_probe(options, self.log), retry, self)
-        if config.collect_ebpf_stats:
-            self._accounting = Accounting(accounting)
-            self._ebpf_stats = ProbeSlot(
-                'ebpf_stats', lambda: load_ebpf_stats_probe(stats_options, self.log), retry, self
+            self._oom_kill = ProbeSlot(
+                'oom_kill', 'collect_oom_kill', lambda: load_oom_kill_probe(options, self.log), retry, self
             )
+        if config.collect_ebpf_stats:
+            self._stats_metrics = StatsMetrics(metric_options)
+            self._ebpf_stats = ProbeSlot(
+                'ebpf_stats', 'collect_ebpf_stats', lambda: load_ebpf_stats_probe(stats_options, self.log), retry, self
+            )
+
+    def _tag_cardinality(self) -> str:
+        """The instance's check_tag_cardinality, else the Agent's checks_tag_cardinality, else low (as the Agent)."""
+        from datadog_checks.base import datadog_agent  # noqa: PLC0415 (the Agent's module, or its stub)
+
+        value = (self.instance or {}).get('check_tag_cardinality') or datadog_agent.get_config('checks_tag_cardinality')
+        value = str(value or report.LOW).lower()
+        if value not in report.CARDINALITIES:
+            raise ConfigurationError(
+                f'`check_tag_cardinality`: {value!r} is not one of {", ".join(report.CARDINALITIES)}'
+            )
+        return value
 
     def _report_unknown_options(self) -> None:
         """Options this check does not know are said (once), never silently ignored."""
-        for section, given, model in (
+        for section, given_options, model in (
             ('instances', self.instance or {}, InstanceConfig),
             ('init_config', self.init_config or {}, SharedConfig),
         ):
             known = set(model.model_fields) | AGENT_OPTIONS
-            unknown = sorted(str(option) for option in given if option not in known)
+            unknown = sorted(str(option) for option in given_options if option not in known)
             if unknown:
                 self.warning(
                     'Unknown option%s in `%s`, ignored: %s (see conf.yaml.example for the options)',
@@ -194,9 +141,9 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             self._running = True
         try:
             if self._oom_kill is not None:
-                self._collect_oom_kills(self._oom_kill)
+                self._collect(self._oom_kill, self._collect_oom_kills)
             if self._ebpf_stats is not None:
-                self._collect_ebpf_stats(self._ebpf_stats)
+                self._collect(self._ebpf_stats, self._collect_ebpf_stats)
         finally:
             with self._lock:
                 self._running = False
@@ -217,15 +164,25 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             if slot is not None:
                 slot.close()
 
-    def _collect_oom_kills(self, slot: ProbeSlot) -> None:
-        service_tags = ['probe:oom_kill', *self._tags]
-        probe: OOMKillProbe | None = slot.get()
+    def _collect(self, slot: ProbeSlot[P], collect: Callable[[P], None]) -> None:
+        """One probe's part of a run, with its own service check: a failure here leaves the other probe be."""
+        tags = [f'probe:{slot.name}', *self._tags]
+        probe = slot.get()
         if probe is None:
-            self.service_check(
-                self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=service_tags, message=slot.error or ''
-            )
+            self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=tags, message=slot.error or '')
             return
-        result: FlushResult = probe.get_and_flush()
+        try:
+            collect(probe)
+        except Exception as e:  # the kernel refused something this run (EPERM, ENOMEM...): say it, go on
+            message = slot.run_failed(e)
+            self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=tags, message=message)
+            return
+        slot.ran()
+        # Limitations are said once, as warnings; OK service checks carry no message.
+        self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.OK, tags=tags)
+
+    def _collect_oom_kills(self, probe: OOMKillProbe) -> None:
+        result = probe.get_and_flush()
         for kill in result.kills:
             self._submit_oom_kill(kill)
         self.count('oom_kill.dropped', result.dropped, tags=self._tags)
@@ -234,50 +191,46 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 '%d OOM kills were dropped in the kernel: raise max_buffered_oom_kills or run the check more often',
                 result.dropped,
             )
-        self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.OK, tags=service_tags)
 
-    def _collect_ebpf_stats(self, slot: ProbeSlot) -> None:
-        service_tags = ['probe:ebpf_stats', *self._tags]
-        probe: EbpfStatsProbe | None = slot.get()
-        if probe is None or self._accounting is None:
-            self.service_check(
-                self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=service_tags, message=slot.error or ''
-            )
-            return
-        snapshot = probe.get_and_flush()
-        for point in self._accounting.points(snapshot):
+    def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> None:
+        assert self._stats_metrics is not None
+        for point in self._stats_metrics.points(probe.snapshot()):
             submit = self.count if point.type == COUNT else self.gauge
             submit(point.metric, point.value, tags=[*point.tags, *self._tags])
-        # Limitations were said once, when the probe loaded; OK service checks carry no message.
-        self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.OK, tags=service_tags)
 
     def _submit_oom_kill(self, kill: OOMKill) -> None:
         container = parse_cgroup_path(kill.cgroup_path)
-        tags = formatting.oom_kill_tags(kill, container) + self._container_tags(container) + self._tags
-        self.count('oom_kill.count', 1, tags=tags)
+        # The metric is a count users pay per series for: its tags follow the cardinality asked for.
+        # The event is one document per kill: it carries everything known (pod and container).
+        metric_tags = report.oom_kill_tags(kill, container, self._cardinality)
+        metric_tags += self._container_tags(container, self._cardinality) + self._tags
+        event_tags = report.oom_kill_tags(kill, container, report.HIGH)
+        event_tags += self._container_tags(container, report.ORCHESTRATOR) + self._tags
+        self.count('oom_kill.count', 1, tags=metric_tags)
         self.event(
             {
                 'timestamp': int(kill.timestamp),
                 'event_type': 'oom_kill',
-                'msg_title': formatting.oom_kill_title(kill),
-                'msg_text': formatting.oom_kill_text(kill, container),
+                'msg_title': report.oom_kill_title(kill),
+                'msg_text': report.oom_kill_text(kill, container),
                 'alert_type': 'error',
                 'priority': 'normal',
                 'source_type_name': self.__NAMESPACE__,
-                'aggregation_key': formatting.aggregation_key(kill, container),
-                'tags': tags,
+                'aggregation_key': report.aggregation_key(kill, container),
+                'tags': event_tags,
             }
         )
 
     @staticmethod
-    def _container_tags(container: Container | None) -> list[str]:
+    def _container_tags(container: Container | None, cardinality: str) -> list[str]:
         """The Agent's tags for the container (image, pod, namespace...), when it knows it."""
         if container is None:
             return []
+        level = getattr(tagger, TAGGER_CARDINALITY[cardinality])
         if container.id:
-            tags = tagger.tag(f'container_id://{container.id}', tagger.ORCHESTRATOR) or []
+            tags = tagger.tag(f'container_id://{container.id}', level) or []
             if tags:
                 return list(tags)
         if container.pod_uid:
-            return list(tagger.tag(f'kubernetes_pod_uid://{container.pod_uid}', tagger.ORCHESTRATOR) or [])
+            return list(tagger.tag(f'kubernetes_pod_uid://{container.pod_uid}', level) or [])
         return []

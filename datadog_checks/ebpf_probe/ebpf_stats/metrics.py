@@ -1,6 +1,6 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""eBPF accounting records -> metric points. Pure logic: no kernel, no Agent.
+"""eBPF stats snapshots -> metric points. Pure logic: no kernel, no Agent.
 
 Cardinality is bounded by design: series are keyed by name, type and owner,
 never by the kernel's ids (they change every time a program is reloaded), so
@@ -18,8 +18,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from . import formatting
-from .ebpf_stats import EbpfSnapshot, MapRecord, Owner, ProgramRecord
+from datadog_checks.ebpf_probe.formatting import tag
+
+from .records import EbpfSnapshot, MapRecord, Owner, ProgramRecord
 
 GAUGE = 'gauge'
 COUNT = 'count'
@@ -50,7 +51,7 @@ class NamePatterns:
 
 
 @dataclass(frozen=True)
-class AccountingOptions:
+class MetricOptions:
     own_pid: int
     exclude_own_objects: bool = False
     programs: NamePatterns = NamePatterns()
@@ -73,10 +74,10 @@ class _Group:
     members: list = field(default_factory=list)
 
 
-class Accounting:
+class StatsMetrics:
     """Turns successive snapshots into points, keeping what it needs between runs (program counters)."""
 
-    def __init__(self, options: AccountingOptions):
+    def __init__(self, options: MetricOptions):
         self.options = options
         self._previous: dict[int, tuple[int, int, int]] = {}  # program id -> run_time_ns, run_count, misses
         self._previous_time: float | None = None
@@ -85,7 +86,7 @@ class Accounting:
         return any(o.pid == self.options.own_pid for o in owners)
 
     def _base_tags(self, owners: Sequence[Owner], pinned: bool) -> list[str]:
-        tags = [formatting.tag('owner', owner_label(owners, pinned))]
+        tags = [tag('owner', owner_label(owners, pinned))]
         if self._is_own(owners):
             tags.append(SELF_TAG)
         return tags
@@ -117,7 +118,7 @@ class Accounting:
     def _totals(self, kind: str, type_key: str, records: Sequence[ProgramRecord] | Sequence[MapRecord]) -> list[Point]:
         totals: dict[tuple[str, ...], list[int]] = {}
         for r in records:
-            tags = (formatting.tag(type_key, r.type), *self._base_tags(r.owners, r.pinned))
+            tags = (tag(type_key, r.type), *self._base_tags(r.owners, r.pinned))
             total = totals.setdefault(tags, [0, 0])
             total[0] += 1
             total[1] += r.memory_bytes or 0
@@ -137,7 +138,7 @@ class Accounting:
     def _group(self, records, name_key: str, type_key: str) -> list[_Group]:
         groups: dict[tuple[str, ...], _Group] = {}
         for r in records:
-            name_tag, type_tag = formatting.tag(name_key, r.name), formatting.tag(type_key, r.type)
+            name_tag, type_tag = tag(name_key, r.name), tag(type_key, r.type)
             tags = (name_tag, type_tag, *self._base_tags(r.owners, r.pinned))
             groups.setdefault(tags, _Group(tags)).members.append(r)
         return list(groups.values())

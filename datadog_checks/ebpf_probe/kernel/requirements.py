@@ -1,0 +1,111 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""What this process and the running kernel allow the probes, checked before loading, with what to do about each gap."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+
+LOCKDOWN = '/sys/kernel/security/lockdown'
+
+# Oldest kernel with everything the BCC variant uses (raw tracepoints, bpf_get_stack).
+MIN_KERNEL = (4, 18)
+# CAP_BPF and CAP_PERFMON split off CAP_SYS_ADMIN in 5.8.
+CAP_BPF_KERNEL = (5, 8)
+# From 5.11 BPF memory is charged to the memory cgroup, not RLIMIT_MEMLOCK.
+MEMCG_ACCOUNTING_KERNEL = (5, 11)
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+CAPABILITY_NAMES = {CAP_SYS_ADMIN: 'CAP_SYS_ADMIN', CAP_PERFMON: 'CAP_PERFMON', CAP_BPF: 'CAP_BPF'}
+
+
+class RequirementError(RuntimeError):
+    """Something the probe needs is missing; the message says what to do."""
+
+
+def kernel_release() -> str:
+    return os.uname().release
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int, int]:
+    """(major, minor, patch) from a release string such as '6.18.44-fc-v657'."""
+    match = re.match(r'(\d+)\.(\d+)(?:\.(\d+))?', release or kernel_release())
+    if not match:
+        return (0, 0, 0)
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def effective_capabilities(status_path: str = '/proc/self/status') -> int:
+    """This process's effective capability set, as a bit mask."""
+    with open(status_path) as f:
+        for line in f:
+            if line.startswith('CapEff:'):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def missing_capabilities(caps: int, version: tuple[int, int, int]) -> list[str]:
+    """Capabilities BPF tracing needs that `caps` lacks (empty when enough)."""
+    if caps & (1 << CAP_SYS_ADMIN):
+        return []
+    if version[:2] < CAP_BPF_KERNEL:
+        return ['CAP_SYS_ADMIN']
+    return [CAPABILITY_NAMES[c] for c in (CAP_BPF, CAP_PERFMON) if not caps & (1 << c)]
+
+
+def check_privileges(version: tuple[int, int, int] | None = None) -> None:
+    version = version or kernel_version()
+    missing = missing_capabilities(effective_capabilities(), version)
+    if missing:
+        if version[:2] < CAP_BPF_KERNEL:
+            need = 'CAP_SYS_ADMIN (this kernel predates CAP_BPF)'
+        else:
+            need = 'CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN'
+        raise RequirementError(
+            f'missing capabilities {", ".join(missing)}: loading eBPF tracing programs needs {need}; '
+            'run the Agent as root or grant them (Kubernetes: securityContext.capabilities.add)'
+        )
+
+
+def check_kernel_version(version: tuple[int, int, int] | None = None) -> None:
+    version = version or kernel_version()
+    if version[:2] < MIN_KERNEL:
+        raise RequirementError(
+            f'kernel {kernel_release()} is too old: the OOM kill probe needs Linux '
+            f'{MIN_KERNEL[0]}.{MIN_KERNEL[1]} or newer'
+        )
+
+
+def check_lockdown(path: str = LOCKDOWN) -> None:
+    try:
+        with open(path) as f:
+            mode = f.read()
+    except OSError:
+        return  # securityfs not mounted or no lockdown LSM: nothing to refuse us
+    if '[confidentiality]' in mode:
+        raise RequirementError(
+            'kernel lockdown is "confidentiality", which forbids eBPF programs from reading kernel memory; '
+            'boot with lockdown=integrity or none to use this check'
+        )
+
+
+def raise_memlock_limit(version: tuple[int, int, int] | None = None) -> None:
+    """Before 5.11, BPF maps count against RLIMIT_MEMLOCK: lift it, or say how."""
+    version = version or kernel_version()
+    if version[:2] >= MEMCG_ACCOUNTING_KERNEL:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError) as e:
+        raise RequirementError(
+            f'the locked-memory limit is {soft} bytes and cannot be raised ({e}); on kernels before 5.11 '
+            'BPF maps count against it: start the Agent with LimitMEMLOCK=infinity (systemd) or '
+            'ulimit -l unlimited, or grant CAP_SYS_RESOURCE'
+        ) from None

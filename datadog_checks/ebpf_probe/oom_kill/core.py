@@ -1,0 +1,134 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""The OOM-kill probe from the CO-RE object (bpf/oom_kill.bpf.c), loaded through libbpf."""
+
+from __future__ import annotations
+
+import os
+import resource
+import struct
+from pathlib import Path
+
+from datadog_checks.ebpf_probe.kernel import btf as kernel_btf
+from datadog_checks.ebpf_probe.kernel import features, libbpf
+from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
+from datadog_checks.ebpf_probe.kernel.uapi import BPF_MAP_TYPE_PERF_EVENT_ARRAY
+from datadog_checks.ebpf_probe.resources import bpf_file
+
+from . import hooks
+from .probe import Logger, OOMKillProbe, OOMKillProbeOptions, perf_buffer_pages, ring_buffer_size
+
+CORE_OBJECT = 'oom_kill.bpf.o'
+# What makes the CO-RE path fail for a reason the BCC fallback may not share.
+CORE_ERRORS = (RequirementError, libbpf.LibbpfError, libbpf.LibbpfUnavailable, OSError, ValueError)
+
+
+class CoreOOMKillProbe(OOMKillProbe):
+    variant = 'co-re'
+
+    def __init__(self, obj: libbpf.BpfObject, hooks_used: list[str], rejected: dict[str, str], perf_pages: int):
+        self._obj: libbpf.BpfObject | None = obj
+        self._dropped_map = obj.map('dropped_kills')
+        self._ring: libbpf.RingBuffer | None = None
+        self._perf: libbpf.PerfBuffer | None = None
+        super().__init__(hooks_used, rejected)
+        events = obj.map('events').fd
+        if perf_pages:
+            self._perf = libbpf.PerfBuffer(events, perf_pages, self._on_record)
+        else:
+            self._ring = libbpf.RingBuffer(events, self._on_record)
+
+    @classmethod
+    def load(cls, options: OOMKillProbeOptions, log: Logger) -> CoreOOMKillProbe:
+        path = Path(options.core_object_path) if options.core_object_path else bpf_file(CORE_OBJECT)
+        if not path.exists():
+            raise RequirementError(f'the CO-RE object {path} is missing: build it with `make bpf` (clang)')
+        if options.btf_path:
+            if not os.path.exists(options.btf_path):
+                raise RequirementError(f'btf_path {options.btf_path} does not exist')
+        elif not kernel_btf.has_vmlinux_btf():
+            raise RequirementError(
+                f'the kernel has no BTF ({kernel_btf.VMLINUX_BTF}), which CO-RE needs: use a kernel built with '
+                "CONFIG_DEBUG_INFO_BTF=y, or set btf_path to this kernel's BTF (e.g. from BTFHub)"
+            )
+        plan = hooks.plan_hooks(hooks.TP_BTF, options.disabled_hooks, options.mount_tracefs, cls._task_offered)
+        use_ringbuf = features.has_ring_buffer() and not options.force_perf_buffer
+
+        obj = libbpf.BpfObject(str(path), btf_custom_path=options.btf_path)
+        try:
+            for hook, autoload in ((hooks.TP_BTF, plan.use_task), (hooks.KPROBE, plan.use_kprobe),
+                                   (hooks.TRACEPOINT, plan.use_tracepoint)):  # fmt: skip
+                obj.set_autoload(hook.program, autoload)
+            obj.set_rodata(
+                {
+                    'page_size_kb': struct.pack('<Q', max(1, resource.getpagesize() // 1024)),
+                    'kprobe_writes_records': struct.pack('<?', plan.kprobe_writes_records),
+                    'use_ringbuf': struct.pack('<?', use_ringbuf),
+                }
+            )
+            if not (plan.use_task and plan.use_kprobe):
+                obj.map('oom_controls').set_max_entries(1)  # only the kprobe-beside-tp_btf pairing uses it
+            events = obj.map('events')
+            perf_pages = 0
+            if use_ringbuf:
+                events.set_max_entries(ring_buffer_size(options.max_buffered_kills))
+            else:
+                perf_pages = perf_buffer_pages(options.max_buffered_kills)
+                events.set_type(BPF_MAP_TYPE_PERF_EVENT_ARRAY)
+                events.set_key_size(4)
+                events.set_value_size(4)
+                events.set_max_entries(0)  # libbpf sizes it to the number of CPUs
+            obj.load()
+            hooks_used = cls._attach(obj, plan, log)
+            return cls(obj, hooks_used, plan.rejected, perf_pages)
+        except BaseException:
+            obj.close()
+            raise
+
+    @staticmethod
+    def _task_offered() -> tuple[bool, str]:
+        if not kernel_btf.has_vmlinux_btf():
+            return False, f"tp_btf needs the kernel's own BTF at {kernel_btf.VMLINUX_BTF}"
+        return hooks.task_hook_in_btf()
+
+    @staticmethod
+    def _attach(obj: libbpf.BpfObject, plan: hooks.HookPlan, log: Logger) -> list[str]:
+        attached = []
+        if plan.use_task:
+            obj.attach(hooks.TP_BTF.program)
+            attached.append(hooks.TP_BTF.name)
+        if plan.use_kprobe:
+            try:
+                obj.attach(hooks.KPROBE.program)
+                attached.append(hooks.KPROBE.name)
+            except libbpf.LibbpfError as e:
+                plan.rejected[hooks.KPROBE.name] = str(e)
+                if not attached and not plan.use_tracepoint:
+                    raise
+                log.debug('kprobe on oom_kill_process not attached: %s', e)
+        if plan.use_tracepoint and not attached:
+            obj.attach(hooks.TRACEPOINT.program)
+            attached.append(hooks.TRACEPOINT.name)
+        return attached
+
+    def _consume(self) -> None:
+        if self._ring is not None:
+            self._ring.consume()
+        elif self._perf is not None:
+            self._perf.consume()
+
+    def _dropped_total(self) -> int:
+        if self._obj is None:
+            return self._dropped_seen
+        return struct.unpack('<Q', self._dropped_map.lookup(b'\0\0\0\0', 8))[0]
+
+    def _release(self) -> None:
+        if self._ring is not None:
+            self._ring.free()
+            self._ring = None
+        if self._perf is not None:
+            self._perf.free()
+            self._perf = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None

@@ -1,0 +1,147 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""Where the OOM-kill probe hooks into the kernel: the one table of hooks, and which to use here.
+
+The choice is made from what the running kernel offers (its BTF, tracefs, kprobe support),
+never from its version number: the mark_victim tracepoint's shape changed in 6.9 and was
+backported to some stable releases of older series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from datadog_checks.ebpf_probe.kernel import features
+from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
+from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
+from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_PTR, BTF_KIND_TYPEDEF
+
+from . import record
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str  # as logged, and shown in events ("Seen by")
+    record_id: int  # the record's `hook` field
+    program: str  # its program (CO-RE object) or function (BCC source)
+    gives: str
+
+
+TP_BTF = Hook(
+    'tp_btf/mark_victim', record.HOOK_TP_BTF, 'mark_victim_btf', 'the victim task: everything but oom_control'
+)
+RAW_TP = Hook('raw_tracepoint/mark_victim', record.HOOK_RAW_TP, 'oom_mark_victim_raw', 'the same as tp_btf, for BCC')
+KPROBE = Hook(
+    'kprobe/oom_kill_process',
+    record.HOOK_KPROBE,
+    'oom_kill_process',
+    'oom_control: OOM domain size, badness, memcg vs system; writes records itself without a task hook',
+)
+TRACEPOINT = Hook(
+    'tracepoint/oom/mark_victim',
+    record.HOOK_TRACEPOINT,
+    'mark_victim_tracepoint',
+    "the tracepoint's fields (only the victim thread's id before ~6.9); no cgroup",
+)
+HOOKS = (TP_BTF, RAW_TP, KPROBE, TRACEPOINT)
+HOOK_NAMES = {hook.record_id: hook.name for hook in HOOKS}
+BCC_KPROBE_FUNCTION = 'oom_kill_process_kprobe'
+
+PID_ONLY = "this kernel's mark_victim tracepoint passes only a pid (kernels before ~6.9)"
+DISABLED = 'disabled by the probe options'
+
+
+@dataclass
+class HookPlan:
+    task: Hook  # the hook with the victim's task: TP_BTF (CO-RE) or RAW_TP (BCC)
+    use_task: bool = False
+    use_kprobe: bool = False
+    # Loaded when there is no task hook: attached if the kprobe is not (or fails to attach).
+    use_tracepoint: bool = False
+    tracepoint_has_memory: bool = False
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kprobe_writes_records(self) -> bool:
+        """Beside the task hook, the kprobe only leaves its oom_control facts for it."""
+        return not self.use_task
+
+
+def plan_hooks(
+    task: Hook, disabled: frozenset[str], mount_tracefs: bool, task_offered: Callable[[], tuple[bool, str]]
+) -> HookPlan:
+    """Which hooks to use here; task_offered() says whether the kernel offers the task hook, and why not."""
+    plan = HookPlan(task)
+    if task.name in disabled:
+        plan.rejected[task.name] = DISABLED
+    else:
+        plan.use_task, reason = task_offered()
+        if not plan.use_task:
+            plan.rejected[task.name] = reason
+    if KPROBE.name in disabled:
+        plan.rejected[KPROBE.name] = DISABLED
+    else:
+        plan.use_kprobe, reason = features.kprobe_support()
+        if not plan.use_kprobe:
+            plan.rejected[KPROBE.name] = reason
+    if TRACEPOINT.name in disabled:
+        plan.rejected[TRACEPOINT.name] = DISABLED
+    elif not plan.use_task:
+        fields = classic_tracepoint_fields(mount_tracefs)
+        if isinstance(fields, str):
+            plan.rejected[TRACEPOINT.name] = fields
+        else:
+            plan.use_tracepoint = True
+            plan.tracepoint_has_memory = 'total_vm' in fields
+    if not (plan.use_task or plan.use_kprobe or plan.use_tracepoint):
+        raise RequirementError(
+            'no usable OOM hook: ' + '; '.join(f'{hook}: {why}' for hook, why in plan.rejected.items())
+        )
+    return plan
+
+
+def classic_tracepoint_fields(mount_tracefs: bool) -> list[str] | str:
+    """The fields of the oom:mark_victim tracepoint, or why it cannot be used."""
+    try:
+        tracefs = features.ensure_tracefs(mount_tracefs)
+    except RequirementError as e:
+        return str(e)
+    fmt = features.tracepoint_format(tracefs, 'oom', 'mark_victim')
+    if fmt is None:
+        return 'the kernel has no oom:mark_victim tracepoint'
+    return features.tracepoint_fields(fmt)
+
+
+def task_hook_in_btf(btf: Btf | None = None) -> tuple[bool, str]:
+    """Whether the kernel's BTF shows the mark_victim tracepoint passing the victim's task.
+
+    The task argument and the tracepoint's memory fields came in the same kernel change, so the
+    fields of trace_event_raw_mark_victim, found in a fraction of a millisecond, tell. When that
+    quick look cannot tell, the tracepoint's prototype does (indexing the BTF: ~75 ms).
+    """
+    if btf is None and not has_vmlinux_btf():
+        return False, 'the task hook needs the kernel BTF'
+    own = btf is None
+    btf = btf or Btf.open()
+    try:
+        fields = btf.struct_members('trace_event_raw_mark_victim')
+        if fields is not None:
+            return ('total_vm' in fields, '' if 'total_vm' in fields else PID_ONLY)
+        return mark_victim_passes_task(btf)
+    finally:
+        if own:
+            btf.close()
+
+
+def mark_victim_passes_task(btf: Btf) -> tuple[bool, str]:
+    """Whether the mark_victim tracepoint's prototype (btf_trace_mark_victim) passes a task_struct."""
+    type_id = btf.find('btf_trace_mark_victim', BTF_KIND_TYPEDEF)
+    if type_id is None:
+        return False, 'the kernel BTF has no mark_victim tracepoint'
+    params = btf.func_proto_params(type_id)
+    if len(params) >= 2:  # the first is the context pointer
+        first = btf.skip_modifiers(params[1])
+        if btf.kind(first) == BTF_KIND_PTR and btf.name(btf.skip_modifiers(btf.pointee(first))) == 'task_struct':
+            return True, ''
+    return False, PID_ONLY

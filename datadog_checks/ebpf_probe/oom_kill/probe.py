@@ -1,0 +1,159 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""The OOM-kill probe: its options, the factory that loads it, get_and_flush(), close().
+
+The kernel side (bpf/oom_kill.bpf.c, bpf/oom_kill_bcc.c) writes one record per OOM kill
+to a ring buffer (a perf buffer on kernels without one); get_and_flush() drains it. The
+CO-RE object is loaded first (core.py); BCC's runtime compilation is the fallback (bcc.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import threading
+from dataclasses import dataclass
+
+from datadog_checks.ebpf_probe.kernel import requirements
+from datadog_checks.ebpf_probe.kernel.kallsyms import KernelSymbols
+from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
+from datadog_checks.ebpf_probe.probe import ProbeLoadError
+
+from . import hooks, record
+from .record import FlushResult
+
+Logger = logging.Logger | logging.LoggerAdapter
+
+# A perf-buffer sample: perf_event_header (8 bytes) and the u32 size before the record, padded to 8.
+PERF_SAMPLE_SIZE = (8 + 4 + record.RECORD.size + 7) // 8 * 8
+RING_SAMPLE_SIZE = 8 + record.RECORD.size  # the ring buffer's 8-byte header, then the record
+
+
+@dataclass(frozen=True)
+class OOMKillProbeOptions:
+    enable_core: bool = True
+    allow_runtime_compiled_fallback: bool = True
+    mount_tracefs: bool = True
+    # BTF for CO-RE relocations on kernels without /sys/kernel/btf/vmlinux (e.g. from BTFHub).
+    btf_path: str | None = None
+    # Kills the kernel side holds between two flushes (the buffer is sized for at least this;
+    # a perf buffer, per CPU: any CPU may see all of them).
+    max_buffered_kills: int = 512
+    # Tests only: another CO-RE object file, hooks not to use (by name, as in hooks.HOOKS),
+    # and the perf buffer where the kernel has a ring buffer.
+    core_object_path: str | None = None
+    disabled_hooks: frozenset[str] = frozenset()
+    force_perf_buffer: bool = False
+
+
+def _pow2_pages(size: int) -> int:
+    page = resource.getpagesize()
+    pages = 1
+    while pages * page < size:
+        pages *= 2
+    return pages
+
+
+def ring_buffer_size(max_kills: int) -> int:
+    """Bytes of a ring buffer (a power-of-two number of pages) holding max_kills records."""
+    return _pow2_pages(max(1, max_kills) * RING_SAMPLE_SIZE) * resource.getpagesize()
+
+
+def perf_buffer_pages(max_kills: int) -> int:
+    """Pages of each CPU's perf buffer (a power of two) holding max_kills records."""
+    return _pow2_pages(max(1, max_kills) * PERF_SAMPLE_SIZE)
+
+
+class OOMKillProbe:
+    """What both variants share: drain the records, decode them, count drops once.
+
+    A variant attaches its hooks and implements _consume(), _dropped_total() and _release().
+    """
+
+    variant: str
+    # Without the kprobe, memcg vs system comes from kernel stacks and kallsyms.
+    _symbols = KernelSymbols(record.MEMCG_OOM_FUNCTIONS | record.SYSTEM_OOM_FUNCTIONS)
+
+    def __init__(self, hooks_used: list[str], rejected: dict[str, str]):
+        self.hooks = hooks_used
+        self.rejected_hooks = rejected
+        self.core_error: str | None = None
+        self.limitations: tuple[str, ...] = ()  # the OOM probe works fully or not at all
+        self._pending: list[bytes] = []
+        self._dropped_seen = 0
+        self._flush_lock = threading.Lock()
+        if hooks.KPROBE.name not in hooks_used:
+            self._symbols.prefetch()  # have kallsyms ready for the first kill
+
+    def _on_record(self, raw: bytes) -> None:
+        self._pending.append(raw)
+
+    def _consume(self) -> None:
+        raise NotImplementedError
+
+    def _dropped_total(self) -> int:
+        """Records the kernel side could not write since it was loaded."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def get_and_flush(self) -> FlushResult:
+        with self._flush_lock:
+            self._consume()
+            raws, self._pending = self._pending, []
+            dropped_total = self._dropped_total()
+            dropped, self._dropped_seen = dropped_total - self._dropped_seen, dropped_total
+        offset = record.monotonic_to_unix()
+        return FlushResult(
+            [record.decode_record(raw, offset, self._symbols, hooks.HOOK_NAMES) for raw in raws], dropped
+        )
+
+    def close(self) -> None:
+        with self._flush_lock:
+            self._release()
+
+
+def load_oom_kill_probe(options: OOMKillProbeOptions, log: Logger) -> OOMKillProbe:
+    """Load the probe: CO-RE first, then BCC if allowed. Raises ProbeLoadError saying what is missing."""
+    from .bcc import BCC_ERRORS, BccOOMKillProbe  # noqa: PLC0415 (the fallback's imports only when needed)
+    from .core import CORE_ERRORS, CoreOOMKillProbe  # noqa: PLC0415
+
+    if not options.enable_core and not options.allow_runtime_compiled_fallback:
+        raise ProbeLoadError(
+            'nothing to load: enable_core and allow_runtime_compiled_fallback are both false; enable one'
+        )
+    version = requirements.kernel_version()
+    try:
+        requirements.check_kernel_version(version)
+        requirements.check_privileges(version)
+        requirements.check_lockdown()
+        requirements.raise_memlock_limit(version)
+    except RequirementError as e:
+        raise ProbeLoadError(str(e)) from None
+
+    if not options.enable_core:
+        try:
+            return BccOOMKillProbe.load(options, log)
+        except BCC_ERRORS as e:
+            raise ProbeLoadError(f'runtime compilation with BCC failed: {e}') from None
+
+    try:
+        return CoreOOMKillProbe.load(options, log)
+    except CORE_ERRORS as core_error:
+        if not options.allow_runtime_compiled_fallback:
+            raise ProbeLoadError(
+                f'CO-RE load failed: {core_error}. Set allow_runtime_compiled_fallback: true to compile '
+                'the probe at run time with BCC instead'
+            ) from None
+        log.warning(
+            'CO-RE load of the OOM kill probe failed (%s); falling back to runtime compilation with BCC', core_error
+        )
+        try:
+            probe = BccOOMKillProbe.load(options, log)
+        except BCC_ERRORS as bcc_error:
+            raise ProbeLoadError(
+                f'CO-RE load failed: {core_error}; BCC runtime compilation failed too: {bcc_error}'
+            ) from None
+        probe.core_error = str(core_error)
+        return probe

@@ -1,0 +1,224 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""The record the BPF side writes for each OOM kill (bpf/oom_kill.h), and what it means.
+
+Pure decoding: bytes in, an OOMKill out. The only outside knowledge is a kernel symbol
+table, to tell from the trigger's stack whether a memory cgroup or the system ran out.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+COMM_LEN = 16
+CGROUP_MAX_DEPTH = 8
+CGROUP_NAME_LEN = 128
+STACK_DEPTH = 20
+
+# record.hook: which hook wrote it (OOM_HOOK_* in oom_kill.h; names in hooks.py).
+HOOK_TP_BTF = 1
+HOOK_KPROBE = 2
+HOOK_TRACEPOINT = 3
+HOOK_RAW_TP = 4
+
+# record.flags (OOM_F_* in oom_kill.h)
+F_MEMCG = 1 << 0
+F_CONSTRAINT_KNOWN = 1 << 1
+F_VICTIM_TASK = 1 << 2
+F_MEMORY = 1 << 3
+F_OOM_CONTROL = 1 << 4
+F_CGROUP = 1 << 5
+F_CGROUP_NAME_TRUNCATED = 1 << 6
+F_SIGKILL = 1 << 7
+F_CGROUP_DEPTH_TRUNCATED = 1 << 8
+F_VICTIM_PID_UNKNOWN = 1 << 9
+
+# struct oom_kill_record, field by field, in order (a test compares each offset with the
+# compiled object's BTF).
+RECORD_FIELDS: tuple[tuple[str, str], ...] = (
+    ('timestamp_ns', 'Q'),
+    ('total_vm_kb', 'Q'),
+    ('anon_rss_kb', 'Q'),
+    ('file_rss_kb', 'Q'),
+    ('shmem_rss_kb', 'Q'),
+    ('pgtables_kb', 'Q'),
+    ('oom_domain_pages', 'Q'),
+    ('badness_points', 'q'),
+    ('cgroup_id', 'Q'),
+    ('victim_pid', 'I'),
+    ('victim_tid', 'I'),
+    ('victim_uid', 'I'),
+    ('trigger_pid', 'I'),
+    ('trigger_tid', 'I'),
+    ('flags', 'I'),
+    ('oom_score_adj', 'h'),
+    ('hook', 'B'),
+    ('cgroup_depth', 'B'),
+    ('kernel_stack_depth', 'I'),
+    ('victim_comm', f'{COMM_LEN}s'),
+    ('trigger_comm', f'{COMM_LEN}s'),
+    ('kernel_stack', f'{STACK_DEPTH}Q'),
+    ('cgroup_names', f'{CGROUP_MAX_DEPTH * CGROUP_NAME_LEN}s'),
+)
+RECORD = struct.Struct('<' + ''.join(layout for _name, layout in RECORD_FIELDS))
+
+
+def record_offsets() -> dict[str, int]:
+    """Byte offset of each field of RECORD."""
+    offsets, layout = {}, '<'
+    for name, field_layout in RECORD_FIELDS:
+        offsets[name] = struct.calcsize(layout)
+        layout += field_layout
+    return offsets
+
+
+# Functions whose presence on the trigger's kernel stack means a memory cgroup,
+# not the whole system, ran out of memory (names vary across kernel versions).
+MEMCG_OOM_FUNCTIONS = frozenset(
+    {'mem_cgroup_out_of_memory', 'mem_cgroup_oom', 'mem_cgroup_oom_synchronize', 'try_charge_memcg', 'try_charge'}
+)
+# The OOM killer's entry points: on the stack without the above, the system was out of memory.
+SYSTEM_OOM_FUNCTIONS = frozenset({'out_of_memory', '__alloc_pages_may_oom', 'pagefault_out_of_memory'})
+
+
+class SymbolTable(Protocol):
+    def find(self, address: int) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class VictimMemory:
+    """The victim's memory when it was chosen, in kB (as the kernel's OOM report prints it)."""
+
+    total_vm_kb: int
+    anon_rss_kb: int
+    file_rss_kb: int
+    shmem_rss_kb: int
+    pgtables_kb: int
+
+    @property
+    def rss_kb(self) -> int:
+        return self.anon_rss_kb + self.file_rss_kb + self.shmem_rss_kb
+
+
+@dataclass(frozen=True)
+class OOMKill:
+    """One OOM kill, as the kernel saw it."""
+
+    timestamp: float  # Unix time of the kill
+    victim_pid: int | None  # None: the hook named only the thread (the classic tracepoint)
+    victim_tid: int
+    victim_comm: str | None
+    victim_uid: int | None
+    oom_score_adj: int | None
+    trigger_pid: int
+    trigger_tid: int
+    trigger_comm: str
+    # True: a memory cgroup hit its limit; False: the whole system ran out; None: unknown.
+    memcg_oom: bool | None
+    # The victim's memory cgroup, read in the kernel at kill time, e.g. '/kubepods/burstable/pod.../<id>';
+    # '/...' in front when it has more levels than the record keeps.
+    cgroup_path: str | None
+    cgroup_id: int | None  # the cgroup directory's inode number
+    cgroup_path_truncated: bool  # levels, or characters of a level's name, left out
+    memory: VictimMemory | None
+    # Only from the oom_kill_process hook: the OOM domain's size in pages and the
+    # victim's badness points in it (the kernel's ranking, not /proc/PID/oom_score).
+    oom_domain_pages: int | None
+    badness_points: int | None
+    sigkill: bool  # SIGKILL was pending: a kill, not only an exiting task marked
+    hook: str
+
+    @property
+    def trigger_type(self) -> str:
+        if self.memcg_oom is None:
+            return 'unknown'
+        return 'cgroup' if self.memcg_oom else 'system'
+
+    @property
+    def cgroup_name(self) -> str | None:
+        """Leaf of the cgroup path ('/' for the root)."""
+        if self.cgroup_path is None:
+            return None
+        return self.cgroup_path.rstrip('/').rsplit('/', 1)[-1] or '/'
+
+
+@dataclass
+class FlushResult:
+    kills: list[OOMKill] = field(default_factory=list)
+    dropped: int = 0  # kills the kernel side had no room for since the last flush
+
+
+def _text(raw: bytes) -> str:
+    """A NUL-terminated kernel string; bytes that are not UTF-8 stay visible as escapes."""
+    return raw.split(b'\0', 1)[0].decode('utf-8', 'backslashreplace')
+
+
+def memcg_from_stack(stack: tuple[int, ...], symbols: SymbolTable) -> bool | None:
+    """Whether the trigger's kernel stack went through the memcg OOM path; None if it cannot tell."""
+    names = {symbols.find(ip) for ip in stack}
+    if names & MEMCG_OOM_FUNCTIONS:
+        return True
+    if names & SYSTEM_OOM_FUNCTIONS:
+        return False
+    return None
+
+
+def cgroup_path(names: bytes, depth: int, depth_truncated: bool) -> str:
+    """'/a/b/c' from the record's names (leaf first), '/...' in front when levels were left out."""
+    depth = min(depth, CGROUP_MAX_DEPTH)
+    levels = [_text(names[i * CGROUP_NAME_LEN : (i + 1) * CGROUP_NAME_LEN]) for i in reversed(range(depth))]
+    path = '/' + '/'.join(levels)
+    return '/...' + path if depth_truncated else path
+
+
+def decode_record(raw: bytes, boot_to_unix: float, symbols: SymbolTable, hook_names: dict[int, str]) -> OOMKill:
+    values = RECORD.unpack_from(raw)
+    # Every field is one value but the last two: the stack (STACK_DEPTH values) and the names.
+    scalars = len(RECORD_FIELDS) - 2
+    r = dict(zip((name for name, _layout in RECORD_FIELDS[:scalars]), values[:scalars], strict=True))
+    stack, names = tuple(values[scalars : scalars + STACK_DEPTH]), values[-1]
+    flags = r['flags']
+    victim_task = bool(flags & F_VICTIM_TASK)
+
+    if flags & F_CONSTRAINT_KNOWN:
+        memcg_oom: bool | None = bool(flags & F_MEMCG)
+    else:
+        memcg_oom = memcg_from_stack(stack[: min(r['kernel_stack_depth'], STACK_DEPTH)], symbols)
+
+    path = None
+    if flags & F_CGROUP:
+        path = cgroup_path(names, r['cgroup_depth'], bool(flags & F_CGROUP_DEPTH_TRUNCATED))
+
+    memory = None
+    if flags & F_MEMORY:
+        memory = VictimMemory(r['total_vm_kb'], r['anon_rss_kb'], r['file_rss_kb'], r['shmem_rss_kb'], r['pgtables_kb'])
+    has_oc = bool(flags & F_OOM_CONTROL)
+
+    return OOMKill(
+        timestamp=boot_to_unix + r['timestamp_ns'] / 1e9,
+        victim_pid=None if flags & F_VICTIM_PID_UNKNOWN else r['victim_pid'],
+        victim_tid=r['victim_tid'],
+        victim_comm=_text(r['victim_comm']) if victim_task else None,
+        victim_uid=r['victim_uid'] if victim_task else None,
+        oom_score_adj=r['oom_score_adj'] if victim_task else None,
+        trigger_pid=r['trigger_pid'],
+        trigger_tid=r['trigger_tid'],
+        trigger_comm=_text(r['trigger_comm']),
+        memcg_oom=memcg_oom,
+        cgroup_path=path,
+        cgroup_id=r['cgroup_id'] if flags & F_CGROUP else None,
+        cgroup_path_truncated=bool(flags & (F_CGROUP_NAME_TRUNCATED | F_CGROUP_DEPTH_TRUNCATED)),
+        memory=memory,
+        oom_domain_pages=r['oom_domain_pages'] if has_oc else None,
+        badness_points=r['badness_points'] if has_oc else None,
+        sigkill=bool(flags & F_SIGKILL),
+        hook=hook_names.get(r['hook'], str(r['hook'])),
+    )
+
+
+def monotonic_to_unix() -> float:
+    """Offset that turns bpf_ktime_get_ns() (CLOCK_MONOTONIC) seconds into Unix time."""
+    return time.time() - time.monotonic_ns() / 1e9

@@ -1,0 +1,56 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""What each kernel of the test matrix must give, written down from knowledge of that kernel.
+
+Not derived from the code under test: from each kernel's configuration and source (its
+mark_victim tracepoint's format, CONFIG_KPROBES, the kfuncs and helpers it has). A test
+asserts the exact expectation on a known kernel and only the invariants elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+TP_BTF = 'tp_btf/mark_victim'
+RAW_TP = 'raw_tracepoint/mark_victim'
+KPROBE = 'kprobe/oom_kill_process'
+TRACEPOINT = 'tracepoint/oom/mark_victim'
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    kprobes: bool  # CONFIG_KPROBES
+    task_tracepoint: bool  # mark_victim passes the task, with the memory fields (6.9, or a backport)
+    core_hooks: tuple[str, ...]  # what the CO-RE probe attaches
+    bcc_hooks: tuple[str, ...]  # what the BCC probe attaches
+    entry_counting: str  # how hash maps are counted: iterator (6.6+), for_each (5.13+), batch (5.6+)
+    ring_buffer: bool = True  # BPF ring buffers (5.8+)
+
+
+KNOWN: dict[str, Kernel] = {
+    # This project's machines: no kprobes, no fentry; 6.18 has the kfunc and the full tracepoint.
+    '6.18.44-fc-v657': Kernel(
+        name='6.18 (the project machine)',
+        kprobes=False,
+        task_tracepoint=True,
+        core_hooks=(TP_BTF,),
+        bcc_hooks=(RAW_TP,),
+        entry_counting='iterator',
+    ),
+    # Debian 12: the full tracepoint backported in 6.1.130; kprobes; no kfunc (6.6).
+    '6.1.0-56-amd64': Kernel(
+        name='6.1 Debian 12 x86-64',
+        kprobes=True,
+        task_tracepoint=True,
+        core_hooks=(TP_BTF, KPROBE),
+        bcc_hooks=(RAW_TP, KPROBE),
+        entry_counting='for_each',
+    ),
+}
+
+
+def current() -> Kernel | None:
+    """The running kernel's expectations, or None on a kernel not in the table (assert invariants only)."""
+    return KNOWN.get(os.uname().release)
