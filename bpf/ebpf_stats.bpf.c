@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * eBPF accounting: two BPF iterators, each run once per check run.
+ * eBPF stats: BPF iterators.
  *
  *  - iter/bpf_map + bpf_map_sum_elem_count() (kernel 6.6+): the number of
  *    elements of every map in one pass, from the counters the kernel keeps;
  *    the cost grows with the number of maps, not with their entries.
+ *  - iter/bpf_map_elem, where the kfunc is missing (5.9 to 6.5): attached to
+ *    one hash map at a time, it walks its elements in the kernel and writes
+ *    their number. Loaded once, attached to each map in turn.
  *  - iter/task_file: every file descriptor of every process that refers to a
  *    BPF map, program or link, i.e. who owns what. The kernel's bpf_map_fops
  *    symbols are not always visible (CONFIG_KALLSYMS_ALL=n), so the kind of a
@@ -32,6 +35,22 @@ int map_entries(struct bpf_iter__bpf_map *ctx)
 	rec.map_id = map->id;
 	rec.entries = bpf_map_sum_elem_count(map);
 	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
+	return 0;
+}
+
+/* Elements seen by the current walk: one walk at a time (user space holds a lock). */
+__u64 elements = 0;
+
+SEC("iter/bpf_map_elem")
+int map_elements(struct bpf_iter__bpf_map_elem *ctx)
+{
+	if (ctx->key) {
+		elements++;
+		return 0;
+	}
+	/* The last call, after the last element, has no element. */
+	bpf_seq_write(ctx->meta->seq, &elements, sizeof(elements));
+	elements = 0;
 	return 0;
 }
 

@@ -193,6 +193,13 @@ struct bpf_iter__bpf_map {
 	struct bpf_map *map;
 } PA;
 
+struct bpf_iter__bpf_map_elem {
+	struct bpf_iter_meta *meta;
+	struct bpf_map *map;
+	void *key;
+	void *value;
+} PA;
+
 struct bpf_iter__task_file {
 	struct bpf_iter_meta *meta;
 	struct task_struct *task;

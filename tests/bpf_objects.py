@@ -17,9 +17,15 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from datadog_checks.ebpf_probe import libbpf
+from datadog_checks.ebpf_probe.ebpf_stats.entries import possible_cpus
+from datadog_checks.ebpf_probe.kernel import libbpf
 
-MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_LRU_HASH, MAP_RINGBUF = 1, 2, 5, 9, 27
+try:
+    from .bpf_syscalls import map_create, map_update_batch, prog_load
+except ImportError:  # run as a script: the process that owns the objects
+    from bpf_syscalls import map_create, map_update_batch, prog_load  # type: ignore[no-redef]
+
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_LRU_HASH, MAP_HASH_OF_MAPS, MAP_RINGBUF = 1, 2, 5, 9, 13, 27
 PROG_SOCKET_FILTER = 1
 # r0 = 0; exit
 RETURN_ZERO = bytes.fromhex('b700000000000000') + bytes.fromhex('9500000000000000')
@@ -28,12 +34,6 @@ OWNER_COMM = 'bpf-fixture'
 
 def bpftool(*args: str) -> list[dict]:
     return json.loads(subprocess.run(['bpftool', '-j', *args], capture_output=True, check=True, text=True).stdout)
-
-
-def possible_cpus() -> int:
-    from datadog_checks.ebpf_probe.ebpf_stats import _possible_cpus
-
-    return _possible_cpus()
 
 
 @dataclass
@@ -55,6 +55,7 @@ class TestMap:
 LAYOUT = [
     ('hash', MAP_HASH, 1000, 100),
     ('lru', MAP_LRU_HASH, 1000, 50),
+    ('hmap', MAP_HASH_OF_MAPS, 100, 10),  # values are maps (an inner hash map)
     ('pcpu', MAP_PERCPU_HASH, 1000, 30),
     ('array', MAP_ARRAY, 64, None),
     ('ringbuf', MAP_RINGBUF, 4 * 4096, None),
@@ -108,21 +109,27 @@ def _serve() -> None:
     """Owner side: make the objects, describe them on stdout, then run the program on request."""
     ctypes.CDLL(None).prctl(15, OWNER_COMM.encode(), 0, 0, 0)  # PR_SET_NAME
     prefix = 't' + uuid.uuid4().hex[:5]
-    fds = []
-    maps = {}
+    inner = map_create(MAP_HASH, f'{prefix}_inner', 4, 8, 4)  # the template of hmap's values, and one of them
+    fds = [inner]
+    maps = {'inner': {'id': libbpf.map_info(inner).id, 'name': f'{prefix}_inner', 'type': MAP_HASH, 'max_entries': 4,
+                      'entries': 0}}  # fmt: skip
     for kind, map_type, max_entries, entries in LAYOUT:
         name = f'{prefix}_{kind}'[:15]
-        key_size, value_size = (0, 0) if map_type == MAP_RINGBUF else (4, 8)
-        fd = libbpf.map_create(map_type, name, key_size, value_size, max_entries)
+        key_size, value_size = {MAP_RINGBUF: (0, 0), MAP_HASH_OF_MAPS: (4, 4)}.get(map_type, (4, 8))
+        fd = map_create(map_type, name, key_size, value_size, max_entries,
+                        inner_map_fd=inner if map_type == MAP_HASH_OF_MAPS else None)  # fmt: skip
         if entries:
-            slots = possible_cpus() if map_type == MAP_PERCPU_HASH else 1
             keys = b''.join(struct.pack('<I', i) for i in range(entries))
-            assert libbpf.map_update_batch(fd, keys, bytes(8 * slots * entries), entries) == entries
+            if map_type == MAP_HASH_OF_MAPS:
+                values = struct.pack('<I', inner) * entries
+            else:
+                values = bytes(8 * (possible_cpus() if map_type == MAP_PERCPU_HASH else 1) * entries)
+            assert map_update_batch(fd, keys, values, entries) == entries
         fds.append(fd)
         maps[kind] = {'id': libbpf.map_info(fd).id, 'name': name, 'type': map_type, 'max_entries': max_entries,
                       'entries': entries}  # fmt: skip
     program_name = f'{prefix}_prog'
-    program = libbpf.prog_load(PROG_SOCKET_FILTER, program_name, RETURN_ZERO)
+    program = prog_load(PROG_SOCKET_FILTER, program_name, RETURN_ZERO)
     description = {
         'prefix': prefix,
         'maps': maps,

@@ -14,8 +14,10 @@ _KILLED = re.compile(
     r'file-rss:(?P<file>\d+)kB, shmem-rss:(?P<shmem>\d+)kB, UID:(?P<uid>\d+) pgtables:(?P<pgtables>\d+)kB '
     r'oom_score_adj:(?P<adj>-?\d+)'
 )
-_CONSTRAINT = re.compile(r'oom-kill:constraint=(?P<constraint>\w+),.*?(?:oom_memcg=(?P<oom_memcg>[^,]*),)?'
-                         r'task_memcg=(?P<task_memcg>[^,]*),task=(?P<task>.*),pid=(?P<pid>\d+),uid=(?P<uid>\d+)')  # fmt: skip
+_CONSTRAINT = re.compile(
+    r'oom-kill:constraint=(?P<constraint>\w+),.*?(?:oom_memcg=(?P<oom_memcg>[^,]*),)?'
+    r'task_memcg=(?P<task_memcg>[^,]*),task=(?P<task>.*),pid=(?P<pid>\d+),uid=(?P<uid>\d+)'
+)
 _USAGE = re.compile(r'^memory: usage (?P<usage>\d+)kB, limit (?P<limit>\d+)kB')
 _INVOKED = re.compile(r'^(?P<comm>.*) invoked oom-killer: .*oom_score_adj=(?P<adj>-?\d+)')
 

@@ -25,7 +25,11 @@ class Kernel:
     task_tracepoint: bool  # mark_victim passes the task, with the memory fields (6.9, or a backport)
     core_hooks: tuple[str, ...]  # what the CO-RE probe attaches
     bcc_hooks: tuple[str, ...]  # what the BCC probe attaches
-    entry_counting: str  # how hash maps are counted: iterator (6.6+), for_each (5.13+), batch (5.6+)
+    # How hash maps are counted: 'iterator' (one pass with bpf_map_sum_elem_count, 6.6+),
+    # 'element_iterator' (iter/bpf_map_elem per map, 5.9+), 'batch' (BPF_MAP_LOOKUP_BATCH, 5.6+).
+    entry_counting: str
+    # And maps of maps, where the element iterator does not walk them.
+    maps_of_maps_counting: str = 'batch'
     ring_buffer: bool = True  # BPF ring buffers (5.8+)
 
 
@@ -46,7 +50,7 @@ KNOWN: dict[str, Kernel] = {
         task_tracepoint=True,
         core_hooks=(TP_BTF, KPROBE),
         bcc_hooks=(RAW_TP, KPROBE),
-        entry_counting='for_each',
+        entry_counting='element_iterator',
     ),
 }
 

@@ -10,7 +10,8 @@ from datadog_checks.base import AgentCheck
 from datadog_checks.dev.utils import get_metadata_metrics
 from datadog_checks.ebpf_probe import EbpfProbeCheck
 from datadog_checks.ebpf_probe import check as check_module
-from datadog_checks.ebpf_probe.oom_kill import ProbeLoadError
+from datadog_checks.ebpf_probe import probe as probe_module
+from datadog_checks.ebpf_probe.probe import ProbeLoadError
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -23,20 +24,21 @@ def make_check(instance):
 
 @pytest.mark.oom
 @pytest.mark.parametrize(
-    'variant_options, hook',
-    [
-        ({'enable_core': True, 'allow_runtime_compiled_fallback': False}, 'tp_btf/mark_victim'),
-        ({'enable_core': False}, 'raw_tracepoint/mark_victim'),
-    ],
+    'variant_options, variant',
+    [({'enable_core': True, 'allow_runtime_compiled_fallback': False}, 'co-re'), ({'enable_core': False}, 'bcc')],
     ids=['co-re', 'bcc'],
 )
 def test_a_real_oom_kill_is_one_metric_point_and_one_event(
-    dd_run_check, aggregator, instance, memory_cgroup, variant_options, hook
+    dd_run_check, aggregator, instance, memory_cgroup, variant_options, variant
 ):
     check = make_check({**instance, **variant_options, 'collect_ebpf_stats': False})
     try:
         dd_run_check(check)  # loads the probe
         aggregator.assert_service_check(CAN_LOAD, AgentCheck.OK, tags=['probe:oom_kill', *instance['tags']])
+        hook = check._oom_kill.probe.hooks[0]
+        assert check._oom_kill.probe.variant == variant
+        hook = check._oom_kill.probe.hooks[0]
+        assert check._oom_kill.probe.variant == variant
         aggregator.reset()
 
         victim = memory_cgroup.oom_kill(comm='check-victim', oom_score_adj=42)
@@ -140,7 +142,7 @@ class TestCannotLoad:
 
         monkeypatch.setattr(check_module, 'load_oom_kill_probe', failing_loader)
         clock = [1000.0]
-        monkeypatch.setattr(check_module.time, 'monotonic', lambda: clock[0])
+        monkeypatch.setattr(probe_module.time, 'monotonic', lambda: clock[0])
         check = make_check({'load_retry_max_interval': 60, 'collect_ebpf_stats': False})
         with caplog.at_level(logging.DEBUG):
             for _ in range(3):  # same instant: one attempt, then backoff
@@ -205,39 +207,149 @@ def test_no_way_to_load_is_a_configuration_error(dd_run_check, aggregator):
         dd_run_check(check)
 
 
-@pytest.mark.unit
-def test_container_kills_carry_the_agents_container_tags(aggregator):
-    from datadog_checks.base.stubs import tagger
+CONTAINER = 'c0ffee' + '0' * 58
+POD_UID = '1b2c3d4e-1234-5678-9abc-def012345678'
+# What the Agent's tagger gives for a container, by cardinality (each level adds to the one before).
+AGENT_TAGS = {
+    0: ['kube_namespace:shop', 'kube_container_name:app', 'image_name:shop/web'],
+    1: ['pod_name:web-1'],
+    2: ['container_name:k8s_app_web-1', f'container_id:{CONTAINER}'],
+}
+
+
+def container_kill():
     from datadog_checks.ebpf_probe.oom_kill import OOMKill, VictimMemory
 
-    container = 'c0ffee' + '0' * 58
     path = (
         '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_1234_5678_9abc_def012345678.slice/'
-        f'cri-containerd-{container}.scope'
+        f'cri-containerd-{CONTAINER}.scope'
     )
-    kill = OOMKill(
+    return OOMKill(
         timestamp=1.0, victim_pid=10, victim_tid=10, victim_comm='java', victim_uid=1000, oom_score_adj=0,
         trigger_pid=10, trigger_tid=10, trigger_comm='java', memcg_oom=True, cgroup_path=path, cgroup_id=1,
         cgroup_path_truncated=False, memory=VictimMemory(1, 2, 3, 4, 5), oom_domain_pages=None, badness_points=None,
         sigkill=True, hook='tp_btf/mark_victim',
     )  # fmt: skip
-    tagger.reset()
-    tagger.set_tags(
-        {f'container_id://{container}': ['kube_namespace:shop', 'pod_name:web-1', 'kube_container_name:app']}
-    )
-    check = make_check({'tags': ['env_name:prod']})
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    'instance_option, agent_option, level',
+    [(None, None, 0), ('orchestrator', None, 1), ('high', None, 2), (None, 'orchestrator', 1), ('low', 'high', 0)],
+    ids=['default-low', 'orchestrator', 'high', 'agent-orchestrator', 'instance-wins'],
+)
+def test_metric_tags_follow_the_tag_cardinality_and_events_carry_the_pod(
+    aggregator, datadog_agent, monkeypatch, instance_option, agent_option, level
+):
+    calls = []
+
+    def agent_tagger(entity, cardinality):
+        calls.append((entity, cardinality))
+        assert entity == f'container_id://{CONTAINER}'
+        return [tag for lvl in range(cardinality + 1) for tag in AGENT_TAGS[lvl]]
+
+    monkeypatch.setattr(check_module.tagger, 'tag', agent_tagger)
+    if agent_option:
+        monkeypatch.setitem(datadog_agent._config, 'checks_tag_cardinality', agent_option)
+    instance = {'tags': ['env_name:prod']}
+    if instance_option:
+        instance['check_tag_cardinality'] = instance_option
+    check = make_check(instance)
     check.run_check_initializations()
-    check._submit_oom_kill(kill)
-    tagger.assert_called(f'container_id://{container}', tagger.ORCHESTRATOR)
-    expected = {
-        'process_name:java', 'trigger_process_name:java', 'trigger_type:cgroup',
-        f'cgroup_name:cri-containerd-{container}.scope', f'container_id:{container}', 'container_runtime:containerd',
-        'pod_uid:1b2c3d4e-1234-5678-9abc-def012345678', 'kube_namespace:shop', 'pod_name:web-1',
-        'kube_container_name:app', 'env_name:prod',
-    }  # fmt: skip
+    check._submit_oom_kill(container_kill())
+
+    own = {
+        0: {'process_name:java', 'trigger_process_name:java', 'trigger_type:cgroup', 'container_runtime:containerd'},
+        1: {f'pod_uid:{POD_UID}'},
+        2: {f'container_id:{CONTAINER}', f'cgroup_name:cri-containerd-{CONTAINER}.scope'},
+    }
+    expected_metric = {'env_name:prod'}
+    for lvl in range(level + 1):
+        expected_metric |= own[lvl] | set(AGENT_TAGS[lvl])
     [metric] = aggregator.metrics('ebpf_probe.oom_kill.count')
-    assert set(metric.tags) == expected
+    assert set(metric.tags) == expected_metric
+    # The event: one per kill, so everything known, and the pod at orchestrator cardinality.
     [event] = aggregator.events
-    assert set(event['tags']) == expected
-    assert event['aggregation_key'] == container
-    tagger.reset()
+    assert set(event['tags']) == own[0] | own[1] | own[2] | set(AGENT_TAGS[0] + AGENT_TAGS[1]) | {'env_name:prod'}
+    assert event['aggregation_key'] == CONTAINER
+    assert sorted(calls) == sorted([(f'container_id://{CONTAINER}', level), (f'container_id://{CONTAINER}', 1)])
+
+
+def test_a_wrong_tag_cardinality_is_a_configuration_error(dd_run_check):
+    check = make_check({'check_tag_cardinality': 'medium'})
+    with pytest.raises(Exception, match='check_tag_cardinality'):
+        dd_run_check(check)
+
+
+@pytest.mark.oom
+def test_one_probe_failing_during_a_run_leaves_the_other_reporting(
+    dd_run_check, aggregator, memory_cgroup, monkeypatch
+):
+    from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsProbe
+    from datadog_checks.ebpf_probe.kernel.libbpf import LibbpfError
+
+    check = make_check({'tags': ['a:b']})
+    try:
+        dd_run_check(check)
+        aggregator.reset()
+
+        def refused(self):
+            raise LibbpfError('bpf_map_get_next_id', 1)  # EPERM: say, a security module changed its mind
+
+        monkeypatch.setattr(EbpfStatsProbe, 'snapshot', refused)
+        victim = memory_cgroup.oom_kill(comm='isolated')
+        dd_run_check(check)  # does not raise
+        statuses = {sc.tags[0]: sc for sc in aggregator.service_checks(CAN_LOAD)}
+        assert statuses['probe:oom_kill'].status == AgentCheck.OK
+        assert statuses['probe:ebpf_stats'].status == AgentCheck.CRITICAL
+        assert statuses['probe:ebpf_stats'].message == (
+            'collecting failed: bpf_map_get_next_id failed: Operation not permitted (errno 1)'
+        )
+        [event] = aggregator.events
+        assert event['msg_title'] == f'OOM kill: isolated (pid {victim.pid})'
+
+        # And the other way round: the OOM probe failing leaves the stats flowing.
+        monkeypatch.undo()
+        monkeypatch.setattr(type(check._oom_kill.probe), 'get_and_flush', lambda self: 1 / 0)
+        aggregator.reset()
+        dd_run_check(check)
+        statuses = {sc.tags[0]: sc for sc in aggregator.service_checks(CAN_LOAD)}
+        assert statuses['probe:oom_kill'].status == AgentCheck.CRITICAL
+        assert 'division by zero' in statuses['probe:oom_kill'].message
+        assert statuses['probe:ebpf_stats'].status == AgentCheck.OK
+        assert aggregator.metrics('ebpf_probe.programs.total')
+    finally:
+        check.cancel()
+
+
+@pytest.mark.oom
+def test_two_instances_never_report_a_kill_twice(dd_run_check, aggregator, memory_cgroup, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(probe_module.time, 'monotonic', lambda: clock[0])
+    first = make_check({'tags': ['instance:1'], 'collect_ebpf_stats': False})
+    second = make_check({'tags': ['instance:2'], 'collect_ebpf_stats': False})
+    try:
+        dd_run_check(first)
+        dd_run_check(second)
+        [refused] = [sc for sc in aggregator.service_checks(CAN_LOAD) if 'instance:2' in sc.tags]
+        assert refused.status == AgentCheck.CRITICAL
+        assert 'another instance of this check in this process already runs the oom_kill probe' in refused.message
+        assert '`collect_oom_kill: false`' in refused.message
+        aggregator.reset()
+
+        victim = memory_cgroup.oom_kill(comm='once')
+        dd_run_check(first)
+        dd_run_check(second)
+        [event] = aggregator.events
+        assert event['msg_title'] == f'OOM kill: once (pid {victim.pid})' and 'instance:1' in event['tags']
+        aggregator.assert_metric('ebpf_probe.oom_kill.count', count=1)
+
+        # When the first instance goes (the Agent unscheduled it), the second takes over at its next retry.
+        first.cancel()
+        clock[0] += 15
+        aggregator.reset()
+        dd_run_check(second)
+        aggregator.assert_service_check(CAN_LOAD, AgentCheck.OK, tags=['probe:oom_kill', 'instance:2'])
+    finally:
+        first.cancel()
+        second.cancel()

@@ -3,7 +3,6 @@
 """`ebpf-probe check`, run as a user runs it: a separate process, real kernel, real OOM kill."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +25,10 @@ def run_cli(*args, config=None, tmp_path=None, timeout=120, prefix=()):
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_script_is_installed():
-    assert os.access(EBPF_PROBE, os.X_OK)
+def test_the_installed_script_runs_the_cli():
+    result = subprocess.run([EBPF_PROBE, '--help'], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert 'like `datadog-agent check`' in result.stdout
 
 
 @pytest.mark.oom

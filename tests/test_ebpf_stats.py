@@ -1,33 +1,36 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""eBPF accounting against the real kernel, checked against bpftool."""
+"""The eBPF stats probe against the real kernel, checked against bpftool."""
 
+import errno
 import logging
 import os
+import struct
 import uuid
 
 import pytest
 
-from datadog_checks.ebpf_probe import libbpf
-from datadog_checks.ebpf_probe.ebpf_stats import (
-    MAP_COUNT_OBJECT,
-    EbpfStatsOptions,
-    EbpfStatsProbe,
-    EntryCounter,
-    Owner,
+from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, Owner
+from datadog_checks.ebpf_probe.ebpf_stats.entries import EntryCounter
+from datadog_checks.ebpf_probe.ebpf_stats.owners import (
     bpffs_mounts,
     owner_records_from_iterator,
     owner_records_from_proc,
 )
+from datadog_checks.ebpf_probe.kernel import libbpf
+from datadog_checks.ebpf_probe.oom_kill.core import CORE_OBJECT
 from datadog_checks.ebpf_probe.resources import bpf_file
 
-from .bpf_objects import OWNER_COMM, bpftool, make_test_objects
+from . import kernels
+from .bpf_objects import MAP_HASH, MAP_HASH_OF_MAPS, OWNER_COMM, bpftool, make_test_objects
+from .bpf_syscalls import map_create, map_update_batch, obj_pin
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
 log = logging.getLogger('test')
 ME = Owner(os.getpid(), open('/proc/self/comm').read().strip())
-HASH_KINDS = ('hash', 'lru', 'pcpu', 'big')
+HASH_KINDS = ('hash', 'lru', 'hmap', 'pcpu', 'big')
+KERNEL = kernels.current()
 
 
 @pytest.fixture(scope='module')
@@ -53,14 +56,17 @@ def stats_enabled_by_sysctl() -> str:
         return f.read().strip()
 
 
-def test_the_probe_uses_the_iterators_and_holds_the_stats_fd(probe):
-    assert probe.hooks == ['BPF_ENABLE_STATS', 'iter/bpf_map', 'iter/task_file']
-    assert probe.limitations == []
+def test_the_probe_uses_what_the_kernel_has_and_holds_the_stats_fd(probe):
     assert probe.run_time_stats
+    assert probe.hooks[0] == 'BPF_ENABLE_STATS' and 'iter/task_file' in probe.hooks
+    if KERNEL is not None:
+        with_iterator = KERNEL.entry_counting == 'iterator'
+        assert ('iter/bpf_map' in probe.hooks) is with_iterator
+        assert (probe.limitations == []) is with_iterator
 
 
 def test_maps_match_what_we_made_and_what_bpftool_says(objects, probe):
-    snapshot = probe.get_and_flush()
+    snapshot = probe.snapshot()
     maps = {m.id: m for m in snapshot.maps}
     shown = {m['id']: m for m in bpftool('map', 'show')}
     for kind, made in objects.maps.items():
@@ -69,7 +75,12 @@ def test_maps_match_what_we_made_and_what_bpftool_says(objects, probe):
         assert record.max_entries == made.max_entries
         # Hash maps: the exact count, from one iterator pass; arrays and ring buffers: no count at all.
         assert record.entries == made.entries, kind
-        assert record.entries_method == ('iterator' if made.entries is not None else None)
+        if KERNEL is not None and made.entries is not None:
+            method = KERNEL.entry_counting
+            if made.type == MAP_HASH_OF_MAPS and method == 'element_iterator':
+                method = KERNEL.maps_of_maps_counting
+            assert record.entries_method == method, kind
+        assert (record.entries_method is None) is (made.entries is None)
         if made.entries is not None:
             assert record.occupancy == made.entries / made.max_entries
         assert record.owners == fixture_owner(objects)
@@ -85,14 +96,14 @@ def test_maps_match_what_we_made_and_what_bpftool_says(objects, probe):
 
 
 def test_every_object_bpftool_lists_is_in_the_snapshot(objects, probe):
-    snapshot = probe.get_and_flush()
+    snapshot = probe.snapshot()
     assert {p['id'] for p in bpftool('prog', 'show')} <= {p.id for p in snapshot.programs}
     assert {m['id'] for m in bpftool('map', 'show')} <= {m.id for m in snapshot.maps}
 
 
 def test_a_program_that_ran_has_run_count_and_time(objects, probe):
     objects.run_program(1234)
-    [program] = [p for p in probe.get_and_flush().programs if p.id == objects.program_id]
+    [program] = [p for p in probe.snapshot().programs if p.id == objects.program_id]
     [shown] = [p for p in bpftool('prog', 'show') if p['id'] == objects.program_id]
     assert program.name == objects.program_name
     assert program.type == shown['type'] == 'socket_filter'
@@ -129,13 +140,13 @@ def test_without_collect_program_runtime_stats_stay_off(objects):
         objects.run_program(10)
         assert objects.program_run_count() == before
         assert 'BPF_ENABLE_STATS' not in probe.hooks
-        assert not probe.get_and_flush().run_time_stats
+        assert not probe.snapshot().run_time_stats
     finally:
         probe.close()
 
 
 def test_the_probes_own_objects_are_owned_by_this_process(probe):
-    snapshot = probe.get_and_flush()
+    snapshot = probe.snapshot()
     own = [p for p in snapshot.programs if p.name in ('map_entries', 'bpf_owners')]
     assert len(own) == 2
     assert all(p.owners == (ME,) for p in own)
@@ -143,48 +154,97 @@ def test_the_probes_own_objects_are_owned_by_this_process(probe):
 
 def test_full_program_names_come_from_btf():
     """The kernel keeps 15 characters of a name; the BTF of the program has all of it."""
-    target = libbpf.map_create(1, 'name_test', 4, 4, 1)
-    obj = libbpf.BpfObject(str(bpf_file(MAP_COUNT_OBJECT)))
+    obj = libbpf.BpfObject(str(bpf_file(CORE_OBJECT)))
     probe = EbpfStatsProbe.load(EbpfStatsOptions(collect_program_runtime=False), log)
     try:
-        obj.reuse_map_fd('count_target', target)
-        obj.load()
-        prog_id = libbpf.prog_info(obj.program_fd('count_with_for_each')).id
-        assert libbpf.prog_info(obj.program_fd('count_with_for_each')).name == b'count_with_for_'
-        [program] = [p for p in probe.get_and_flush().programs if p.id == prog_id]
-        assert program.name == 'count_with_for_each'
+        for program in ('mark_victim_btf', 'mark_victim_tracepoint'):
+            obj.set_autoload(program, False)
+        obj.load()  # only the kprobe program, which loads on any kernel
+        info = libbpf.prog_info(obj.program_fd('oom_kill_process'))
+        assert info.name == b'oom_kill_proces'
+        [program] = [p for p in probe.snapshot().programs if p.id == info.id]
+        assert program.name == 'oom_kill_process'
     finally:
         probe.close()
         obj.close()
-        os.close(target)
 
 
-@pytest.mark.parametrize('method', ['count_for_each', 'count_batch', 'count_next_key'])
-def test_each_fallback_counts_exactly(objects, method):
-    counter = EntryCounter(bpf_file(MAP_COUNT_OBJECT))
-    for kind in HASH_KINDS:
-        made = objects.maps[kind]
-        fd = made.open()
-        try:
-            if method == 'count_for_each':
-                assert counter.count_for_each(fd) == made.entries, kind
-            else:
-                assert getattr(counter, method)(fd, libbpf.map_info(fd)) == made.entries, kind
-        finally:
-            os.close(fd)
-
-
-def test_without_the_map_iterator_maps_are_counted_one_by_one(objects):
+@pytest.mark.parametrize('method', ['element_iterator', 'count_batch', 'count_next_key'])
+def test_each_way_of_counting_counts_exactly(objects, method):
     probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'map_entries'})), log)
     try:
-        assert 'iter/bpf_map' not in probe.hooks
-        maps = {m.id: m for m in probe.get_and_flush().maps}
         for kind in HASH_KINDS:
             made = objects.maps[kind]
-            assert (maps[made.id].entries, maps[made.id].entries_method) == (made.entries, 'for_each')
-        assert maps[objects.maps['array'].id].entries is None
+            fd = made.open()
+            try:
+                if method == 'element_iterator' and made.type == MAP_HASH_OF_MAPS:
+                    # The kernel's maps of maps have no element iterator (htab_of_maps_map_ops).
+                    with pytest.raises(libbpf.LibbpfError) as error:
+                        probe._walk_elements(fd)
+                    assert error.value.errno == errno.EINVAL
+                elif method == 'element_iterator':
+                    assert probe._walk_elements(fd) == made.entries, kind
+                else:
+                    assert getattr(EntryCounter, method)(fd, libbpf.map_info(fd)) == made.entries, kind
+            finally:
+                os.close(fd)
     finally:
         probe.close()
+
+
+def test_without_the_counting_kfunc_each_map_is_walked_in_the_kernel_by_one_loaded_program(objects):
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'map_entries'})), log)
+    try:
+        assert 'iter/bpf_map' not in probe.hooks and 'iter/bpf_map_elem' in probe.hooks
+        programs_before = {p['id'] for p in bpftool('prog', 'show')}
+        for _ in range(2):
+            maps = {m.id: m for m in probe.snapshot().maps}
+            for kind in HASH_KINDS:  # the hash of maps comes early: what it needs changes nothing for the rest
+                made = objects.maps[kind]
+                method = 'batch' if made.type == MAP_HASH_OF_MAPS else 'element_iterator'
+                assert (maps[made.id].entries, maps[made.id].entries_method) == (made.entries, method), kind
+            assert maps[objects.maps['array'].id].entries is None
+        # Counting loaded nothing more: one program, attached to each map in turn.
+        assert {p['id'] for p in bpftool('prog', 'show')} == programs_before
+        [said] = [limit for limit in probe.limitations if 'hash_of_maps' in limit]
+        assert said.startswith('element_iterator counting is unavailable for map type hash_of_maps: ')
+    finally:
+        probe.close()
+
+
+def test_a_counting_way_the_kernel_lacks_is_a_limitation_not_a_silence(objects):
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'map_entries', 'map_elements'})), log)
+    try:
+        maps = {m.id: m for m in probe.snapshot().maps}
+        big = objects.maps['big']
+        assert (maps[big.id].entries, maps[big.id].entries_method) == (big.entries, 'batch')
+        assert 'element_iterator counting is unavailable: disabled by the probe options' in probe.limitations
+    finally:
+        probe.close()
+
+
+def test_a_key_walk_that_restarts_gives_no_count(monkeypatch):
+    """get_next_key restarts from the first key when the current one is deleted: no count, not a wrong one."""
+    fd = map_create(MAP_HASH, 'restart_test', 4, 8, 100)
+    try:
+        keys = b''.join(struct.pack('<I', i) for i in range(50))
+        map_update_batch(fd, keys, bytes(8 * 50), 50)
+        info = libbpf.map_info(fd)
+        assert EntryCounter.count_next_key(fd, info) == 50
+        walked = []
+        real_next = libbpf.map_get_next_key
+
+        def next_key_deleting_the_10th(map_fd, key, next_key):
+            if len(walked) == 10:
+                libbpf.map_delete_elem(map_fd, bytes(key.raw[:4]))  # the walk's current key goes away
+            walked.append(1)
+            return real_next(map_fd, key, next_key)
+
+        monkeypatch.setattr(libbpf, 'map_get_next_key', next_key_deleting_the_10th)
+        # The kernel restarts from the first key: 10 + 49 keys walked, a count of 59 if taken at its word.
+        assert EntryCounter.count_next_key(fd, info) is None
+    finally:
+        os.close(fd)
 
 
 def test_owners_from_proc_match_the_iterator(objects, probe):
@@ -200,7 +260,7 @@ def test_owners_from_proc_match_the_iterator(objects, probe):
 def test_without_the_owner_iterator_owners_come_from_proc(objects):
     probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'bpf_owners'})), log)
     try:
-        maps = {m.id: m for m in probe.get_and_flush().maps}
+        maps = {m.id: m for m in probe.snapshot().maps}
         assert maps[objects.maps['hash'].id].owners == fixture_owner(objects)
     finally:
         probe.close()
@@ -222,13 +282,13 @@ def bpffs():
 
 
 def test_a_pinned_only_map_says_so(bpffs, probe):
-    fd = libbpf.map_create(1, 'pinned_only', 4, 4, 8)
+    fd = map_create(MAP_HASH, 'pinned_only', 4, 4, 8)
     path = os.path.join(bpffs, f'ebpf-probe-test-{uuid.uuid4().hex[:8]}')
-    libbpf.obj_pin(fd, path)
+    obj_pin(fd, path)
     map_id = libbpf.map_info(fd).id
     os.close(fd)  # now only the pin holds it
     try:
-        [record] = [m for m in probe.get_and_flush().maps if m.id == map_id]
+        [record] = [m for m in probe.snapshot().maps if m.id == map_id]
         assert record.owners == ()
         assert record.pinned
     finally:

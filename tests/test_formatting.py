@@ -11,18 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datadog_checks.ebpf_probe.containers import Container
-from datadog_checks.ebpf_probe.formatting import (
-    MAX_TAG_LENGTH,
-    aggregation_key,
-    markdown_text,
-    oom_kill_tags,
-    oom_kill_text,
-    oom_kill_title,
-    plain_text,
-    tag,
-)
+from datadog_checks.ebpf_probe.formatting import MAX_TAG_LENGTH, markdown_text, plain_text, tag
 from datadog_checks.ebpf_probe.oom_kill import OOMKill, VictimMemory
+from datadog_checks.ebpf_probe.oom_kill.containers import Container
+from datadog_checks.ebpf_probe.oom_kill.report import HIGH, aggregation_key, oom_kill_text, oom_kill_title
+from datadog_checks.ebpf_probe.oom_kill.report import oom_kill_tags as tags_at
+
+
+def oom_kill_tags(kill, container):
+    return tags_at(kill, container, HIGH)
+
 
 pytestmark = pytest.mark.unit
 

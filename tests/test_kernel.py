@@ -2,15 +2,16 @@
 # Licensed under a 3-clause BSD style license (see LICENSE)
 """What the check reads of the kernel: versions, capabilities, BTF, kallsyms, tracefs formats."""
 
+import subprocess
+
 import pytest
 
-from datadog_checks.ebpf_probe import kernel, libbpf
-from datadog_checks.ebpf_probe.oom_kill import (
-    MEMCG_OOM_FUNCTIONS,
-    SYSTEM_OOM_FUNCTIONS,
-    mark_victim_passes_task,
-    task_hook_available,
-)
+from datadog_checks.ebpf_probe.kernel import features, requirements
+from datadog_checks.ebpf_probe.kernel.btf import Btf
+from datadog_checks.ebpf_probe.kernel.kallsyms import KernelSymbols
+from datadog_checks.ebpf_probe.oom_kill.record import MEMCG_OOM_FUNCTIONS, SYSTEM_OOM_FUNCTIONS
+
+from . import kernels
 
 
 @pytest.mark.unit
@@ -19,22 +20,22 @@ from datadog_checks.ebpf_probe.oom_kill import (
     [('6.18.44-fc-v657', (6, 18, 44)), ('5.15.0-91-generic', (5, 15, 0)), ('6.1', (6, 1, 0)), ('junk', (0, 0, 0))],
 )
 def test_kernel_version_is_parsed_from_the_release(release, version):
-    assert kernel.kernel_version(release) == version
+    assert requirements.kernel_version(release) == version
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
     'caps, version, missing',
     [
-        (1 << kernel.CAP_SYS_ADMIN, (4, 19, 0), []),
-        ((1 << kernel.CAP_BPF) | (1 << kernel.CAP_PERFMON), (6, 1, 0), []),
-        (1 << kernel.CAP_BPF, (6, 1, 0), ['CAP_PERFMON']),
+        (1 << requirements.CAP_SYS_ADMIN, (4, 19, 0), []),
+        ((1 << requirements.CAP_BPF) | (1 << requirements.CAP_PERFMON), (6, 1, 0), []),
+        (1 << requirements.CAP_BPF, (6, 1, 0), ['CAP_PERFMON']),
         (0, (6, 1, 0), ['CAP_BPF', 'CAP_PERFMON']),
-        ((1 << kernel.CAP_BPF) | (1 << kernel.CAP_PERFMON), (5, 4, 0), ['CAP_SYS_ADMIN']),  # before CAP_BPF
+        ((1 << requirements.CAP_BPF) | (1 << requirements.CAP_PERFMON), (5, 4, 0), ['CAP_SYS_ADMIN']),  # before CAP_BPF
     ],
 )
 def test_missing_capabilities(caps, version, missing):
-    assert kernel.missing_capabilities(caps, version) == missing
+    assert requirements.missing_capabilities(caps, version) == missing
 
 
 @pytest.mark.unit
@@ -50,38 +51,72 @@ format:
 \tfield:unsigned long total_vm;\toffset:16;\tsize:8;\tsigned:0;
 \tfield:short oom_score_adj;\toffset:64;\tsize:2;\tsigned:1;
 """
-    assert kernel.tracepoint_fields(fmt) == ['pid', 'comm', 'total_vm', 'oom_score_adj']
+    assert features.tracepoint_fields(fmt) == ['pid', 'comm', 'total_vm', 'oom_score_adj']
+
+
+def bpftool_struct(name: str) -> list[tuple[str, int]]:
+    """(member, byte offset) of a kernel struct, as bpftool reads the kernel's BTF: a second opinion."""
+    raw = subprocess.run(
+        ['bpftool', 'btf', 'dump', 'file', '/sys/kernel/btf/vmlinux', 'format', 'raw'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    start = raw.find(f"STRUCT '{name}' ")
+    if start < 0:
+        return []
+    members = []
+    for line in raw[start:].splitlines()[1:]:
+        if not line.startswith('\t'):
+            break
+        member, _, rest = line.strip().partition(' ')
+        name = member.strip("'")
+        members.append(('' if name == '(anon)' else name, int(rest.split('bits_offset=')[1].split()[0]) // 8))
+    return members
 
 
 @pytest.mark.kernel
-def test_the_quick_btf_look_agrees_with_libbpf():
-    with libbpf.Btf.load_vmlinux() as btf:
-        struct_id = btf.struct('trace_event_raw_mark_victim')
-        expected = [name for name, _type, _offset in btf.members(struct_id)]
-        assert kernel.btf_struct_members('trace_event_raw_mark_victim') == expected
-        assert task_hook_available() == mark_victim_passes_task(btf) == (True, '')
-
-
-@pytest.mark.kernel
-@pytest.mark.parametrize('name', ['task_struct', 'mm_struct', 'kernfs_node', 'bpf_map', 'oom_control'])
-def test_the_quick_btf_look_is_exact_or_says_it_cannot_tell(name):
-    with libbpf.Btf.load_vmlinux() as btf:
-        members = [member for member, _type, _offset in btf.members(btf.struct(name))]
-    quick = kernel.btf_struct_members(name)
-    if '' in members:
-        assert quick is None  # anonymous members: the quick look leaves it to libbpf
+@pytest.mark.parametrize(
+    'name', ['task_struct', 'mm_struct', 'kernfs_node', 'bpf_map', 'oom_control', 'trace_event_raw_mark_victim']
+)
+def test_the_btf_reader_agrees_with_bpftool(name):
+    expected = bpftool_struct(name)
+    with Btf.open() as btf:
+        quick = btf.struct_members(name)
+        indexed = [(member, offset // 8) for member, _type, offset in btf.members(btf.find(name, 4))]
+    assert indexed == expected
+    names = [member for member, _offset in expected]
+    if '' in names:
+        assert quick is None  # anonymous members: the quick look leaves it to the index
     else:
-        assert quick == members
+        assert quick == names
 
 
 @pytest.mark.kernel
-def test_the_quick_btf_look_of_a_missing_struct_is_none():
-    assert kernel.btf_struct_members('no_such_struct_anywhere') is None
+def test_the_btf_reader_finds_functions_as_bpftool_does():
+    with Btf.open() as btf:
+        assert btf.has_function('oom_kill_process') or btf.has_function('out_of_memory')
+        assert not btf.has_function('no_such_function_anywhere')
+        assert btf.struct_members('no_such_struct_anywhere') is None
+        kfunc = btf.has_function('bpf_map_sum_elem_count')
+    kernel = kernels.current()
+    if kernel is not None:
+        assert kfunc is (kernel.entry_counting == 'iterator')
+
+
+@pytest.mark.kernel
+def test_the_ring_buffer_probe_matches_the_kernel():
+    offered = features.has_ring_buffer()
+    kernel = kernels.current()
+    if kernel is not None:
+        assert offered is kernel.ring_buffer
+    shown = subprocess.run(['bpftool', 'feature', 'probe', 'kernel'], capture_output=True, text=True).stdout
+    assert offered is ('eBPF map_type ringbuf is available' in shown)
 
 
 @pytest.mark.kernel
 def test_kallsyms_ranges_are_the_functions_of_proc_kallsyms(root):
-    symbols = kernel.KernelSymbols(MEMCG_OOM_FUNCTIONS | SYSTEM_OOM_FUNCTIONS)
+    symbols = KernelSymbols(MEMCG_OOM_FUNCTIONS | SYSTEM_OOM_FUNCTIONS)
     ranges = symbols.ranges()
     assert {'mem_cgroup_out_of_memory', 'out_of_memory'} <= set(ranges)
     addresses = {}
@@ -94,3 +129,12 @@ def test_kallsyms_ranges_are_the_functions_of_proc_kallsyms(root):
         assert start == addresses[name]
         assert start < end < start + 64 * 1024  # up to the next symbol
         assert symbols.find(start) == name and symbols.find(end - 1) == name and symbols.find(end) != name
+
+
+@pytest.mark.unit
+def test_kallsyms_hidden_by_kptr_restrict_gives_no_ranges(tmp_path):
+    table = tmp_path / 'kallsyms'
+    table.write_text('0000000000000000 T out_of_memory\n0000000000000000 T mem_cgroup_out_of_memory\n')
+    symbols = KernelSymbols(MEMCG_OOM_FUNCTIONS | SYSTEM_OOM_FUNCTIONS, path=str(table))
+    assert symbols.ranges() == {}
+    assert symbols.find(0x1234) is None

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from datadog_checks.ebpf_probe.kernel import features, libbpf
 from datadog_checks.ebpf_probe.kernel import bcc as kernel_bcc
+from datadog_checks.ebpf_probe.kernel import features, libbpf
 from datadog_checks.ebpf_probe.kernel.bcc import BccProgram
 from datadog_checks.ebpf_probe.kernel.btf import Btf
 from datadog_checks.ebpf_probe.oom_kill import hooks
@@ -184,10 +184,9 @@ def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(mon
 
 @pytest.mark.oom
 def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(memory_cgroup):
-    options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, disabled_hooks=frozenset({hooks.TP_BTF.name}))
-    if KERNEL is not None and KERNEL.kprobes:
-        options = OOMKillProbeOptions(**{**options.__dict__, 'disabled_hooks': frozenset({hooks.TP_BTF.name,
-                                                                                           hooks.KPROBE.name})})  # fmt: skip
+    # The last resort, where neither the task hook nor a kprobe can be had.
+    disabled = frozenset({hooks.TP_BTF.name, hooks.KPROBE.name})
+    options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, disabled_hooks=disabled)
     probe = load_oom_kill_probe(options, log)
     try:
         assert probe.hooks == [hooks.TRACEPOINT.name]

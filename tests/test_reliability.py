@@ -17,8 +17,11 @@ import pytest
 
 from datadog_checks.base import AgentCheck
 from datadog_checks.base.stubs import aggregator as stub_aggregator
-from datadog_checks.ebpf_probe import EbpfProbeCheck, bcc_loader, kernel
+from datadog_checks.ebpf_probe import EbpfProbeCheck
 from datadog_checks.ebpf_probe import check as check_module
+from datadog_checks.ebpf_probe import probe as probe_module
+from datadog_checks.ebpf_probe.kernel import bcc as bcc_loader
+from datadog_checks.ebpf_probe.kernel import btf as kernel
 
 from .bpf_objects import bpftool
 from .cgroups import MemoryCgroup
@@ -145,7 +148,7 @@ def test_as_an_unprivileged_user_the_check_says_which_capabilities_are_missing()
         logging.getLogger().addHandler(handler)
         logging.getLogger().setLevel(logging.DEBUG)
         clock = [1000.0]
-        check_module.time.monotonic = lambda: clock[0]
+        probe_module.time.monotonic = lambda: clock[0]
         attempts = []
         loader = check_module.load_oom_kill_probe
 

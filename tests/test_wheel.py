@@ -41,7 +41,7 @@ def installed(wheel, tmp_path_factory):
 
 def test_the_wheel_carries_the_bpf_objects_and_the_bcc_source(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ('oom_kill.bpf.o', 'ebpf_stats.bpf.o', 'map_count.bpf.o', 'oom_kill_bcc.c', 'oom_kill.h'):
+    for name in ('oom_kill.bpf.o', 'ebpf_stats.bpf.o', 'oom_kill_bcc.c', 'oom_kill.h', 'oom_kill_fill.h'):
         assert f'datadog_checks/ebpf_probe/data/bpf/{name}' in names
     assert 'datadog_checks/ebpf_probe/data/conf.yaml.example' in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith('entry_points.txt'))).decode()

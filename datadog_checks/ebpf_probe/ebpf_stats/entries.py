@@ -3,9 +3,10 @@
 """Counting a hash map's entries where the kernel has no bpf_map_sum_elem_count kfunc (before 6.6).
 
 Three ways, best first, chosen per map type (not every way works for every type) and
-remembered per kernel: bpf_for_each_map_elem run once through BPF_PROG_TEST_RUN (5.13+),
-BPF_MAP_LOOKUP_BATCH (5.6+), then get_next_key. Each is bounded by the map's max_entries,
-and a walk that the map's changes threw off gives no count rather than a wrong one.
+remembered for the kernel: an iter/bpf_map_elem program walking the map in the kernel
+(5.9+; loaded once, attached to each map in turn), BPF_MAP_LOOKUP_BATCH (5.6+), then
+get_next_key. Each is bounded by the map's max_entries, and a walk that the map's changes
+threw off gives no count rather than a wrong one (see count_next_key for its one blind spot).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
-from collections import OrderedDict
-from pathlib import Path
+from collections.abc import Callable
 
 from datadog_checks.ebpf_probe.kernel import libbpf
 from datadog_checks.ebpf_probe.kernel.uapi import (
@@ -37,19 +36,14 @@ COUNTED_MAP_TYPES = frozenset(
     }
 )
 PERCPU_MAP_TYPES = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH})
-# bpf_for_each_map_elem visits these; not maps of maps (kernel/bpf/hashtab.c).
-FOR_EACH_MAP_TYPES = COUNTED_MAP_TYPES - {BPF_MAP_TYPE_HASH_OF_MAPS}
 
-FOR_EACH, BATCH, NEXT_KEY = 'for_each', 'batch', 'get_next_key'
+ITERATOR, ELEMENT_ITERATOR, BATCH, NEXT_KEY = 'iterator', 'element_iterator', 'batch', 'get_next_key'
 BATCH_BUFFER_BYTES = 4 << 20  # keys + values per BPF_MAP_LOOKUP_BATCH call
-MAX_COUNT_PROGRAMS = 32  # loaded counting programs kept, one per map shape
-_NO_MAP = 0xFFFFFFFF
-_ZERO_KEY = struct.pack('<I', 0)
-# errno values of an operation the kernel does not have (ENOTSUPP is the kernel-internal 524).
+# errno values of an operation the kernel does not have for a map (ENOTSUPP is the kernel-internal 524).
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, 524})
 
-# (map type, key size, value size, flags): maps of one shape share a counting program.
-MapShape = tuple[int, int, int, int]
+# Walks one map's elements in the kernel and returns how many it saw (the probe's iter/bpf_map_elem).
+ElementWalk = Callable[[int], int]
 
 
 def possible_cpus() -> int:
@@ -66,62 +60,35 @@ def possible_cpus() -> int:
     return total
 
 
-class _ForEachProgram:
-    """map_count.bpf.o loaded for one map shape: count_target's inner maps must have that shape."""
-
-    def __init__(self, path: Path, template_fd: int):
-        self._obj = libbpf.BpfObject(str(path))
-        try:
-            self._obj.map('count_target').set_inner_map_fd(template_fd)
-            self._obj.load()
-            self._slots = self._obj.map('count_target').fd
-            self._program = self._obj.program_fd('count_with_for_each')
-        except BaseException:
-            self._obj.close()
-            raise
-
-    def count(self, fd: int) -> int:
-        libbpf.map_update_elem(self._slots, _ZERO_KEY, struct.pack('<I', fd))
-        try:
-            n = libbpf.prog_test_run(self._program)
-        finally:
-            libbpf.map_delete_elem(self._slots, _ZERO_KEY)  # holds no reference to the map after
-        if n == _NO_MAP:
-            raise libbpf.LibbpfError('count_with_for_each', errno.ENOENT)
-        return n
-
-    def close(self) -> None:
-        self._obj.close()
-
-
 class EntryCounter:
     """Counts one hash-family map's entries, the best way this kernel has for its type."""
 
-    def __init__(self, map_count_object: Path | None):
-        self._object = map_count_object
-        # (method, map type or None for every type) -> why it cannot be used
+    def __init__(self, walk_elements: ElementWalk | None, why_no_walk: str = ''):
+        self._walk_elements = walk_elements
+        # (method, map type, or None for every type) -> why it cannot be used
         self._unavailable: dict[tuple[str, int | None], str] = {}
-        if map_count_object is None:
-            self._unavailable[(FOR_EACH, None)] = 'the counting program map_count.bpf.o is missing'
-        self._programs: OrderedDict[MapShape, _ForEachProgram] = OrderedDict()
-        self.loads = 0  # counting programs loaded (each one verified once)
+        if walk_elements is None:
+            self._unavailable[(ELEMENT_ITERATOR, None)] = why_no_walk
 
     def _usable(self, method: str, map_type: int) -> bool:
         return (method, None) not in self._unavailable and (method, map_type) not in self._unavailable
 
     def unavailable(self) -> list[str]:
         """What cannot be used, and why, for the probe's limitations."""
-        return [
-            f'{method} counting is unavailable{" for map type " + str(map_type) if map_type is not None else ""}: {why}'
-            for (method, map_type), why in self._unavailable.items()
-        ]
+        said = []
+        for (method, map_type), why in self._unavailable.items():
+            which = f' for map type {libbpf.map_type_name(map_type)}' if map_type is not None else ''
+            said.append(f'{method} counting is unavailable{which}: {why}')
+        return said
 
     def count(self, fd: int, info: libbpf.BpfMapInfo) -> tuple[int | None, str | None]:
-        if info.type in FOR_EACH_MAP_TYPES and self._usable(FOR_EACH, info.type):
+        if self._walk_elements is not None and self._usable(ELEMENT_ITERATOR, info.type):
             try:
-                return self.count_for_each(fd, info), FOR_EACH
-            except (libbpf.LibbpfError, OSError) as e:
-                self._for_each_failed(info, e)
+                return self._walk_elements(fd), ELEMENT_ITERATOR
+            except libbpf.LibbpfError as e:
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                self._unavailable[(ELEMENT_ITERATOR, info.type)] = f'{e}'
         if self._usable(BATCH, info.type):
             try:
                 n = self.count_batch(fd, info)
@@ -129,31 +96,9 @@ class EntryCounter:
             except libbpf.LibbpfError as e:
                 if e.errno not in _UNSUPPORTED:
                     raise
-                self._unavailable[(BATCH, info.type)] = f'BPF_MAP_LOOKUP_BATCH failed: {e}'
+                self._unavailable[(BATCH, info.type)] = f'{e}'
         n = self.count_next_key(fd, info)
         return (n, NEXT_KEY) if n is not None else (None, None)
-
-    def _for_each_failed(self, info: libbpf.BpfMapInfo, error: Exception) -> None:
-        if not self._programs and self.loads == 0:
-            # The very first load failed: the kernel has no bpf_for_each_map_elem (5.13+).
-            self._unavailable[(FOR_EACH, None)] = f'bpf_for_each_map_elem could not be loaded (5.13+): {error}'
-        else:
-            self._unavailable[(FOR_EACH, info.type)] = f'{error}'
-
-    def count_for_each(self, fd: int, info: libbpf.BpfMapInfo) -> int:
-        """bpf_for_each_map_elem through BPF_PROG_TEST_RUN, with the program loaded once per map shape."""
-        assert self._object is not None
-        shape = (info.type, info.key_size, info.value_size, info.map_flags)
-        program = self._programs.get(shape)
-        if program is None:
-            program = _ForEachProgram(self._object, fd)
-            self.loads += 1
-            self._programs[shape] = program
-            if len(self._programs) > MAX_COUNT_PROGRAMS:
-                self._programs.popitem(last=False)[1].close()
-        else:
-            self._programs.move_to_end(shape)
-        return program.count(fd)
 
     @staticmethod
     def count_batch(fd: int, info: libbpf.BpfMapInfo) -> int | None:
@@ -190,9 +135,10 @@ class EntryCounter:
     def count_next_key(fd: int, info: libbpf.BpfMapInfo) -> int | None:
         """get_next_key from the first key; None when the walk restarted.
 
-        A deleted current key makes the kernel restart from the first key: seen again, or more
-        keys walked than the map can hold, the count is dropped. A restart after the first key
-        itself was deleted goes unseen; only kernels before 5.6 (no batch operations) walk so.
+        A deleted current key makes the kernel restart from the first key: that key seen again,
+        or more keys walked than the map can hold, and the count is dropped. A restart after the
+        first key itself was deleted goes unseen; only kernels before 5.6 (no batch operations)
+        count this way.
         """
         size = max(info.key_size, 1)
         key = ctypes.create_string_buffer(size)
@@ -211,8 +157,3 @@ class EntryCounter:
             ctypes.memmove(key, next_key, info.key_size)
             current = key
         return total
-
-    def close(self) -> None:
-        programs, self._programs = self._programs, OrderedDict()
-        for program in programs.values():
-            program.close()

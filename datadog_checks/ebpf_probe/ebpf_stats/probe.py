@@ -42,14 +42,15 @@ from .owners import (
 from .records import EbpfSnapshot, MapRecord, Owner, ProgramRecord
 
 STATS_OBJECT = 'ebpf_stats.bpf.o'
-MAP_COUNT_OBJECT = 'map_count.bpf.o'
+# The programs of STATS_OBJECT, and the names the probe shows them by.
+ITERATORS = {'map_entries': 'iter/bpf_map', 'map_elements': 'iter/bpf_map_elem', 'bpf_owners': 'iter/task_file'}
 MAP_ENTRIES_RECORD = struct.Struct('<IIq')  # struct map_entries_record (bpf/ebpf_stats.h)
 
 
 @dataclass(frozen=True)
 class EbpfStatsOptions:
     collect_program_runtime: bool = True
-    # Tests only: leave out some iterators ('map_entries', 'bpf_owners') to exercise the fallbacks.
+    # Tests only: leave out some iterators (programs of ITERATORS) to exercise the fallbacks.
     disabled_iterators: frozenset[str] = frozenset()
 
 
@@ -76,7 +77,7 @@ class EbpfStatsProbe:
         self.rejected_hooks: dict[str, str] = {}
         # What works in a degraded way, said once by the check (some are learnt while running).
         self.limitations: list[str] = []
-        self._counter = EntryCounter(None)
+        self._counter = EntryCounter(None, 'not loaded')
 
     @classmethod
     def load(cls, options: EbpfStatsOptions, log: logging.Logger | logging.LoggerAdapter) -> EbpfStatsProbe:
@@ -101,71 +102,91 @@ class EbpfStatsProbe:
                 self.hooks.append('BPF_ENABLE_STATS')
             except libbpf.LibbpfError as e:
                 self.limitations.append(f'program run time is not collected: BPF_ENABLE_STATS failed: {e}')
-
-        want_entries, want_owners = self._iterator_plan()
-        map_count = bpf_file(MAP_COUNT_OBJECT)
-        self._counter = EntryCounter(map_count if map_count.exists() else None)
-        if not (want_entries or want_owners):
-            return
+        wanted = self._iterator_plan()
         path = bpf_file(STATS_OBJECT)
-        if not path.exists():
+        if any(wanted.values()) and not path.exists():
             self.limitations.append(f'the BPF iterators are not loaded: {path} is missing (build it with make bpf)')
-            return
-        try:
-            obj = libbpf.BpfObject(str(path))
-            self._obj = obj
-            obj.set_autoload('map_entries', want_entries)
-            obj.set_autoload('bpf_owners', want_owners)
-            obj.load()
-            if want_entries:
-                self._map_iter = obj.attach_iter('map_entries')
-                self.hooks.append('iter/bpf_map')
-            if want_owners:
-                self._owner_iter = obj.attach_iter('bpf_owners')
-                self.hooks.append('iter/task_file')
-        except (libbpf.LibbpfError, OSError) as e:
-            log.debug('eBPF stats iterators failed to load', exc_info=True)
-            self._close_object()
-            self.limitations.append(
-                f'the BPF iterators could not be loaded ({e}): map entries are counted map by map and owners '
-                'read from /proc'
-            )
+            wanted = dict.fromkeys(wanted, False)
+        if any(wanted.values()):
+            try:
+                obj = libbpf.BpfObject(str(path))
+                self._obj = obj
+                for program, want in wanted.items():
+                    obj.set_autoload(program, want)
+                obj.load()
+                if wanted['map_entries']:
+                    self._map_iter = obj.attach_iter('map_entries')
+                if wanted['bpf_owners']:
+                    self._owner_iter = obj.attach_iter('bpf_owners')
+                self.hooks += [ITERATORS[program] for program, want in wanted.items() if want]
+            except (libbpf.LibbpfError, OSError) as e:
+                log.debug('eBPF stats iterators failed to load', exc_info=True)
+                self._close_object()
+                wanted = dict.fromkeys(wanted, False)
+                self.limitations.append(
+                    f'the BPF iterators could not be loaded ({e}): map entries are counted map by map and owners '
+                    'read from /proc'
+                )
+        if wanted['map_elements']:
+            self._counter = EntryCounter(self._walk_elements)
+        else:
+            why = self.rejected_hooks.get(ITERATORS['map_elements'], 'the iterators are not loaded')
+            self._counter = EntryCounter(None, why)
 
-    def _iterator_plan(self) -> tuple[bool, bool]:
+    def _walk_elements(self, fd: int) -> int:
+        assert self._obj is not None
+        return struct.unpack('<Q', self._obj.read_map_iterator('map_elements', fd))[0]
+
+    def _iterator_plan(self) -> dict[str, bool]:
+        """Which iterator programs to load: program -> wanted."""
+        wanted = dict.fromkeys(ITERATORS, False)
         disabled = self._options.disabled_iterators
-        want_entries = want_owners = False
+
+        def reject(program: str, why: str) -> None:
+            self.rejected_hooks[ITERATORS[program]] = why
+
         if not has_vmlinux_btf():
-            self.rejected_hooks['iter/bpf_map'] = self.rejected_hooks['iter/task_file'] = 'the kernel has no BTF'
+            for program in ITERATORS:
+                reject(program, 'the kernel has no BTF')
             self.limitations.append(
                 'the kernel has no BTF: map entries are counted map by map and owners read from /proc'
             )
-            return False, False
+            return wanted
         try:
             btf = Btf.open()
         except (OSError, ValueError) as e:
-            self.rejected_hooks['iter/bpf_map'] = self.rejected_hooks['iter/task_file'] = f'unreadable BTF: {e}'
+            for program in ITERATORS:
+                reject(program, f'unreadable BTF: {e}')
             self.limitations.append(f'the kernel BTF is unreadable ({e}): maps are counted map by map')
-            return False, False
+            return wanted
         with btf:
             if 'map_entries' in disabled:
-                self.rejected_hooks['iter/bpf_map'] = 'disabled by the probe options'
+                reject('map_entries', 'disabled by the probe options')
             elif not btf.has_function('bpf_map_sum_elem_count'):
-                self.rejected_hooks['iter/bpf_map'] = 'the kernel has no bpf_map_sum_elem_count kfunc (6.6+)'
+                reject('map_entries', 'the kernel has no bpf_map_sum_elem_count kfunc (6.6+)')
                 self.limitations.append(
                     'the kernel has no bpf_map_sum_elem_count kfunc (6.6+): hash maps are counted map by map'
                 )
             elif not btf.has_struct('bpf_iter__bpf_map'):
-                self.rejected_hooks['iter/bpf_map'] = 'the kernel has no bpf_map iterator (5.8+)'
+                reject('map_entries', 'the kernel has no bpf_map iterator (5.8+)')
             else:
-                want_entries = True
+                wanted['map_entries'] = True
+            if wanted['map_entries']:
+                reject('map_elements', 'not needed: the kernel counts every map in one pass')
+            elif 'map_elements' in disabled:
+                reject('map_elements', 'disabled by the probe options')
+            elif not btf.has_struct('bpf_iter__bpf_map_elem'):
+                reject('map_elements', 'the kernel has no map element iterator (5.9+)')
+            else:
+                wanted['map_elements'] = True
             if 'bpf_owners' in disabled:
-                self.rejected_hooks['iter/task_file'] = 'disabled by the probe options'
+                reject('bpf_owners', 'disabled by the probe options')
             elif not btf.has_struct('bpf_iter__task_file'):
-                self.rejected_hooks['iter/task_file'] = 'the kernel has no task_file iterator (5.8+)'
+                reject('bpf_owners', 'the kernel has no task_file iterator (5.8+)')
                 self.limitations.append('the kernel has no task_file iterator (5.8+): owners are read from /proc')
             else:
-                want_owners = True
-        return want_entries, want_owners
+                wanted['bpf_owners'] = True
+        return wanted
 
     @property
     def run_time_stats(self) -> bool:
@@ -316,7 +337,6 @@ class EbpfStatsProbe:
     def close(self) -> None:
         with self._lock:
             self._close_object()
-            self._counter.close()
             if self._stats_fd is not None:
                 os.close(self._stats_fd)  # run-time statistics go off with the last such fd
                 self._stats_fd = None

@@ -156,6 +156,11 @@ class _BpfBtfInfo(ctypes.Structure):
     _fields_ = [('btf', ctypes.c_uint64), ('btf_size', ctypes.c_uint32), ('id', ctypes.c_uint32)]
 
 
+class _IterAttachOpts(ctypes.Structure):
+    # struct bpf_iter_attach_opts; link_info points at union bpf_iter_link_info (map_fd first).
+    _fields_ = [('sz', ctypes.c_size_t), ('link_info', ctypes.c_void_p), ('link_info_len', ctypes.c_uint32)]
+
+
 class _MapBatchOpts(ctypes.Structure):
     _fields_ = [('sz', ctypes.c_size_t), ('elem_flags', ctypes.c_uint64), ('flags', ctypes.c_uint64)]
 
@@ -647,6 +652,22 @@ class BpfObject:
 
     def attach_iter(self, program: str) -> Link:
         return self._attached('bpf_program__attach_iter', lib().bpf_program__attach_iter, program, None)
+
+    def read_map_iterator(self, program: str, map_fd: int) -> bytes:
+        """Run an iter/bpf_map_elem program over one map: attach it to the map, read, detach."""
+        map_info = ctypes.c_uint32(map_fd)  # union bpf_iter_link_info: { struct { __u32 map_fd; } map; ... }
+        opts = _IterAttachOpts(sz=ctypes.sizeof(_IterAttachOpts), link_info=ctypes.addressof(map_info), link_info_len=4)
+        ptr = call_ptr(
+            f'bpf_program__attach_iter({program})',
+            lib().bpf_program__attach_iter,
+            self._program(program),
+            ctypes.byref(opts),
+        )
+        link = Link(ptr, program)
+        try:
+            return read_iterator(link)
+        finally:
+            link.destroy()
 
     def close(self) -> None:
         """Detach every link, then free the object with its programs and maps; idempotent."""

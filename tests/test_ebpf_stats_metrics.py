@@ -7,17 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datadog_checks.ebpf_probe import formatting
-from datadog_checks.ebpf_probe.accounting import (
+from datadog_checks.ebpf_probe.ebpf_stats import EbpfSnapshot, MapRecord, Owner, ProgramRecord
+from datadog_checks.ebpf_probe.ebpf_stats.metrics import (
     COUNT,
     GAUGE,
     SELF_TAG,
-    Accounting,
-    AccountingOptions,
+    MetricOptions,
     NamePatterns,
     Point,
+    StatsMetrics,
     owner_label,
 )
-from datadog_checks.ebpf_probe.ebpf_stats import EbpfSnapshot, MapRecord, Owner, ProgramRecord
 
 pytestmark = pytest.mark.unit
 
@@ -83,8 +83,8 @@ def snapshot(t, programs=(), maps=(), run_time_stats=True) -> EbpfSnapshot:
     return EbpfSnapshot(t, list(programs), list(maps), run_time_stats)
 
 
-def accounting(**options) -> Accounting:
-    return Accounting(AccountingOptions(own_pid=OWN_PID, **options))
+def accounting(**options) -> StatsMetrics:
+    return StatsMetrics(MetricOptions(own_pid=OWN_PID, **options))
 
 
 def by_key(points: list[Point]) -> dict[tuple[str, tuple[str, ...]], float]:

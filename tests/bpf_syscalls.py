@@ -1,0 +1,85 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""libbpf calls only tests and benchmarks make: creating maps and programs, filling maps, pinning.
+
+The product's binding (datadog_checks/ebpf_probe/kernel/libbpf.py) declares only what the
+check itself calls; these use the same loaded library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from datadog_checks.ebpf_probe.kernel.libbpf import call_int, lib
+
+
+class _MapCreateOpts(ctypes.Structure):
+    # struct bpf_map_create_opts, up to map_flags
+    _fields_ = [
+        ('sz', ctypes.c_size_t),
+        ('btf_fd', ctypes.c_uint32),
+        ('btf_key_type_id', ctypes.c_uint32),
+        ('btf_value_type_id', ctypes.c_uint32),
+        ('btf_vmlinux_value_type_id', ctypes.c_uint32),
+        ('inner_map_fd', ctypes.c_uint32),
+        ('map_flags', ctypes.c_uint32),
+    ]
+
+
+class _MapBatchOpts(ctypes.Structure):
+    _fields_ = [('sz', ctypes.c_size_t), ('elem_flags', ctypes.c_uint64), ('flags', ctypes.c_uint64)]
+
+
+def _declare() -> ctypes.CDLL:
+    bpf = lib()
+    bpf.bpf_map_create.restype = ctypes.c_int
+    bpf.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+                                   ctypes.c_void_p]  # fmt: skip
+    bpf.bpf_map_update_batch.restype = ctypes.c_int
+    bpf.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]  # fmt: skip
+    bpf.bpf_prog_load.restype = ctypes.c_int
+    bpf.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
+                                  ctypes.c_void_p]  # fmt: skip
+    bpf.bpf_obj_pin.restype = ctypes.c_int
+    bpf.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    return bpf
+
+
+def map_create(
+    map_type: int, name: str, key_size: int, value_size: int, max_entries: int, inner_map_fd: int | None = None
+) -> int:
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts))
+    if inner_map_fd is not None:
+        opts.inner_map_fd = inner_map_fd
+    bpf = _declare()
+    return call_int(f'bpf_map_create({name})', bpf.bpf_map_create, map_type, name.encode(), key_size, value_size,
+                    max_entries, ctypes.byref(opts))  # fmt: skip
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> int:
+    """Update `count` elements at once (keys and values packed back to back)."""
+    n = ctypes.c_uint32(count)
+    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
+    bpf = _declare()
+    call_int('bpf_map_update_batch', bpf.bpf_map_update_batch, fd, keys, values, ctypes.byref(n), ctypes.byref(opts))
+    return n.value
+
+
+def prog_load(prog_type: int, name: str, insns: bytes, license: str = 'GPL') -> int:
+    """Load a program from raw instructions (8 bytes each)."""
+    bpf = _declare()
+    return call_int(f'bpf_prog_load({name})', bpf.bpf_prog_load, prog_type, name.encode(), license.encode(), insns,
+                    len(insns) // 8, None)  # fmt: skip
+
+
+def obj_pin(fd: int, path: str) -> None:
+    bpf = _declare()
+    call_int(f'bpf_obj_pin({path})', bpf.bpf_obj_pin, fd, path.encode())
+
+
+def libbpf_version() -> str:
+    bpf = lib()
+    bpf.libbpf_major_version.restype = ctypes.c_uint32
+    bpf.libbpf_minor_version.restype = ctypes.c_uint32
+    return f'{bpf.libbpf_major_version()}.{bpf.libbpf_minor_version()}'
