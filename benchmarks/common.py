@@ -56,19 +56,6 @@ def build_c(source: str, output: str, libs: tuple[str, ...] = ()) -> Path:
     return out
 
 
-def build_bpf(source: str) -> Path:
-    """Compile one of the benchmark's BPF programs (the peers' ways) into .cache/bench."""
-    BUILD.mkdir(parents=True, exist_ok=True)
-    src = REPO / 'benchmarks' / source
-    out = BUILD / source.replace('.c', '.o')
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        arch = {'x86_64': 'x86', 'aarch64': 'arm64'}[os.uname().machine]
-        subprocess.run(['clang', '-O2', '-g', '-target', 'bpf', f'-D__TARGET_ARCH_{arch}',
-                        f'-I/usr/include/{os.uname().machine}-linux-gnu', f'-I{REPO / "bpf"}',
-                        '-c', str(src), '-o', str(out)], check=True)  # fmt: skip
-    return out
-
-
 @dataclass
 class Row:
     benchmark: str

@@ -29,7 +29,7 @@ from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.kernel.uapi import BPF_OBJ_NAME_LEN
 from datadog_checks.ebpf_probe.resources import bpf_file
 
-from .entries import COUNTED_MAP_TYPES, EntryCounter
+from .entries import COUNTED_MAP_TYPES, ELEMENT_ITERATOR, FOR_EACH, EntryCounter, Walk
 from .owners import (
     OWNED_LINK,
     OWNED_MAP,
@@ -42,6 +42,7 @@ from .owners import (
 from .records import EbpfSnapshot, MapRecord, Owner, ProgramRecord
 
 STATS_OBJECT = 'ebpf_stats.bpf.o'
+MAP_COUNT_OBJECT = 'map_count.bpf.o'
 # The programs of STATS_OBJECT, and the names the probe shows them by.
 ITERATORS = {'map_entries': 'iter/bpf_map', 'map_elements': 'iter/bpf_map_elem', 'bpf_owners': 'iter/task_file'}
 MAP_ENTRIES_RECORD = struct.Struct('<IIq')  # struct map_entries_record (bpf/ebpf_stats.h)
@@ -50,7 +51,7 @@ MAP_ENTRIES_RECORD = struct.Struct('<IIq')  # struct map_entries_record (bpf/ebp
 @dataclass(frozen=True)
 class EbpfStatsOptions:
     collect_program_runtime: bool = True
-    # Tests only: leave out some iterators (programs of ITERATORS) to exercise the fallbacks.
+    # Tests only: leave out some counting programs (of ITERATORS, and 'map_count') to exercise the fallbacks.
     disabled_iterators: frozenset[str] = frozenset()
 
 
@@ -77,7 +78,8 @@ class EbpfStatsProbe:
         self.rejected_hooks: dict[str, str] = {}
         # What works in a degraded way, said once by the check (some are learnt while running).
         self.limitations: list[str] = []
-        self._counter = EntryCounter(None, 'not loaded')
+        self._counter = EntryCounter({}, {})
+        self._for_each_unavailable = ''  # why bpf_for_each_map_elem cannot count here
 
     @classmethod
     def load(cls, options: EbpfStatsOptions, log: logging.Logger | logging.LoggerAdapter) -> EbpfStatsProbe:
@@ -127,15 +129,32 @@ class EbpfStatsProbe:
                     f'the BPF iterators could not be loaded ({e}): map entries are counted map by map and owners '
                     'read from /proc'
                 )
+        walks: dict[str, Walk] = {}
+        unavailable: dict[str, str] = {}
         if wanted['map_elements']:
-            self._counter = EntryCounter(self._walk_elements)
+            walks[ELEMENT_ITERATOR] = self._walk_elements
         else:
-            why = self.rejected_hooks.get(ITERATORS['map_elements'], 'the iterators are not loaded')
-            self._counter = EntryCounter(None, why)
+            unavailable[ELEMENT_ITERATOR] = self.rejected_hooks.get(ITERATORS['map_elements'], 'not loaded')
+        if self._for_each_unavailable:
+            unavailable[FOR_EACH] = self._for_each_unavailable
+        else:
+            walks[FOR_EACH] = self._walk_for_each
+        self._counter = EntryCounter(walks, unavailable)
 
     def _walk_elements(self, fd: int) -> int:
         assert self._obj is not None
         return struct.unpack('<Q', self._obj.read_map_iterator('map_elements', fd))[0]
+
+    @staticmethod
+    def _walk_for_each(fd: int) -> int:
+        """bpf_for_each_map_elem over one map: a program loaded for it, run once, freed."""
+        obj = libbpf.BpfObject(str(bpf_file(MAP_COUNT_OBJECT)))
+        try:
+            obj.map('count_target').reuse_fd(fd)
+            obj.load()
+            return libbpf.prog_test_run(obj.program_fd('count_with_for_each'))
+        finally:
+            obj.close()
 
     def _iterator_plan(self) -> dict[str, bool]:
         """Which iterator programs to load: program -> wanted."""
@@ -146,6 +165,7 @@ class EbpfStatsProbe:
             self.rejected_hooks[ITERATORS[program]] = why
 
         if not has_vmlinux_btf():
+            self._for_each_unavailable = 'the kernel has no BTF to tell whether it has bpf_for_each_map_elem'
             for program in ITERATORS:
                 reject(program, 'the kernel has no BTF')
             self.limitations.append(
@@ -155,6 +175,7 @@ class EbpfStatsProbe:
         try:
             btf = Btf.open()
         except (OSError, ValueError) as e:
+            self._for_each_unavailable = f'unreadable BTF: {e}'
             for program in ITERATORS:
                 reject(program, f'unreadable BTF: {e}')
             self.limitations.append(f'the kernel BTF is unreadable ({e}): maps are counted map by map')
@@ -179,6 +200,12 @@ class EbpfStatsProbe:
                 reject('map_elements', 'the kernel has no map element iterator (5.9+)')
             else:
                 wanted['map_elements'] = True
+            if not btf.has_function('bpf_for_each_map_elem'):
+                self._for_each_unavailable = 'the kernel has no bpf_for_each_map_elem (5.13+)'
+            elif 'map_count' in disabled:
+                self._for_each_unavailable = 'disabled by the probe options'
+            elif not bpf_file(MAP_COUNT_OBJECT).exists():
+                self._for_each_unavailable = f'{bpf_file(MAP_COUNT_OBJECT)} is missing (build it with make bpf)'
             if 'bpf_owners' in disabled:
                 reject('bpf_owners', 'disabled by the probe options')
             elif not btf.has_struct('bpf_iter__task_file'):
