@@ -6,13 +6,21 @@ SHELL := /bin/bash
 SYSTEM_PYTHON := /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
-BPF_OUT := datadog_checks/ebpf_probe/data/bpf
+# The CPU the BPF objects are for (only kprobe register access differs): x86 or arm64,
+# the build machine's by default. `make bpf ARCH=arm64` builds arm64 objects under build/bpf/arm64.
+HOST_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+ARCH ?= $(HOST_ARCH)
+ifeq ($(ARCH),$(HOST_ARCH))
+BPF_OUT ?= datadog_checks/ebpf_probe/data/bpf
+else
+BPF_OUT ?= build/bpf/$(ARCH)
+endif
 CORE_OBJECTS := $(BPF_OUT)/oom_kill.bpf.o $(BPF_OUT)/ebpf_stats.bpf.o $(BPF_OUT)/map_count.bpf.o
-BPF_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 MULTIARCH := $(shell dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo $$(uname -m)-linux-gnu)
 CLANG ?= clang
 LLVM_STRIP ?= llvm-strip
-BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(BPF_ARCH) -I/usr/include/$(MULTIARCH) -Ibpf
+# The build machine's asm/types.h serves any target: it only includes asm-generic's, the same for both.
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/include/$(MULTIARCH) -Ibpf
 
 # What the check needs at run time, and what building and testing it needs.
 RUNTIME_PACKAGES := libbpf1 python3-venv python3-bpfcc bpftool

@@ -71,7 +71,7 @@ def test_maps_and_programs_we_made_are_reported_with_bpftools_figures(dd_run_che
 
         # The check's own iterators are there too, marked as its own.
         own = [m for m in aggregator.metrics('ebpf_probe.program.instances') if 'ebpf_probe_self:true' in m.tags]
-        iterators = {'iter/bpf_map': 'map_entries', 'iter/task_file': 'bpf_owners'}
+        iterators = {'iter/bpf_map': 'map_entries', 'iter/bpf_map_elem': 'map_elements', 'iter/task_file': 'bpf_owners'}
         assert {t for m in own for t in m.tags if t.startswith('program_name:')} >= {
             f'program_name:{iterators[hook]}' for hook in check._ebpf_stats.probe.hooks if hook in iterators
         }
