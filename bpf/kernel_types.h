@@ -213,6 +213,15 @@ struct bpf_ringbuf {
 	u64 mask;
 } PA;
 
+#if defined(__TARGET_ARCH_arm64)
+/* arm64 registers, for BPF_KPROBE's argument access (bpf_tracing.h reads them as these). */
+struct user_pt_regs {
+	__u64 regs[31];
+	__u64 sp;
+	__u64 pc;
+	__u64 pstate;
+};
+#else
 /* x86-64 registers, for BPF_KPROBE's argument access. */
 struct pt_regs {
 	unsigned long r15;
@@ -237,6 +246,7 @@ struct pt_regs {
 	unsigned long sp;
 	unsigned long ss;
 } PA;
+#endif
 
 #undef PA
 
