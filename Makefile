@@ -26,7 +26,8 @@ PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis m
 # BCC_KERNEL_SOURCE by the tests: a test fixture that leaves /lib/modules alone.
 KERNEL_HEADERS := .cache/kernel-headers
 
-.PHONY: help run test test-kernels bench bpf deps venv lint ddev ddev-test format kernel-headers clean bundle wheel
+.PHONY: help run test test-kernels bench bpf deps venv lint ddev ddev-test format kernel-headers clean bundle \
+	bundle-bpf bundle-other-arch wheel
 
 help:
 	@echo "make run   - set up everything, build the BPF objects, run the check once and print what it submits"
@@ -42,7 +43,7 @@ help:
 run: deps venv bpf bundle
 	$(BIN)/ebpf-probe check
 
-test: deps venv bpf bundle kernel-headers lint
+test: deps venv bpf bundle bundle-other-arch kernel-headers lint
 	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(BIN)/pytest -ra tests
 	@if command -v qemu-system-x86_64 >/dev/null; then $(MAKE) --no-print-directory test-kernels; \
 	else echo "qemu-system-x86_64 is not installed: the second-kernel tests (make test-kernels) did not run"; fi
@@ -159,8 +160,23 @@ $(BUNDLED_LIBBPF): .cache/bundle/$(HOST_ARCH)/libbpf.so.1
 	$(call install_missing,$(BUNDLE_PACKAGES) $(if $(filter $*,$(HOST_ARCH)),,$(CROSS_PACKAGES_$*)))
 	bash bundle/build.sh $* $@
 
+# The CO-RE objects for ARCH: the kprobe reads the registers of the architecture it is built for.
+# The host's are the package's own (make bpf); another architecture's go to .cache/bundle/ARCH/bpf.
+WHEEL_BPF_DIR := $(if $(filter $(BUNDLE_ARCH),$(HOST_ARCH)),$(BPF_OUT),.cache/bundle/$(BUNDLE_ARCH)/bpf)
+bundle-bpf: bundle
+	$(MAKE) --no-print-directory bpf BPF_OUT=$(WHEEL_BPF_DIR) \
+		BPF_ARCH=$(subst aarch64,arm64,$(subst x86_64,x86,$(BUNDLE_ARCH)))
+
 # A wheel for ARCH in dist/, tagged manylinux_2_28 by hatch_build.py, and auditwheel's verdict.
-wheel: bundle bpf venv
+wheel: bundle-bpf venv
 	rm -f dist/datadog_ebpf_probe-*_$(BUNDLE_ARCH).whl
-	EBPF_PROBE_LIBBPF=$(CURDIR)/$(BUNDLE_LIB) $(BIN)/python -m build --wheel --outdir dist .
+	EBPF_PROBE_LIBBPF=$(CURDIR)/$(BUNDLE_LIB) EBPF_PROBE_BPF_DIR=$(CURDIR)/$(WHEEL_BPF_DIR) \
+		$(BIN)/python -m build --wheel --outdir dist .
 	$(BIN)/auditwheel show dist/datadog_ebpf_probe-*_$(BUNDLE_ARCH).whl
+
+# `make test` checks the other architecture's build too (arm64 on x86-64; tests/test_bundle.py):
+# its glibc floor, exports and wheel, and a smoke test of the library under qemu-user.
+OTHER_ARCH := $(if $(filter x86_64,$(HOST_ARCH)),aarch64,x86_64)
+bundle-other-arch:
+	$(MAKE) --no-print-directory bundle-bpf ARCH=$(OTHER_ARCH)
+	$(call install_missing,qemu-user)

@@ -1,11 +1,12 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""Wheel build hook: put the bundled libbpf.so.1 into the wheel and tag the wheel for its platform.
+"""Wheel build hook: put the built binaries of one architecture into the wheel and tag it for it.
 
-The library comes from `make bundle` (datadog_checks/ebpf_probe/data/lib/libbpf.so.1), or from
-the file named by EBPF_PROBE_LIBBPF (`make wheel ARCH=arm64` hands over the cross-built one).
-Its ELF header says the architecture; its glibc floor (2.28, measured by tests/test_bundle.py)
-gives manylinux_2_28.
+They are the bundled libbpf.so.1 (`make bundle`) and the CO-RE objects (`make bpf`), from the
+package's data folder, or from the file named by EBPF_PROBE_LIBBPF and the folder named by
+EBPF_PROBE_BPF_DIR: `make wheel ARCH=arm64` hands over the cross-built ones. The library's ELF
+header says the architecture; its glibc floor (2.28, measured by tests/test_bundle.py) gives
+manylinux_2_28.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 PACKAGED_PATH = 'datadog_checks/ebpf_probe/data/lib/libbpf.so.1'
+PACKAGED_BPF = 'datadog_checks/ebpf_probe/data/bpf'
 MANYLINUX = 'manylinux_2_28'
 # ELF e_machine -> the platform tag's architecture
 MACHINES = {62: 'x86_64', 183: 'aarch64'}
@@ -42,5 +44,11 @@ class BundledLibbpfHook(BuildHookInterface):
                 f'{library} is missing: `make bundle` builds it (a wheel without it would need libbpf on the host)'
             )
         build_data['force_include'][str(library)] = PACKAGED_PATH
+        # The kprobe reads its arguments from the registers of the architecture it was built for.
+        objects = sorted(Path(os.environ.get('EBPF_PROBE_BPF_DIR') or Path(self.root) / PACKAGED_BPF).glob('*.bpf.o'))
+        if not objects:
+            raise RuntimeError('no CO-RE objects (*.bpf.o): `make bpf` builds them')
+        for path in objects:
+            build_data['force_include'][str(path)] = f'{PACKAGED_BPF}/{path.name}'
         build_data['pure_python'] = False
         build_data['tag'] = f'py3-none-{MANYLINUX}_{elf_machine(library)}'

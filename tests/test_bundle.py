@@ -4,6 +4,8 @@
 
 The Agent's image (Ubuntu 24.04) has no libbpf.so.1, Ubuntu 22.04 hosts only libbpf0 and RHEL 8 an
 older libbpf: the bundled library (make bundle) must need nothing from the host but glibc 2.28.
+The other architecture's build (arm64 here, `make bundle-other-arch`) is checked as far as this
+machine can: its floor, exports and wheel, and a smoke test under qemu-user.
 """
 
 import email.parser
@@ -26,6 +28,7 @@ SYSTEM_PYTHON = '/usr/bin/python3'
 BUNDLED = REPO / 'datadog_checks' / 'ebpf_probe' / 'data' / 'lib' / 'libbpf.so.1'
 PACKAGED = 'datadog_checks/ebpf_probe/data/lib/libbpf.so.1'
 ARCH = platform.machine()
+OTHER_ARCH = 'aarch64' if ARCH == 'x86_64' else 'x86_64'
 TAG = f'py3-none-manylinux_2_28_{ARCH}'
 GLIBC_FLOOR = (2, 28)  # RHEL 8, Debian 10
 # What libelf and zlib would export if they were not hidden.
@@ -38,6 +41,19 @@ FOREIGN_SYMBOL = re.compile(
 def bundled() -> Path:
     assert BUNDLED.is_file(), f'{BUNDLED} is missing: `make bundle` builds it'
     return BUNDLED
+
+
+def other_arch_build() -> tuple[Path, Path]:
+    """The other architecture's library and CO-RE objects (make bundle-other-arch)."""
+    library = REPO / '.cache' / 'bundle' / OTHER_ARCH / 'libbpf.so.1'
+    if not library.is_file():
+        pytest.skip(f'no {OTHER_ARCH} build: `make bundle-other-arch` (part of make test) cross-builds it')
+    return library, library.parent / 'bpf'
+
+
+@pytest.fixture(scope='module', params=[ARCH, OTHER_ARCH])
+def library(request, bundled) -> Path:
+    return bundled if request.param == ARCH else other_arch_build()[0]
 
 
 @pytest.fixture(scope='module')
@@ -73,33 +89,51 @@ def glibc_versions(path: Path) -> set[tuple[int, ...]]:
 # --- The library -------------------------------------------------------------------------------
 
 
-def test_the_bundled_libbpf_needs_glibc_2_28_at_most(bundled):
-    versions = glibc_versions(bundled)
+def test_the_bundled_libbpf_needs_glibc_2_28_at_most(library):
+    versions = glibc_versions(library)
     assert versions, 'objdump -T found no GLIBC_ symbol versions'
     floor = max(versions)
-    print(f'glibc floor of the bundled libbpf: {".".join(map(str, floor))}')
+    print(f'glibc floor of {library}: {".".join(map(str, floor))}')
     assert floor <= GLIBC_FLOOR, {
         name: version
-        for defined, version, name in dynamic_symbols(bundled)
+        for defined, version, name in dynamic_symbols(library)
         if not defined and version.startswith('GLIBC_') and tuple(map(int, version[6:].split('.'))) > GLIBC_FLOOR
     }
 
 
-def test_the_bundled_libbpf_needs_only_glibc(bundled):
-    dynamic = subprocess.run(['readelf', '-d', str(bundled)], capture_output=True, text=True, check=True).stdout
+def test_the_bundled_libbpf_needs_only_glibc(library):
+    dynamic = subprocess.run(['readelf', '-d', str(library)], capture_output=True, text=True, check=True).stdout
     needed = set(re.findall(r'\(NEEDED\)\s+Shared library: \[(\S+)\]', dynamic))
     assert needed <= {'libc.so.6', 'ld-linux-x86-64.so.2', 'ld-linux-aarch64.so.1'}, needed
     assert 'Library soname: [libbpf.so.1]' in dynamic
 
 
-def test_the_bundled_libbpf_exports_only_libbpf(bundled):
-    exported = [(version, name) for defined, version, name in dynamic_symbols(bundled) if defined]
+def test_the_bundled_libbpf_exports_only_libbpf(library):
+    exported = [(version, name) for defined, version, name in dynamic_symbols(library) if defined]
     assert len(exported) > 300
     assert [name for _, name in exported if FOREIGN_SYMBOL.match(name)] == []
     assert [name for version, name in exported if not version.startswith('LIBBPF_')] == []
     # Everything the ctypes layer declares is there: the bundled version is the one it is written for.
     names = {name for _, name in exported}
     assert set(libbpf._SIGNATURES) - names == set()
+
+
+def test_the_bundled_libbpf_parses_btf_and_opens_an_object_natively_or_under_qemu_user(library, tmp_path):
+    elf_arch = {b'\x3e\x00': 'x86_64', b'\xb7\x00': 'aarch64'}[library.read_bytes()[18:20]]
+    compiler, run = ['gcc'], []
+    if elf_arch != ARCH:
+        compiler, run = [f'{elf_arch}-linux-gnu-gcc'], [f'qemu-{elf_arch}', '-L', f'/usr/{elf_arch}-linux-gnu']
+    smoke = tmp_path / 'smoke'
+    subprocess.run(
+        [*compiler, '-O2', '-Wall', '-Werror', '-o', str(smoke), str(REPO / 'bundle' / 'smoke.c')], check=True
+    )
+    objects = BUNDLED.parent.parent / 'bpf' if elf_arch == ARCH else other_arch_build()[1]
+    result = subprocess.run(
+        [*run, str(smoke), str(library), str(objects / 'oom_kill.bpf.o'), '/sys/kernel/btf/vmlinux'],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r'libbpf 1\.5: \d{4,} BTF types, \d+ in the object\n', result.stdout), result.stdout
 
 
 def test_the_check_loads_the_bundled_libbpf_from_the_source_tree(bundled):
@@ -160,6 +194,29 @@ def test_auditwheel_finds_the_wheel_consistent_with_manylinux_2_28(wheel):
     print(report)
     assert f'is consistent with the following platform tag: "manylinux_2_28_{ARCH}"' in report
     assert f'constrains the platform tag to "manylinux_2_28_{ARCH}"' in report
+
+
+def test_the_other_architectures_wheel_carries_its_library_and_objects(tmp_path):
+    library, objects = other_arch_build()
+    env = {**os.environ, 'EBPF_PROBE_LIBBPF': str(library), 'EBPF_PROBE_BPF_DIR': str(objects)}
+    subprocess.run(
+        [sys.executable, '-m', 'build', '--wheel', '--outdir', str(tmp_path), str(REPO)],
+        check=True, capture_output=True, env=env,
+    )  # fmt: skip
+    [wheel] = tmp_path.glob('*.whl')
+    assert wheel.name.endswith(f'-py3-none-manylinux_2_28_{OTHER_ARCH}.whl'), wheel.name
+    archive = zipfile.ZipFile(wheel)
+    assert archive.read(PACKAGED) == library.read_bytes()
+    # Its kprobe reads its own architecture's registers: the objects differ from this machine's.
+    packaged_object = archive.read('datadog_checks/ebpf_probe/data/bpf/oom_kill.bpf.o')
+    assert packaged_object == (objects / 'oom_kill.bpf.o').read_bytes()
+    assert packaged_object != (BUNDLED.parent.parent / 'bpf' / 'oom_kill.bpf.o').read_bytes()
+    report = subprocess.run(
+        [str(Path(sys.executable).parent / 'auditwheel'), 'show', str(wheel)], capture_output=True, text=True
+    )
+    assert f'consistent with the following platform tag: "manylinux_2_28_{OTHER_ARCH}"' in ' '.join(
+        report.stdout.split()
+    ), report.stdout + report.stderr
 
 
 def test_the_agents_local_wheel_install_accepts_it(wheel):
