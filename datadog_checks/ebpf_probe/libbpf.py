@@ -17,13 +17,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
+
+from .resources import PACKAGE_DIR
 
 LIBBPF_SONAME = 'libbpf.so.1'
 # Built into the package by `make bundle` (libbpf 1.5.0, libelf and zlib linked in): a known
 # version, the one the structures below are tested against, on hosts that have no libbpf at all.
-BUNDLED_LIBBPF = Path(__file__).resolve().parent / 'data' / 'lib' / LIBBPF_SONAME
+BUNDLED_LIBBPF = PACKAGE_DIR / 'data' / 'lib' / LIBBPF_SONAME
 
 
 def library_candidates() -> list[str]:
