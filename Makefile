@@ -10,6 +10,9 @@ BIN := $(VENV)/bin
 # the build machine's by default. `make bpf ARCH=arm64` builds arm64 objects under build/bpf/arm64.
 HOST_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 ARCH ?= $(HOST_ARCH)
+# The same CPU as uname -m and the C compilers name it.
+MACHINE := $(if $(filter arm64,$(ARCH)),aarch64,x86_64)
+HOST_MACHINE := $(shell uname -m)
 ifeq ($(ARCH),$(HOST_ARCH))
 BPF_OUT ?= datadog_checks/ebpf_probe/data/bpf
 else
@@ -28,27 +31,30 @@ BUILD_PACKAGES := clang llvm libbpf-dev linux-libc-dev
 # Kernel headers for BCC's runtime compilation in tests (this machine's kernel has none of its own).
 TEST_PACKAGES := linux-headers-amd64 strace util-linux
 DEBIAN_PACKAGES := $(RUNTIME_PACKAGES) $(BUILD_PACKAGES) $(TEST_PACKAGES)
-PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis markdown-it-py ruff mypy build
+PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis markdown-it-py ruff mypy build auditwheel
 
 # A folder joining Debian's split kernel headers (-common and -amd64), handed to BCC with
 # BCC_KERNEL_SOURCE by the tests: a test fixture that leaves /lib/modules alone.
 KERNEL_HEADERS := .cache/kernel-headers
 
-.PHONY: help run test test-kernels bench bpf deps venv lint ddev ddev-test format kernel-headers clean
+.PHONY: help run test test-kernels bench bpf deps venv lint ddev ddev-test format kernel-headers clean bundle \
+	bundle-bpf bundle-other-arch wheel
 
 help:
 	@echo "make run   - set up everything, build the BPF objects, run the check once and print what it submits"
 	@echo "make test  - set up everything and run the whole test suite (as root: it loads BPF programs)"
 	@echo "make test-kernels - the OOM-kill and accounting tests on Debian 12's 6.1 kernel under qemu"
 	@echo "make bpf   - build the CO-RE objects only"
+	@echo "make bundle - build the libbpf.so.1 the wheel carries (ARCH=arm64: cross-build it)"
+	@echo "make wheel - build the wheel into dist/ and show auditwheel's verdict (ARCH=arm64 too)"
 	@echo "make bench - measure start-up, scale, run cost, OOM bursts and memory against the goals"
 	@echo "make lint  - ruff, mypy and ddev's validations"
 	@echo "make ddev-test - the suite and the lint through ddev"
 
-run: deps venv bpf
+run: deps venv bpf bundle
 	$(BIN)/ebpf-probe check
 
-test: deps venv bpf kernel-headers lint
+test: deps venv bpf bundle bundle-other-arch kernel-headers lint
 	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(BIN)/pytest -ra tests
 	@if command -v qemu-system-x86_64 >/dev/null; then $(MAKE) --no-print-directory test-kernels; \
 	else echo "qemu-system-x86_64 is not installed: the second-kernel tests (make test-kernels) did not run"; fi
@@ -56,7 +62,7 @@ test: deps venv bpf kernel-headers lint
 # The same build on a second kernel: Debian 12's own 6.1 under qemu, with kprobes and without the
 # map-counting kfunc. The kernel and a Debian root are cached in .cache/vm (tests/vm/build_base.sh).
 VM_PACKAGES := qemu-system-x86 debootstrap cpio
-test-kernels: deps venv bpf
+test-kernels: deps venv bpf bundle
 	$(call install_missing,$(VM_PACKAGES))
 	bash tests/vm/build_base.sh
 	$(BIN)/pytest -ra -s -m vm tests/vm
@@ -127,7 +133,7 @@ lint: venv ddev
 	done
 
 # The suite in ddev's own environment, and ddev's lint, as integrations-core's CI runs them.
-ddev-test: venv ddev bpf kernel-headers
+ddev-test: venv ddev bpf bundle kernel-headers
 	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(DDEV) -x test .
 	$(DDEV) -x test --lint .
 
@@ -136,8 +142,45 @@ format: venv
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(BPF_OUT)/*.bpf.o build dist .pytest_cache .ruff_cache
+	rm -rf $(BPF_OUT)/*.bpf.o $(BUNDLED_LIBBPF) build dist .pytest_cache .ruff_cache
 
 # Performance against the goals and the peers (as root, ~5 minutes): a markdown table and JSON.
-bench: deps venv bpf kernel-headers
+bench: deps venv bpf bundle kernel-headers
 	$(BIN)/python -m benchmarks.run
+
+# --- Bundled libbpf -------------------------------------------------------------------------------
+# The wheel carries its own libbpf.so.1: libbpf 1.5.0 with libelf and zlib linked in, built from
+# Debian trixie's source packages by bundle/build.sh, needing only glibc >= 2.28 (the Agent's image
+# and many hosts have no libbpf.so.1). Sources and builds are cached in .cache/bundle (~20 s the
+# first time). The package loads it from data/lib; ARCH=arm64 cross-builds one for `make wheel`.
+BUNDLE_LIB := .cache/bundle/$(MACHINE)/libbpf.so.1
+BUNDLED_LIBBPF := datadog_checks/ebpf_probe/data/lib/libbpf.so.1
+BUNDLE_PACKAGES := gcc libc6-dev make dpkg-dev debian-archive-keyring bzip2 xz-utils
+CROSS_PACKAGES_aarch64 := gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+CROSS_PACKAGES_x86_64 := gcc-x86-64-linux-gnu libc6-dev-amd64-cross
+
+bundle: $(BUNDLED_LIBBPF) $(BUNDLE_LIB)
+
+$(BUNDLED_LIBBPF): .cache/bundle/$(HOST_MACHINE)/libbpf.so.1
+	install -D -m 0755 $< $@
+
+.cache/bundle/%/libbpf.so.1: bundle/build.sh bundle/glibc_compat.c
+	$(call install_missing,$(BUNDLE_PACKAGES) $(if $(filter $*,$(HOST_MACHINE)),,$(CROSS_PACKAGES_$*)))
+	bash bundle/build.sh $* $@
+
+# The library and the CO-RE objects for ARCH (the kprobe reads the registers of its CPU).
+bundle-bpf: bundle bpf
+
+# A wheel for ARCH in dist/, tagged manylinux_2_28 by hatch_build.py, and auditwheel's verdict.
+wheel: bundle-bpf venv
+	rm -f dist/datadog_ebpf_probe-*_$(MACHINE).whl
+	EBPF_PROBE_LIBBPF=$(CURDIR)/$(BUNDLE_LIB) EBPF_PROBE_BPF_DIR=$(abspath $(BPF_OUT)) \
+		$(BIN)/python -m build --wheel --outdir dist .
+	$(BIN)/auditwheel show dist/datadog_ebpf_probe-*_$(MACHINE).whl
+
+# `make test` checks the other architecture's build too (arm64 on x86-64; tests/test_bundle.py):
+# its glibc floor, exports and wheel, and a smoke test of the library under qemu-user.
+OTHER_ARCH := $(if $(filter x86,$(HOST_ARCH)),arm64,x86)
+bundle-other-arch:
+	$(MAKE) --no-print-directory bundle-bpf ARCH=$(OTHER_ARCH)
+	$(call install_missing,qemu-user)

@@ -16,6 +16,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -381,6 +382,38 @@ def bench_memory(results: Results, checkpoints: tuple[int, ...]) -> None:
         aggregator.reset()
 
 
+# --- 6. Bundled libbpf --------------------------------------------------------------------------
+
+
+def bench_bundled_libbpf(results: Results, runs: int) -> None:
+    """The wheel's own libbpf.so.1 against the host's: the wheel it makes, start-up time and RSS."""
+    say(f'bundled libbpf vs the host libbpf.so.1: the wheel, {runs} fresh processes per library')
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([PYTHON, '-m', 'build', '--wheel', '--outdir', out, str(REPO)], check=True, capture_output=True)
+        [wheel] = Path(out).glob('*.whl')
+        results.add(Row('6. bundled libbpf', f'wheel size ({wheel.name.split("-", 2)[2]})', 'kB',
+                        value=wheel.stat().st_size / 1024))  # fmt: skip
+    results.add(Row('6. bundled libbpf', 'libbpf.so.1 size (libelf and zlib inside)', 'kB',
+                    value=libbpf.BUNDLED_LIBBPF.stat().st_size / 1024))  # fmt: skip
+    bundled, host = [], []
+    for _ in range(runs):  # interleaved
+        bundled.append(run_child([PYTHON, '-m', 'benchmarks.startup_child', 'core']))
+        host.append(run_child([PYTHON, '-m', 'benchmarks.startup_child', 'core-host-libbpf']))
+    figures = {}
+    for name, rows in (('bundled', bundled), ('host', host)):
+        label = f'{name} libbpf {rows[0]["libbpf"]}'
+        figures[name] = (
+            summary([r['ms'] for r in rows]),
+            summary([(r['rss_after_kb'] - r['rss_before_kb']) / 1024 for r in rows]),
+        )
+        results.add(Row('6. bundled libbpf', f'CO-RE start-up, {label}', 'ms', figures[name][0]))
+        results.add(Row('6. bundled libbpf', f'CO-RE: RSS added, {label}', 'MB', figures[name][1]))
+    for i, what in ((0, 'start-up time'), (1, 'RSS added')):
+        ratio = figures['bundled'][i]['median'] / figures['host'][i]['median']
+        results.add(Row('6. bundled libbpf', f'bundled / host {what}', 'x', value=ratio, goal='<= 1.1x',
+                        met=ratio <= 1.1))  # fmt: skip
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -410,12 +443,14 @@ def main(argv: list[str] | None = None) -> int:
         bench_check_run(results, runs=10)
         bench_oom_burst(results, kills=20, workers=2, bursts=2)
         bench_memory(results, checkpoints=(1, 10, 50))
+        bench_bundled_libbpf(results, runs=3)
     else:
         bench_startup(results, runs=9)
         bench_scale(results, maps=200, entries=50_000, programs=100, factor_cap=10)
         bench_check_run(results, runs=50)
         bench_oom_burst(results, kills=500, workers=4, bursts=5)
         bench_memory(results, checkpoints=(1, 100, 1000))
+        bench_bundled_libbpf(results, runs=9)
     results.context['duration_s'] = round(time.monotonic() - started, 1)
     table = results.markdown()
     print(table)

@@ -1,6 +1,6 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""A thin, typed ctypes layer over libbpf.so.1.
+"""A thin, typed ctypes layer over libbpf.so.1: the copy the wheel carries, else the host's.
 
 No well-kept Python binding of libbpf exists, so this module declares the few
 libbpf calls the probes use and nothing else. Every failing call raises
@@ -19,10 +19,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from datadog_checks.ebpf_probe.resources import PACKAGE_DIR
+
 from . import uapi
 from .btf import Btf
 
 LIBBPF_SONAME = 'libbpf.so.1'
+# Built into the package by `make bundle` (libbpf 1.5.0, libelf and zlib linked in): a known
+# version, the one the structures below are tested against, on hosts that have no libbpf at all.
+BUNDLED_LIBBPF = PACKAGE_DIR / 'data' / 'lib' / LIBBPF_SONAME
+
+
+def library_candidates() -> list[str]:
+    """What to load, in order: the bundled libbpf when present, then the host's by soname."""
+    bundled = [str(BUNDLED_LIBBPF)] if BUNDLED_LIBBPF.is_file() else []
+    return bundled + [LIBBPF_SONAME]
+
 
 # enum libbpf_print_level
 LIBBPF_DEBUG = 2
@@ -246,7 +258,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 
 
 class LibbpfUnavailable(RuntimeError):
-    """libbpf cannot be loaded."""
+    """Neither the bundled libbpf nor the host's libbpf.so.1 can be loaded."""
 
 
 class _Libbpf:
@@ -276,12 +288,7 @@ class _Libbpf:
         if self._lib is None:
             with self._lock:
                 if self._lib is None:
-                    try:
-                        lib = ctypes.CDLL(LIBBPF_SONAME, use_errno=True)
-                    except OSError as e:
-                        raise LibbpfUnavailable(
-                            f'cannot load {LIBBPF_SONAME} ({e}): install libbpf 1.x (Debian/Ubuntu: libbpf1)'
-                        ) from None
+                    lib = _load_first(library_candidates())
                     for name, (restype, argtypes) in _SIGNATURES.items():
                         func = getattr(lib, name)
                         func.restype = restype
@@ -289,6 +296,26 @@ class _Libbpf:
                     lib.libbpf_set_print(self._print_fn)
                     self._lib = lib
         return self._lib
+
+
+def _load_first(candidates: list[str]) -> ctypes.CDLL:
+    errors = []
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path, use_errno=True)
+        except OSError as e:
+            errors.append(f'{path}: {e}')
+            continue
+        if errors:
+            _debug_log.warning(
+                'the bundled libbpf does not load, the host libbpf.so.1 is used instead: %s', '; '.join(errors)
+            )
+        _debug_log.info('libbpf %d.%d loaded from %s', lib.libbpf_major_version(), lib.libbpf_minor_version(), path)
+        return lib
+    raise LibbpfUnavailable(
+        f'cannot load libbpf ({"; ".join(errors)}): reinstall the wheel, which carries it, '
+        f'or install libbpf 1.x (Debian/Ubuntu: libbpf1)'
+    )
 
 
 _LIBBPF = _Libbpf()
