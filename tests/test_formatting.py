@@ -245,11 +245,11 @@ def test_text_of_a_container_kill():
         'Triggered by': '**stress\\-ng** (pid 4243)',
         'Constraint': 'a memory cgroup reached its limit (trigger_type:cgroup)',
         'Memory cgroup': f'/kubepods/burstable/pod{POD_UID_MD}/{CID}',
+        'OOM domain size': "262,144 pages; victim's badness 257,000 points",
         'Container': f'{CID} (containerd)',
-        'Pod UID': POD_UID_MD,
+        'Pod': f'uid {POD_UID_MD}',
         'Memory': 'rss 1,049,264 kB (anon 1,048,000 kB, file 1,200 kB, shmem 64 kB), total-vm 2,100,000 kB, '
         'page tables 2,100 kB',
-        'OOM domain': "262,144 pages; victim's badness 257,000 points",
         'Seen by': 'kprobe/oom_kill_process',
     }
 
@@ -285,34 +285,38 @@ def test_text_of_a_minimal_kill():
     assert list(rows) == ['Victim', 'Triggered by', 'Constraint', 'Seen by']
 
 
-@pytest.mark.parametrize('overrides', [{'oom_domain_pages': None}, {'badness_points': None}])
-def test_text_oom_domain_needs_both_numbers(overrides):
-    assert 'OOM domain' not in table(oom_kill_text(make_kill(**overrides), None))
+def test_text_oom_domain_size_without_oom_control():
+    assert 'OOM domain size' not in table(oom_kill_text(make_kill(oom_domain_pages=None, badness_points=None), None))
+
+
+def test_text_badness_only_for_the_chosen_victim():
+    rows = table(oom_kill_text(make_kill(badness_points=None), None))
+    assert rows['OOM domain size'] == '262,144 pages'
 
 
 def test_text_without_memory():
     rows = table(oom_kill_text(make_kill(memory=None), None))
     assert 'Memory' not in rows
-    assert 'OOM domain' in rows
+    assert 'OOM domain size' in rows
 
 
 def test_text_of_a_host_cgroup():
     rows = table(oom_kill_text(make_kill(cgroup_path='/system.slice/mysqld.service', memcg_oom=False), None))
     assert rows['Memory cgroup'] == '/system\\.slice/mysqld\\.service'
     assert 'Container' not in rows
-    assert 'Pod UID' not in rows
+    assert 'Pod' not in rows
 
 
 def test_text_of_a_pod_level_cgroup():
-    rows = table(oom_kill_text(make_kill(), Container(None, None, POD_UID)))
+    rows = table(oom_kill_text(make_kill(), Container(None, None, POD_UID, 'besteffort')))
     assert 'Container' not in rows
-    assert rows['Pod UID'] == POD_UID_MD
+    assert rows['Pod'] == f'uid {POD_UID_MD}, QoS besteffort'
 
 
 def test_text_of_a_container_without_runtime():
     rows = table(oom_kill_text(make_kill(), Container(CID, None, None)))
     assert rows['Container'] == CID
-    assert 'Pod UID' not in rows
+    assert 'Pod' not in rows
 
 
 def test_text_escapes_kernel_strings():
@@ -324,8 +328,8 @@ def test_text_escapes_kernel_strings():
         'Triggered by',
         'Constraint',
         'Memory cgroup',
+        'OOM domain size',
         'Memory',
-        'OOM domain',
         'Seen by',
     ]
     assert rows['Victim'].startswith('**x\\|y\\\\x0az** (pid 4242')

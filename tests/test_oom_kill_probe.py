@@ -91,7 +91,7 @@ def test_a_real_oom_kill_is_recorded_once_as_the_kernel_reports_it(memory_cgroup
         assert_hooks(probe, variant)
         probe.get_and_flush()  # whatever happened on the host before this test
 
-        with KernelLog() as kernel_log:
+        with KernelLog(full=True) as kernel_log:
             victim = memory_cgroup.oom_kill(comm='oomtest-victim', oom_score_adj=42)
         result = probe.get_and_flush()
 
@@ -125,7 +125,7 @@ def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, var
     try:
         assert probe.variant == variant
         probe.get_and_flush()
-        with KernelLog() as kernel_log:
+        with KernelLog(full=True) as kernel_log:
             victims = [memory_cgroup.oom_kill(comm=f'perf-{i}') for i in range(2)]
         result = probe.get_and_flush()
         assert result.dropped == 0
@@ -325,7 +325,7 @@ def test_bcc_kprobe_variant_compiles_and_loads():
     program = BccProgram.compile(bpf_file(BCC_SOURCE), defines)
     try:
         bpf = program._bpf
-        assert bpf.load_func(hooks.BCC_KPROBE_FUNCTION.encode(), bpf.KPROBE).fd > 0
+        assert bpf.load_func(hooks.BCC_FUNCTIONS[hooks.KPROBE.name].encode(), bpf.KPROBE).fd > 0
     finally:
         program.close()
 
@@ -341,7 +341,7 @@ def test_bcc_variant_compiles_with_offsets_from_kernel_headers():
     try:
         bpf = program._bpf
         assert bpf.load_func(hooks.RAW_TP.program.encode(), bpf.RAW_TRACEPOINT).fd > 0
-        assert bpf.load_func(hooks.BCC_KPROBE_FUNCTION.encode(), bpf.KPROBE).fd > 0
+        assert bpf.load_func(hooks.BCC_FUNCTIONS[hooks.KPROBE.name].encode(), bpf.KPROBE).fd > 0
     finally:
         program.close()
 
