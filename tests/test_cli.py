@@ -208,3 +208,26 @@ def test_json_lists_every_program_and_map_bpftool_lists(tmp_path):
     assert runs['points'][0][1] == 500
     [run_time] = series('program.run_time', program_name=objects.program_name)
     assert run_time['points'][0][1] > 0
+
+
+@pytest.mark.oom
+def test_a_kill_while_the_check_was_stopped_is_counted_when_it_starts_again_and_only_then(tmp_path, memory_cgroup):
+    """The Agent keeps a check's persistent cache across restarts; `--cache-file` keeps it here."""
+    cache = tmp_path / 'persistent-cache.json'
+    config = 'instances:\n  - collect_ebpf_stats: false\n'
+
+    def unaccounted(result):
+        assert result.returncode == 0, result.stderr
+        return [
+            next(m['points'][0][1] for m in run['aggregator']['metrics'] if m['metric'].endswith('.unaccounted'))
+            for run in json.loads(result.stdout)
+        ]
+
+    assert unaccounted(run_cli('--json', '--cache-file', str(cache), config=config, tmp_path=tmp_path)) == [0]
+    memory_cgroup.oom_kill(comm='unseen')  # no check running: no probe sees it
+    restarted = run_cli('--json', '-t', '2', '-l', 'warning', '--cache-file', str(cache), config=config,
+                        tmp_path=tmp_path)  # fmt: skip
+    assert unaccounted(restarted) == [1, 0]  # counted on the first run back, never again
+    assert 'while the check was not running' in restarted.stderr
+    assert all(run['aggregator']['events'] == [] for run in json.loads(restarted.stdout))
+    assert unaccounted(run_cli('--json', '--cache-file', str(cache), config=config, tmp_path=tmp_path)) == [0]
