@@ -21,7 +21,7 @@ VICTIM_PYTHON = '/usr/bin/python3'
 # once (4 MB at a time, until killed); 'hold' allocates, says 'ready' and waits (a bystander the
 # OOM killer may choose). Optionally pinned to one CPU.
 VICTIM_SCRIPT = """
-import ctypes, os, sys, threading, time
+import ctypes, mmap, os, sys, threading, time
 procs, comm, adj, mb, mode, cpu = sys.argv[1:7]
 with open(procs, 'w') as f:
     f.write(str(os.getpid()))
@@ -34,10 +34,13 @@ def name_thread(): libc.prctl(15, ctypes.c_char_p(comm.encode('utf-8', 'surrogat
 def allocate(): globals()['hog'] = bytearray(int(mb) * 1024 * 1024)
 name_thread()
 hogs = []
-def allocate_until_killed():
+def allocate_until_killed():  # the pages are touched in C, without the GIL: the threads fault at once
     name_thread()
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
     while True:
-        hogs.append(bytearray(4 * 1024 * 1024))
+        chunk = mmap.mmap(-1, 4 * 1024 * 1024)
+        hogs.append(chunk)
+        libc.memset(ctypes.addressof(ctypes.c_char.from_buffer(chunk)), 1, len(chunk))
 if mode == 'thread':
     worker = threading.Thread(target=lambda: (name_thread(), allocate()))
     worker.start()

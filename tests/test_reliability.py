@@ -289,6 +289,7 @@ def test_kills_beyond_the_buffer_are_counted_and_the_rest_reported_once(dd_run_c
         assert [e['msg_title'] for e in aggregator.events] == [f'OOM kill: overflow-{i} (pid {v.pid})'
                                                                for i, v in enumerate(victims[:3])]  # fmt: skip
         aggregator.assert_metric('ebpf_probe.oom_kill.dropped', value=2, count=1)
+        aggregator.assert_metric('ebpf_probe.oom_kill.unaccounted', value=0, count=1)  # dropped is accounted for
         aggregator.reset()
         dd_run_check(check)
         assert aggregator.events == []
