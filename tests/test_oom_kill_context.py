@@ -132,3 +132,22 @@ def test_a_group_kill_reports_every_member_once(probe):
         for member in members:
             member.kill()
         cgroup.remove()
+
+
+@pytest.mark.system_oom
+def test_a_system_oom_is_told_from_a_cgroups(probe):
+    """The whole machine out of memory (only ever in a throwaway VM): the kernel's CONSTRAINT_NONE."""
+    with open('/proc/meminfo') as f:
+        total_mb = int(next(line for line in f if line.startswith('MemTotal:')).split()[1]) // 1024
+    cgroup = MemoryCgroup(limit_mb=4 * total_mb)  # a cgroup of its own, with a limit it never reaches
+    try:
+        with KernelLog(full=True) as kernel_log:
+            victim = cgroup.oom_kill(comm='system-oom', oom_score_adj=1000, mode='threads:1')  # 4 MB at a time
+        [report] = [r for r in kernel_log.oom_reports() if r.pid == victim.pid]
+        assert report.constraint == 'CONSTRAINT_NONE'
+        [kill] = mine(probe.get_and_flush().kills, cgroup)
+        assert kill.victim_pid == victim.pid
+        assert kill.memcg_oom is False and kill.trigger_type == 'system'
+        assert kill.domain is None
+    finally:
+        cgroup.remove()
