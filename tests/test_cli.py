@@ -67,7 +67,10 @@ def test_an_oom_kill_during_the_pause_is_in_the_next_run(tmp_path, memory_cgroup
     assert unaccounted['points'][0][1] == 0
     assert first['events'] == []
 
-    [point] = [m for m in second['metrics'] if m['metric'] == 'ebpf_probe.oom_kill.count']
+    [point] = [
+        m for m in second['metrics']
+        if m['metric'] == 'ebpf_probe.oom_kill.count' and 'process_name:cli-victim' in m['tags']
+    ]  # fmt: skip
     assert point['points'][0][1] == 1
     assert point['type'] == 'count'
     assert set(point['tags']) == {
