@@ -251,8 +251,6 @@ static __always_inline void count_unreported(int slot)
 		__sync_fetch_and_add(count, 1);
 }
 
-#include "oom_kill_fill.h"
-
 /* --- Output ----------------------------------------------------------------- */
 
 
@@ -293,69 +291,32 @@ static __always_inline void record_submit(void *ctx, struct oom_kill_record *r)
 		count_drop();	/* the perf ring was full */
 }
 
-/*
- * Without oom_control, whether a memory cgroup or the system ran out of memory
- * shows in the trigger's kernel stack (mem_cgroup_out_of_memory...): keep it
- * for user space to resolve with /proc/kallsyms when it reads the record.
- */
-static __always_inline void fill_kernel_stack(void *ctx, struct oom_kill_record *r)
-{
-	long size = bpf_get_stack(ctx, r->kernel_stack, sizeof(r->kernel_stack), 0);
-
-	if (size > 0)
-		r->kernel_stack_depth = size / sizeof(__u64);
-}
-
-/* --- Hooks ----------------------------------------------------------------- */
-
-/* Where the victim's task is known: the OOM facts from the kprobe, else the stack and a guess. */
-static __always_inline void fill_oom(void *ctx, struct oom_kill_record *r, struct task_struct *task)
+/* The oom_kill_process kprobe's facts about the OOM the current task triggered, if it left them. */
+static __always_inline struct oom_control_info *oom_control_of_trigger(void)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct oom_control_info *info = bpf_map_lookup_elem(&oom_controls, &tid);
 
-	if (info) {
-		set_oom_control(r, info);
-	} else {
-		fill_kernel_stack(ctx, r);
-		guess_domain(r);
-	}
-	fill_group(r, task);
+	return bpf_map_lookup_elem(&oom_controls, &tid);
 }
+
+#include "oom_kill_fill.h"
+
+/* --- Hooks ----------------------------------------------------------------- */
 
 SEC("tp_btf/mark_victim")
 int BPF_PROG(mark_victim_btf, struct task_struct *task, uid_t uid)
 {
-	struct oom_kill_record *r;
-
-	if (!first_kill_of(task, true))
-		return 0;
-	r = record_reserve();
-	if (!r)
-		return 0;
-	record_init(r, OOM_HOOK_TP_BTF);
-	fill_victim(r, task);
-	r->victim_uid = uid;
-	fill_oom(ctx, r, task);
-	record_submit(ctx, r);
+	if (first_kill_of(task, true))
+		report_kill(ctx, task, OOM_HOOK_TP_BTF, oom_control_of_trigger());
 	return 0;
 }
 
 SEC("kprobe/__oom_kill_process")
 int BPF_KPROBE(oom_kill_victim, struct task_struct *victim)
 {
-	struct oom_kill_record *r;
-
 	/* The kernel kills only a victim with memory left; SIGKILL is sent after this point. */
-	if (!BPF_CORE_READ(victim, mm) || !first_kill_of(victim, false))
-		return 0;
-	r = record_reserve();
-	if (!r)
-		return 0;
-	record_init(r, OOM_HOOK_KILL_KPROBE);
-	fill_victim(r, victim);
-	fill_oom(ctx, r, victim);
-	record_submit(ctx, r);
+	if (BPF_CORE_READ(victim, mm) && first_kill_of(victim, false))
+		report_kill(ctx, victim, OOM_HOOK_KILL_KPROBE, oom_control_of_trigger());
 	return 0;
 }
 
@@ -364,7 +325,6 @@ int BPF_KPROBE(oom_kill_process, struct oom_control *oc)
 {
 	struct task_struct *victim = BPF_CORE_READ(oc, chosen);
 	struct oom_control_info info = {};
-	struct oom_kill_record *r;
 
 	if (!victim)
 		return 0;
@@ -374,18 +334,9 @@ int BPF_KPROBE(oom_kill_process, struct oom_control *oc)
 		__u32 tid = (__u32)bpf_get_current_pid_tgid();
 
 		bpf_map_update_elem(&oom_controls, &tid, &info, BPF_ANY);
-		return 0;
+	} else if (first_kill_of(victim, false)) {
+		report_kill(ctx, victim, OOM_HOOK_KPROBE, &info);
 	}
-	if (!first_kill_of(victim, false))
-		return 0;
-	r = record_reserve();
-	if (!r)
-		return 0;
-	record_init(r, OOM_HOOK_KPROBE);
-	fill_victim(r, victim);
-	set_oom_control(r, &info);
-	fill_group(r, victim);
-	record_submit(ctx, r);
 	return 0;
 }
 

@@ -342,8 +342,6 @@ static inline void count_unreported(int slot)
 		__sync_fetch_and_add(count, 1);
 }
 
-#include "oom_kill_fill.h"
-
 /* --- Output ----------------------------------------------------------------- */
 
 static inline void count_drop(void)
@@ -387,52 +385,29 @@ static inline void record_submit(void *ctx, struct oom_kill_record *r)
 #endif
 }
 
-static inline void fill_kernel_stack(void *ctx, struct oom_kill_record *r)
+/* The oom_kill_process kprobe's facts about the OOM the current task triggered, if it left them. */
+static inline struct oom_control_info *oom_control_of_trigger(void)
 {
-	long size = bpf_get_stack(ctx, r->kernel_stack, sizeof(r->kernel_stack), 0);
-
-	if (size > 0)
-		r->kernel_stack_depth = size / sizeof(u64);
-}
-
-/* --- Hooks ----------------------------------------------------------------- */
-
-/* Where the victim's task is known: the OOM facts from the kprobe, else the stack and a guess. */
-static inline void fill_oom(void *ctx, struct oom_kill_record *r, struct task_struct *task)
-{
-	bool known = false;
 #if defined(HOOK_KPROBE) && !defined(KPROBE_WRITES_RECORDS)
 	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct oom_control_info *info = oom_controls.lookup(&tid);
 
-	if (info) {
-		set_oom_control(r, info);
-		known = true;
-	}
+	return oom_controls.lookup(&tid);
+#else
+	return NULL;
 #endif
-	if (!known) {
-		fill_kernel_stack(ctx, r);
-		guess_domain(r);
-	}
-	fill_group(r, task);
 }
+
+#include "oom_kill_fill.h"
+
+/* --- Hooks ----------------------------------------------------------------- */
 
 #ifdef HOOK_RAW_TP
 int oom_mark_victim_raw(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *task = (struct task_struct *)ctx->args[0];
-	struct oom_kill_record *r;
 
-	if (!first_kill_of(task, true))
-		return 0;
-	r = record_reserve();
-	if (!r)
-		return 0;
-	record_init(r, OOM_HOOK_RAW_TP);
-	fill_victim(r, task);
-	r->victim_uid = (u32)ctx->args[1];
-	fill_oom(ctx, r, task);
-	record_submit(ctx, r);
+	if (first_kill_of(task, true))
+		report_kill(ctx, task, OOM_HOOK_RAW_TP, oom_control_of_trigger());
 	return 0;
 }
 #endif /* HOOK_RAW_TP */
@@ -441,18 +416,10 @@ int oom_mark_victim_raw(struct bpf_raw_tracepoint_args *ctx)
 int oom_kill_victim_kprobe(struct pt_regs *ctx)
 {
 	struct task_struct *victim = (struct task_struct *)PT_REGS_PARM1(ctx);
-	struct oom_kill_record *r;
 
 	/* The kernel kills only a victim with memory left; SIGKILL is sent after this point. */
-	if (!read_task_mm(victim) || !first_kill_of(victim, false))
-		return 0;
-	r = record_reserve();
-	if (!r)
-		return 0;
-	record_init(r, OOM_HOOK_KILL_KPROBE);
-	fill_victim(r, victim);
-	fill_oom(ctx, r, victim);
-	record_submit(ctx, r);
+	if (read_task_mm(victim) && first_kill_of(victim, false))
+		report_kill(ctx, victim, OOM_HOOK_KILL_KPROBE, oom_control_of_trigger());
 	return 0;
 }
 #endif /* HOOK_KILL_KPROBE */
@@ -475,20 +442,8 @@ int oom_kill_process_kprobe(struct pt_regs *ctx)
 	READ_AT(points, oc, OFF_OC_CHOSEN_POINTS);
 	read_oom_control(&info, memcg, totalpages, points, read_task_tgid(victim));
 #ifdef KPROBE_WRITES_RECORDS
-	{
-		struct oom_kill_record *r;
-
-		if (!first_kill_of(victim, false))
-			return 0;
-		r = record_reserve();
-		if (!r)
-			return 0;
-		record_init(r, OOM_HOOK_KPROBE);
-		fill_victim(r, victim);
-		set_oom_control(r, &info);
-		fill_group(r, victim);
-		record_submit(ctx, r);
-	}
+	if (first_kill_of(victim, false))
+		report_kill(ctx, victim, OOM_HOOK_KPROBE, &info);
 #else
 	{
 		u32 tid = (u32)bpf_get_current_pid_tgid();

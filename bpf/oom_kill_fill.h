@@ -20,6 +20,9 @@
  *   struct kernfs_node *read_kn_parent(...); const char *read_kn_name(...); __u64 read_kn_id(...)
  *   bool remember_reported(struct oom_reported_key *)  true the first time (a map of its own)
  *   void count_unreported(int slot)                    an OOM_MARKS_* counter
+ * and how it writes records:
+ *   struct oom_kill_record *record_reserve(void); void record_submit(void *ctx, record)
+ *   struct oom_control_info *oom_control_of_trigger(void)   the kprobe's facts, or NULL
  *   PAGE_KB   the page size in kB
  */
 #ifndef EBPF_PROBE_OOM_KILL_FILL_H
@@ -245,6 +248,40 @@ static __always_inline void set_oom_control(struct oom_kill_record *r, struct oo
 		r->flags |= OOM_F_MEMCG;
 		set_domain(r, info->domain_level, info->domain_usage_pages, info->domain_limit_pages);
 	}
+}
+
+/*
+ * Without oom_control, whether a memory cgroup or the system ran out of memory
+ * shows in the trigger's kernel stack (mem_cgroup_out_of_memory...): keep it
+ * for user space to resolve with /proc/kallsyms when it reads the record.
+ */
+static __always_inline void fill_kernel_stack(void *ctx, struct oom_kill_record *r)
+{
+	long size = bpf_get_stack(ctx, r->kernel_stack, sizeof(r->kernel_stack), 0);
+
+	if (size > 0)
+		r->kernel_stack_depth = size / sizeof(__u64);
+}
+
+/* The record of a process the kernel killed, seen with its task; info: the kprobe's oom_control
+ * facts, when it left them (else the trigger's stack and a guess at the cgroup that ran out). */
+static __always_inline void report_kill(void *ctx, struct task_struct *task, __u8 hook,
+					struct oom_control_info *info)
+{
+	struct oom_kill_record *r = record_reserve();
+
+	if (!r)
+		return;
+	record_init(r, hook);
+	fill_victim(r, task);
+	if (info) {
+		set_oom_control(r, info);
+	} else {
+		fill_kernel_stack(ctx, r);
+		guess_domain(r);
+	}
+	fill_group(r, task);
+	record_submit(ctx, r);
 }
 
 #endif /* EBPF_PROBE_OOM_KILL_FILL_H */

@@ -29,6 +29,7 @@ from datadog_checks.ebpf_probe.probe import ProbeLoadError
 from datadog_checks.ebpf_probe.resources import bpf_file
 
 from . import kernels
+from .bpf_objects import bpftool_struct
 from .cgroups import MemoryCgroup
 from .kernel_report import KernelLog, KernelOomReport
 
@@ -347,21 +348,7 @@ def test_bcc_variant_compiles_with_offsets_from_kernel_headers():
 
 
 def bpftool_member_offsets(struct_name: str) -> dict[str, int]:
-    """Byte offsets of a kernel struct's direct members, as bpftool reads the kernel's BTF."""
-    raw = subprocess.run(
-        ['bpftool', 'btf', 'dump', 'file', '/sys/kernel/btf/vmlinux', 'format', 'raw'],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    start = raw.index(f"STRUCT '{struct_name}' ")
-    offsets = {}
-    for line in raw[start:].splitlines()[1:]:
-        if not line.startswith('\t'):
-            break
-        name, _, rest = line.strip().partition(' ')
-        offsets[name.strip("'")] = int(rest.split('bits_offset=')[1].split()[0]) // 8
-    return offsets
+    return dict(bpftool_struct(struct_name))
 
 
 def test_bcc_offsets_from_btf_are_what_bpftool_reads():
