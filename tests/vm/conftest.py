@@ -22,4 +22,7 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(result.line())
     for result in results:
         terminalreporter.write_line(result.facts_line())
+    for result in results:
+        for line in result.expected_lines():
+            terminalreporter.write_line(line)
     terminalreporter.write_line(f'(consoles, junit.xml, facts.json, dmesg.txt: {results[0].folder.parent})')

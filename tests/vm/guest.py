@@ -224,6 +224,8 @@ def run_pytest(run):
         '-rA',
         '--color=no',
         f'--junitxml={RESULTS / "junit.xml"}',
+        '-o',
+        'junit_family=xunit1',  # names each test's file: the host rebuilds pytest's node ids
         '--ignore=tests/vm/test_kernels.py',
         *run['pytest_args'],
     ]

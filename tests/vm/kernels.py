@@ -52,6 +52,9 @@ class Row:
     suite: str  # the Debian suite that has it (a key of SUITES)
     layers: tuple[str, ...] = ()  # extra layers over the root: 'headers', 'bcc', 'podman'
     tests: tuple[str, ...] = ()  # pytest arguments added to the selection for this row
+    # (pytest node id, why): tests known to fail on this row. They still run; the row fails if one
+    # of them passes (strict), so the table is updated when the cause is fixed.
+    expected_failures: tuple[tuple[str, str], ...] = ()
     timeout: int = 1200  # seconds for boot + run
     notes: str = ''
 
@@ -74,10 +77,12 @@ ROWS = (
         'linux-image-5.10.0-32-amd64',
         'bullseye',
         layers=('headers', 'bcc'),
-        tests=(
-            'tests/test_cli.py::test_an_oom_kill_during_the_pause_is_in_the_next_run[bcc]',
-            # It asserts this machine's kernel (tp_btf/mark_victim has the task): false here, by design.
-            '--deselect=tests/test_kernel.py::test_the_quick_btf_look_agrees_with_libbpf',
+        tests=('tests/test_cli.py::test_an_oom_kill_during_the_pause_is_in_the_next_run[bcc]',),
+        expected_failures=(
+            (
+                'tests/test_kernel.py::test_the_quick_btf_look_agrees_with_libbpf',
+                "asserts the host kernel's answer (mark_victim passes the task); here it passes only the pid",
+            ),
         ),
         notes='mark_victim passes only the pid (the fields came with 5.10.235); BCC with this kernel headers',
     ),
@@ -97,6 +102,13 @@ ROWS = (
         'linux-image-6.1.0-56-arm64',
         'bookworm-security',
         timeout=1800,
+        expected_failures=(
+            (
+                'tests/test_cli.py::test_an_oom_kill_during_the_pause_is_in_the_next_run[co-re]',
+                'the CO-RE object is built for x86 (bpf/kernel_types.h: x86 pt_regs, -D__TARGET_ARCH_x86): '
+                "on arm64 the kprobe's pt_regs.di relocation fails and the whole object with it",
+            ),
+        ),
         notes="Debian 12's kernel on arm64 (qemu virt, cortex-a57)",
     ),
 )

@@ -192,6 +192,8 @@ class RowResult:
     skipped: int = 0
     pytest_exit: int | None = None
     failures: list[str] = field(default_factory=list)
+    expected_failed: list[str] = field(default_factory=list)  # the row's expected failures that failed
+    unexpected_passes: list[str] = field(default_factory=list)  # ... that passed: the table must say so
     facts: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     folder: Path | None = None
@@ -202,17 +204,26 @@ class RowResult:
             self.problem is None
             and self.release == self.row.release
             and self.failed == self.errors == 0
+            and not self.unexpected_passes
             and self.passed > 0
-            and self.pytest_exit == 0
+            and self.pytest_exit == (1 if self.expected_failed else 0)
         )
 
     def line(self) -> str:
         status = 'ok' if self.ok else 'FAILED'
         counts = f'{self.passed} passed, {self.failed} failed, {self.errors} errors, {self.skipped} skipped'
+        if self.expected_failed:
+            counts += f', {len(self.expected_failed)} expected failures'
+        if self.unexpected_passes:
+            counts += f', {len(self.unexpected_passes)} expected failures PASSED'
         return (
             f'{self.row.name:<10} {status:<6} {self.release or "-":<26} {self.run_seconds:5.0f} s boot+run '
             f'(+{self.prepare_seconds:.0f} s prepare)  {counts}' + (f'  [{self.problem}]' if self.problem else '')
         )
+
+    def expected_lines(self) -> list[str]:
+        reasons = dict(self.row.expected_failures)
+        return [f'{self.row.name:<10} expected failure: {node} ({reasons[node]})' for node in self.expected_failed]
 
     def facts_line(self) -> str:
         f = self.facts
@@ -251,22 +262,37 @@ def read_results(console: str, folder: Path) -> None:
                 (folder / member.name).write_bytes(tar.extractfile(member).read())
 
 
+def nodeid(case: ET.Element) -> str:
+    """pytest's node id of a junit testcase (xunit1: it names the file)."""
+    file, classname, name = case.get('file', ''), case.get('classname', ''), case.get('name', '')
+    module = file.removesuffix('.py').replace('/', '.')
+    cls = classname[len(module) + 1 :] if file and classname.startswith(module + '.') else ''
+    return f'{file}::{cls + "::" if cls else ""}{name}' if file else f'{classname}::{name}'
+
+
 def parse_junit(result: RowResult, path: Path) -> None:
-    root = ET.parse(path).getroot()
-    for case in root.iter('testcase'):
-        nodeid = f'{case.get("classname")}::{case.get("name")}'
+    """Counts and failures; the row's expected failures are told apart (and must still fail)."""
+    expected = dict(result.row.expected_failures)
+    seen = set()
+    for case in ET.parse(path).getroot().iter('testcase'):
+        node = nodeid(case)
         outcome = next((child for child in case if child.tag in ('failure', 'error', 'skipped')), None)
         if outcome is None:
             result.passed += 1
+            if node in expected:
+                result.unexpected_passes.append(node)
         elif outcome.tag == 'skipped':
             result.skipped += 1
+        elif outcome.tag == 'failure' and node in expected:
+            result.expected_failed.append(node)
+            seen.add(node)
         else:
             if outcome.tag == 'failure':
                 result.failed += 1
             else:
                 result.errors += 1
-            text = (outcome.get('message') or '') + '\n' + (outcome.text or '')
-            result.failures.append(f'--- {outcome.tag}: {nodeid}\n{text.strip()[-6000:]}')
+            text = (outcome.text or outcome.get('message') or '').strip()
+            result.failures.append(f'--- {outcome.tag}: {node}\n{text[-6000:]}')
 
 
 def run_row(row: kernels.Row, wheel: Wheel, echo=lambda line: None) -> RowResult:
@@ -376,6 +402,8 @@ def main() -> int:
     for result in results:
         print(result.line())
         print(result.facts_line())
+        for line in result.expected_lines():
+            print(line)
         for failure in result.failures:
             print(failure)
     return 0 if all(r.ok for r in results) else 1
