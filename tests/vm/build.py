@@ -224,8 +224,10 @@ class Apt:
     def candidates(self, prefix: str, suffix: str) -> list[str]:
         self.update()
         names = run(['apt-cache', *self.options(), 'pkgnames', prefix], 'apt-cache pkgnames').stdout.split()
+        abi = [n for n in names if n.endswith(suffix) and '-cloud-' not in n and '-rt-' not in n]
+        abi = [n for n in abi if re.search(r'[-+]', n.removeprefix('linux-image-').removesuffix(suffix))]
         return sorted(
-            (n for n in names if n.endswith(suffix)),
+            abi,
             key=lambda n: [int(x) if x.isdigit() else x for x in re.split(r'(\d+)', n)],
         )
 
@@ -532,7 +534,7 @@ def main() -> int:
     if args.candidates:
         for row in rows:
             series = row.release.split('.', 2)[:2]
-            prefix = f'linux-image-{series[0]}.{series[1]}'
+            prefix = f'linux-image-{series[0]}.{series[1]}.'
             flavour = '-' + row.release.rsplit('-', 1)[1]
             print(f'{row.name}: pinned {row.kernel}; the archive has: {" ".join(APT.candidates(prefix, flavour))}')
         return 0

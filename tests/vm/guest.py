@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -206,6 +207,10 @@ def facts(run):
     except Exception as error:  # a fact we could not read is a fact
         result['btf_names'] = {'error': repr(error)}
     result['bpftool'] = bpftool_features()
+    result['bcc'] = os.path.isdir('/usr/lib/python3/dist-packages/bcc')
+    result['kernel_headers'] = os.path.isdir(f'/lib/modules/{uname.release}/build')
+    podman = subprocess.run(['podman', '--version'], capture_output=True, text=True) if shutil.which('podman') else None
+    result['podman'] = podman.stdout.strip() if podman else None
     versions = subprocess.run(['bpftool', 'version', '-j'], capture_output=True, text=True).stdout
     result['bpftool_version'] = json.loads(versions) if versions.strip() else None
     return result

@@ -34,6 +34,8 @@ from . import build, initramfs, kernels
 REPO = build.REPO
 HERE = Path(__file__).resolve().parent
 RESULTS = build.CACHE / 'results'
+# Folders of the checkout copied into the guest beside its top-level files (not datadog_checks/).
+CHECKOUT_FOLDERS = ('tests', 'assets')
 BEGIN = '=== ebpf-probe results begin sha256='
 END = '=== ebpf-probe results end ==='
 
@@ -133,12 +135,17 @@ def overlay(row: kernels.Row, caches: dict, wheel: Wheel, path: Path) -> None:
         cpio.file('init', (HERE / 'init').read_bytes(), mode=0o755)
         cpio.file('opt/ebpf-probe/guest.py', (HERE / 'guest.py').read_bytes())
         cpio.file('opt/ebpf-probe/kernel-config', (caches['kernel'] / 'config').read_bytes())
-        cpio.file('opt/ebpf-probe/checkout/pyproject.toml', (REPO / 'pyproject.toml').read_bytes())
-        cpio.tree(
-            REPO / 'tests',
-            'opt/ebpf-probe/checkout/tests',
-            skip=lambda p: '__pycache__' in p.parts or p.suffix == '.pyc',
-        )
+        # The checkout as the tests read it (pyproject.toml, metadata.csv, manifest.json, assets/...),
+        # without the package itself: that comes from the wheel.
+        for path in sorted(REPO.iterdir()):
+            if path.is_file() and not path.name.startswith('.'):
+                cpio.file(f'opt/ebpf-probe/checkout/{path.name}', path.read_bytes())
+        for folder in CHECKOUT_FOLDERS:
+            cpio.tree(
+                REPO / folder,
+                f'opt/ebpf-probe/checkout/{folder}',
+                skip=lambda p: '__pycache__' in p.parts or p.suffix == '.pyc',
+            )
         dist_info = install_wheel(cpio, wheel, info['site_packages'].lstrip('/'))
         run['wheel']['dist_info'] = dist_info
         cpio.file('opt/ebpf-probe/run.json', json.dumps(run, indent=1).encode())
@@ -324,9 +331,10 @@ def run_row(row: kernels.Row, wheel: Wheel, echo=lambda line: None) -> RowResult
             result.prepare_seconds = time.monotonic() - started
         command = qemu_command(row, caches, initrd)
         (folder / 'qemu-command').write_text(shlex.join(command) + '\n')
-        console, result.run_seconds, timed_out = boot(command, row.timeout, folder / 'console.log', echo)
+        timeout = int(os.environ.get('VM_TIMEOUT') or row.timeout)
+        console, result.run_seconds, timed_out = boot(command, timeout, folder / 'console.log', echo)
         if timed_out:
-            result.problem = f'no result within {row.timeout} s (console: {folder / "console.log"})'
+            result.problem = f'no result within {timeout} s (console: {folder / "console.log"})'
             return result
         try:
             read_results(console, folder)
