@@ -260,7 +260,7 @@ def kernel(row: kernels.Row) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         work = CACHE / 'tmp' / row.kernel
         shutil.rmtree(work, ignore_errors=True)
-        [deb] = APT.download([row.kernel], row.arch, work)
+        [deb] = APT.download([row.kernel], row.arch, work, suite=row.suite)
         extract(deb, work / 'x', ['./boot/*'])
         folder.mkdir(parents=True)
         shutil.copy(work / 'x' / 'boot' / f'config-{row.release}', folder / 'config')
@@ -407,7 +407,7 @@ def headers_layer(row: kernels.Row) -> Path:
     with timed(f'layer headers for {row.release}'):
         work = CACHE / 'tmp' / f'headers-{row.release}'
         shutil.rmtree(work, ignore_errors=True)
-        for deb in APT.download(list(row.headers), row.arch, work / 'debs'):
+        for deb in APT.download(list(row.headers), row.arch, work / 'debs', suite=row.suite):
             extract(deb, work / 'tree')
         _merge_usr(work / 'tree')
         build = work / 'tree' / 'usr' / 'lib' / 'modules' / row.release / 'build'

@@ -115,7 +115,6 @@ def bpftool_features():
     map_types = probe.get('map_types', {})
     helpers = probe.get('helpers', {})
     kprobe_helpers = set(helpers.get('kprobe_available_helpers', []))
-    tracing_helpers = set(helpers.get('tracing_available_helpers', []))
     return {
         'seconds': round(time.monotonic() - started, 1),
         'program_types': sorted(k.removeprefix('have_').removesuffix('_prog_type') for k, v in prog_types.items() if v),
@@ -125,7 +124,6 @@ def bpftool_features():
             h: h in kprobe_helpers
             for h in ('bpf_get_current_task_btf', 'bpf_for_each_map_elem', 'bpf_ringbuf_output', 'bpf_get_func_ip')
         },
-        'tracing_helpers': {h: h in tracing_helpers for h in ('bpf_get_current_task_btf', 'bpf_for_each_map_elem')},
         'system_config': probe.get('system_config', {}),
         'syscall_config': probe.get('syscall_config', {}),
     }
@@ -225,7 +223,7 @@ def run_pytest(run):
         'addopts=',
         '-p',
         'no:cacheprovider',
-        '-v',
+        '-vv',  # whole assertion diffs: the failure text is all the host gets
         '-rA',
         '--color=no',
         f'--junitxml={RESULTS / "junit.xml"}',
