@@ -25,8 +25,10 @@ def make_check(instance):
 @pytest.mark.oom
 @pytest.mark.parametrize(
     'variant_options, variant',
-    [({'enable_core': True, 'allow_runtime_compiled_fallback': False}, 'co-re'), ({'enable_core': False}, 'bcc')],
-    ids=['co-re', 'bcc'],
+    [
+        pytest.param({'enable_core': True, 'allow_runtime_compiled_fallback': False}, 'co-re', id='co-re'),
+        pytest.param({'enable_core': False}, 'bcc', id='bcc', marks=pytest.mark.bcc),
+    ],
 )
 def test_a_real_oom_kill_is_one_metric_point_and_one_event(
     dd_run_check, aggregator, instance, memory_cgroup, variant_options, variant

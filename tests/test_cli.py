@@ -33,7 +33,7 @@ def test_the_installed_script_runs_the_cli():
 
 
 @pytest.mark.oom
-@pytest.mark.parametrize('variant', ['co-re', 'bcc'])
+@pytest.mark.parametrize('variant', ['co-re', pytest.param('bcc', marks=pytest.mark.bcc)])
 def test_an_oom_kill_during_the_pause_is_in_the_next_run(tmp_path, memory_cgroup, variant):
     config = 'init_config:\ninstances:\n  - tags: [team:kernel]\n    collect_ebpf_stats: false\n'
     if variant == 'bcc':

@@ -3,9 +3,11 @@
 """Every OOM kill once, with its context, against the kernel's own report and counters:
 multi-threaded victims, the cgroup that ran out, the container's main process, group kills."""
 
+import json
 import logging
 import os
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -22,7 +24,7 @@ log = logging.getLogger('test')
 PAGE_KB = os.sysconf('SC_PAGE_SIZE') // 1024
 
 
-@pytest.fixture(params=['co-re', 'bcc'])
+@pytest.fixture(params=['co-re', pytest.param('bcc', marks=pytest.mark.bcc)])
 def probe(request):
     options = OOMKillProbeOptions(enable_core=request.param == 'co-re', allow_runtime_compiled_fallback=True)
     probe = load_oom_kill_probe(options, log)
@@ -35,8 +37,7 @@ def mine(kills, cgroup: MemoryCgroup):
     return [k for k in kills if k.cgroup_path is not None and k.cgroup_path.startswith(cgroup.path)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('threads', [1, 4, 16])
+@pytest.mark.parametrize('threads', [1, 4, pytest.param(16, marks=pytest.mark.slow)])
 def test_a_multi_threaded_process_killed_is_one_kill(probe, threads):
     """The kernel marks more threads of a dying process: still one kill per process, as it counts them."""
     cgroup = MemoryCgroup(limit_mb=64)
@@ -151,3 +152,44 @@ def test_a_system_oom_is_told_from_a_cgroups(probe):
         assert kill.domain is None
     finally:
         cgroup.remove()
+
+
+@pytest.mark.container_runtime
+@pytest.mark.parametrize('main', [True, False], ids=['main-process', 'worker'])
+def test_a_real_containers_kill_names_the_container_and_whether_it_was_its_main_process(dd_run_check, aggregator, main):
+    """podman with crun (one VM row): the container id and cgroup the runtime made, and its pid 1 or not."""
+    from datadog_checks.ebpf_probe import EbpfProbeCheck
+
+    from .containers_runtime import ALLOCATOR, start_container
+
+    # The allocator as the container's main process (exec: pid 1), or as a child of a shell that stays.
+    command = ALLOCATOR if main else ALLOCATOR.replace('exec dd', 'dd') + '; sleep 600'
+    check = EbpfProbeCheck('ebpf_probe', {}, [{'collect_ebpf_stats': False, 'check_tag_cardinality': 'high'}])
+    try:
+        dd_run_check(check)
+        with start_container(memory='20m', command=command) as container:
+            with open(f'/proc/{container.pid}/root/tmp/go', 'w'):
+                pass
+            deadline = time.monotonic() + 60
+            events = []
+            while not events and time.monotonic() < deadline:
+                time.sleep(0.5)
+                aggregator.reset()
+                dd_run_check(check)
+                events = [e for e in aggregator.events if f'container_id:{container.id}' in e['tags']]
+            [event] = events
+            assert 'container_runtime:podman' in event['tags']
+            assert f'container_main_process:{str(main).lower()}' in event['tags']
+            assert event['aggregation_key'] == container.id
+            assert f'| Memory cgroup | {container.cgroup.replace("-", chr(92) + "-")} |' in event['msg_text']
+            [point] = [m for m in aggregator.metrics('ebpf_probe.oom_kill.count') if f'container_id:{container.id}'
+                       in m.tags]  # fmt: skip
+            assert point.value == 1
+            if not main:  # the container goes on without its worker
+                assert json.loads(podman_inspect(container.id))[0]['State']['Running'] is True
+    finally:
+        check.cancel()
+
+
+def podman_inspect(container_id: str) -> str:
+    return subprocess.run(['podman', 'inspect', container_id], capture_output=True, text=True, check=True).stdout

@@ -84,7 +84,10 @@ def assert_equals_the_kernel_report(kill, report: KernelOomReport, cgroup: Memor
 
 
 @pytest.mark.oom
-@pytest.mark.parametrize('options, variant', [(CORE_ONLY, 'co-re'), (BCC_ONLY, 'bcc')], ids=['co-re', 'bcc'])
+@pytest.mark.parametrize(
+    'options, variant',
+    [pytest.param(CORE_ONLY, 'co-re', id='co-re'), pytest.param(BCC_ONLY, 'bcc', id='bcc', marks=pytest.mark.bcc)],
+)
 def test_a_real_oom_kill_is_recorded_once_as_the_kernel_reports_it(memory_cgroup, options, variant):
     probe = load_oom_kill_probe(options, log)
     try:
@@ -119,7 +122,10 @@ def test_a_real_oom_kill_is_recorded_once_as_the_kernel_reports_it(memory_cgroup
 
 
 @pytest.mark.oom
-@pytest.mark.parametrize('options, variant', [(CORE_ONLY, 'co-re'), (BCC_ONLY, 'bcc')], ids=['co-re', 'bcc'])
+@pytest.mark.parametrize(
+    'options, variant',
+    [pytest.param(CORE_ONLY, 'co-re', id='co-re'), pytest.param(BCC_ONLY, 'bcc', id='bcc', marks=pytest.mark.bcc)],
+)
 def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, variant):
     """Kernels before 5.8 have no ring buffer: the same kills through a perf buffer."""
     probe = load_oom_kill_probe(OOMKillProbeOptions(**{**options.__dict__, 'force_perf_buffer': True}), log)
@@ -145,7 +151,9 @@ def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, var
     [
         (CORE_ONLY, RING_SAMPLE_SIZE),
         (OOMKillProbeOptions(allow_runtime_compiled_fallback=False, force_perf_buffer=True), PERF_SAMPLE_SIZE),
-        (OOMKillProbeOptions(enable_core=False, force_perf_buffer=True), PERF_SAMPLE_SIZE),
+        pytest.param(
+            OOMKillProbeOptions(enable_core=False, force_perf_buffer=True), PERF_SAMPLE_SIZE, marks=pytest.mark.bcc
+        ),
     ],
     ids=['co-re-ring', 'co-re-perf', 'bcc-perf'],
 )
@@ -165,6 +173,7 @@ def test_kills_beyond_the_buffer_are_counted_as_dropped_exactly(memory_cgroup, o
         probe.close()
 
 
+@pytest.mark.bcc
 def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(monkeypatch):
     from datadog_checks.ebpf_probe.kernel import requirements
 
@@ -319,6 +328,7 @@ def test_the_task_hook_is_chosen_from_btf_not_the_version_number():
         assert quick[0] is KERNEL.task_tracepoint
 
 
+@pytest.mark.bcc
 def test_bcc_kprobe_variant_compiles_and_loads():
     with Btf.open() as btf:
         defines = bcc_offsets(btf)
@@ -331,6 +341,7 @@ def test_bcc_kprobe_variant_compiles_and_loads():
         program.close()
 
 
+@pytest.mark.bcc
 def test_bcc_variant_compiles_with_offsets_from_kernel_headers():
     """Without BTF, offsets come from the kernel headers BCC compiles with. Here those are
     Debian's 6.1 headers, not this kernel's, so only compiling and loading can be checked;
@@ -351,6 +362,7 @@ def bpftool_member_offsets(struct_name: str) -> dict[str, int]:
     return dict(bpftool_struct(struct_name))
 
 
+@pytest.mark.bcc
 def test_bcc_offsets_from_btf_are_what_bpftool_reads():
     with Btf.open() as btf:
         defines = bcc_offsets(btf)
@@ -373,6 +385,7 @@ class TestFallback:
         path.write_bytes(b'\x7fELF' + b'\0' * 60)
         return str(path)
 
+    @pytest.mark.bcc
     def test_core_failure_falls_back_to_bcc_with_a_warning(self, tmp_path, caplog):
         options = OOMKillProbeOptions(core_object_path=self.corrupt_object(tmp_path))
         with caplog.at_level(logging.WARNING):
@@ -396,6 +409,7 @@ class TestFallback:
         assert message.startswith('CO-RE load failed: bpf_object__open_file(corrupt.bpf.o) failed')
         assert 'allow_runtime_compiled_fallback: true' in message
 
+    @pytest.mark.bcc
     def test_both_failing_is_one_error_with_both_causes(self, tmp_path, monkeypatch):
         monkeypatch.setattr(kernel_bcc, 'find_kernel_headers', lambda release=None: None)
         options = OOMKillProbeOptions(core_object_path=self.corrupt_object(tmp_path))

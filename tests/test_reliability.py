@@ -217,6 +217,7 @@ def test_with_only_cap_bpf_and_cap_perfmon_oom_kills_work_and_accounting_says_wh
 # --- Kernel features missing ------------------------------------------------------------------------
 
 
+@pytest.mark.bcc
 def test_no_btf_and_no_headers_is_critical_and_says_what_to_install(dd_run_check, aggregator, monkeypatch):
     monkeypatch.setattr(kernel, 'VMLINUX_BTF', '/nonexistent/btf/vmlinux')
     monkeypatch.setattr(bcc_loader, 'find_kernel_headers', lambda release=None: None)

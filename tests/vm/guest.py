@@ -56,7 +56,14 @@ BTF_FUNCTIONS = (
     'bpf_for_each_map_elem',
 )
 BTF_STRUCTS = ('trace_event_raw_mark_victim', 'oom_control')
-KALLSYMS = ('oom_kill_process', 'mem_cgroup_out_of_memory', 'out_of_memory', 'bpf_map_sum_elem_count', 'bpf_map_fops')
+KALLSYMS = (
+    'oom_kill_process',
+    '__oom_kill_process',
+    'mem_cgroup_out_of_memory',
+    'out_of_memory',
+    'bpf_map_sum_elem_count',
+    'bpf_map_fops',
+)
 
 
 def say(message):
@@ -188,7 +195,8 @@ def facts(run):
         if os.path.isdir('/sys/kernel/tracing/events/oom')
         else None,
         'filter_functions': {
-            f: bool(re.search(rf'^{f}\b', available, re.M)) for f in ('oom_kill_process', 'mem_cgroup_out_of_memory')
+            f: bool(re.search(rf'^{f}\b', available, re.M))
+            for f in ('oom_kill_process', '__oom_kill_process', 'mem_cgroup_out_of_memory')
         },
         'kallsyms': {name: kallsyms.get(name) for name in KALLSYMS},
         'sysctl': {

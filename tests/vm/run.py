@@ -46,7 +46,7 @@ def selection(row: kernels.Row) -> list[str]:
     override = os.environ.get('VM_PYTEST', '').strip()
     if override:
         return shlex.split(override)
-    return [*kernels.SMOKE, *row.tests]
+    return ['-m', row.marker_expression, *kernels.KERNEL_TESTS, *row.tests]
 
 
 # --- The wheel ---------------------------------------------------------------------------------
