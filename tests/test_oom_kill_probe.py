@@ -195,7 +195,7 @@ def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(mon
 @pytest.mark.oom
 def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(memory_cgroup):
     # The last resort, where neither the task hook nor a kprobe can be had.
-    disabled = frozenset({hooks.TP_BTF.name, hooks.KPROBE.name})
+    disabled = frozenset({hooks.TP_BTF.name, hooks.KILL_KPROBE.name, hooks.KPROBE.name})
     options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, disabled_hooks=disabled)
     probe = load_oom_kill_probe(options, log)
     try:

@@ -225,9 +225,10 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             )
 
     def _collect_oom_kills(self, probe: OOMKillProbe) -> int:
-        """Submit the kills drained from the probe; how many there were, dropped ones included."""
+        """Submit the kills drained from the probe; how many the kernel counted of them, dropped ones included."""
         result = probe.get_and_flush()
-        for occurrence in report.occurrences(result.kills):
+        occurrences = report.occurrences(result.kills)
+        for occurrence in occurrences:
             self._submit_oom_kills(occurrence)
         self.count('oom_kill.dropped', result.dropped, tags=self._tags)
         if result.dropped:
@@ -235,7 +236,9 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 '%d OOM kills were dropped in the kernel: raise max_buffered_oom_kills or run the check more often',
                 result.dropped,
             )
-        return len(result.kills) + result.dropped
+        # The kernel kills, and counts, the chosen victim of a group kill again with its group.
+        group_kills = sum(1 for kills in occurrences if kills[0].group_cgroup_path and any(k.chosen for k in kills))
+        return len(result.kills) + result.dropped + group_kills
 
     def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> int:
         assert self._stats_metrics is not None
