@@ -32,13 +32,12 @@
 #define OOM_F_OOM_CONTROL (1U << 4)	/* oom_domain_pages, badness_points filled */
 #define OOM_F_CGROUP (1U << 5)		/* cgroup_id, cgroup_names filled */
 #define OOM_F_CGROUP_NAME_TRUNCATED (1U << 6)	/* a level's name is longer than kept */
-#define OOM_F_SIGKILL (1U << 7)		/* SIGKILL pending on the victim: a kill, not only a mark */
+#define OOM_F_CHOSEN (1U << 7)		/* the victim the OOM killer chose (badness_points is its) */
 #define OOM_F_CGROUP_DEPTH_TRUNCATED (1U << 8)	/* more levels above the kept ones */
 #define OOM_F_VICTIM_PID_UNKNOWN (1U << 9)	/* only the victim's thread id is known */
 #define OOM_F_DOMAIN (1U << 10)		/* domain_* filled: the memory cgroup that hit its limit */
 #define OOM_F_DOMAIN_GUESSED (1U << 11)	/* ... found as the one left without room (no oom_control) */
 #define OOM_F_PID_NS (1U << 12)		/* victim_ns_pid, pid_ns_level filled */
-#define OOM_F_CHOSEN (1U << 13)		/* the victim the OOM killer chose (badness_points is its) */
 
 struct oom_kill_record {
 	__u64 timestamp_ns;	/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

@@ -200,8 +200,6 @@ static __always_inline void fill_victim(struct oom_kill_record *r, struct task_s
 	r->oom_score_adj = read_task_oom_score_adj(task);
 	read_task_comm(task, r->victim_comm);
 	r->flags |= OOM_F_VICTIM_TASK;
-	if (read_task_sigkill_pending(task))
-		r->flags |= OOM_F_SIGKILL;
 	if (read_task_ns_pid(read_task_group_leader(task), &r->victim_ns_pid, &r->pid_ns_level))
 		r->flags |= OOM_F_PID_NS;
 	fill_memory(r, task);

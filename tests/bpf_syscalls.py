@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
-from datadog_checks.ebpf_probe.kernel.libbpf import call_int, lib
+from datadog_checks.ebpf_probe.kernel.libbpf import call_int, lib, map_update_elem
 
 
 class _MapCreateOpts(ctypes.Structure):
@@ -57,12 +57,25 @@ def map_create(
                     max_entries, ctypes.byref(opts))  # fmt: skip
 
 
+ENOTSUPP = 524  # the kernel's "operation not supported" for a map type without batch ops
+
+
 def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> int:
-    """Update `count` elements at once (keys and values packed back to back)."""
+    """Update `count` elements (keys and values packed back to back): in one call, or one by one
+    where the kernel has no batch update for the map type (hash-of-maps before 5.13)."""
     n = ctypes.c_uint32(count)
     opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
     bpf = _declare()
-    call_int('bpf_map_update_batch', bpf.bpf_map_update_batch, fd, keys, values, ctypes.byref(n), ctypes.byref(opts))
+    try:
+        call_int('bpf_map_update_batch', bpf.bpf_map_update_batch, fd, keys, values, ctypes.byref(n),
+                 ctypes.byref(opts))  # fmt: skip
+    except OSError as e:
+        if e.errno != ENOTSUPP:
+            raise
+        key_size, value_size = len(keys) // count, len(values) // count
+        for i in range(count):
+            map_update_elem(fd, keys[i * key_size : (i + 1) * key_size], values[i * value_size : (i + 1) * value_size])
+        return count
     return n.value
 
 

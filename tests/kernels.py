@@ -33,6 +33,9 @@ class Kernel:
     maps_of_maps_counting: str = 'batch'
     for_each: bool = True  # bpf_for_each_map_elem (5.13+)
     ring_buffer: bool = True  # BPF ring buffers (5.8+)
+    # Debian's perf_event_paranoid level 3 lets CAP_PERFMON open perf events (which tracepoints and
+    # kprobes attach through) from 6.x; Debian 11's 5.10 patch lets only CAP_SYS_ADMIN.
+    perfmon_opens_perf_events: bool = True
 
 
 KNOWN: dict[str, Kernel] = {
@@ -65,7 +68,7 @@ KNOWN: dict[str, Kernel] = {
     ),
     # Debian 11's first 5.10: mark_victim passes only a pid (the fields came in 5.10.235), so the
     # kprobe on __oom_kill_process (a function of its own there) sees each victim; no
-    # bpf_for_each_map_elem (5.13), no kfunc.
+    # bpf_for_each_map_elem (5.13), no kfunc; hash-of-maps has no batch ops yet (ENOTSUPP).
     '5.10.0-32-amd64': Kernel(
         name='5.10 Debian 11 x86-64',
         kprobes=True,
@@ -73,7 +76,9 @@ KNOWN: dict[str, Kernel] = {
         core_hooks=(KILL_KPROBE, KPROBE),
         bcc_hooks=(KILL_KPROBE, KPROBE),
         entry_counting='element_iterator',
+        maps_of_maps_counting='get_next_key',
         for_each=False,
+        perfmon_opens_perf_events=False,
     ),
     # Debian 13: the full tracepoint, kprobes, and the kfunc (6.6).
     '6.12.118+deb13-amd64': Kernel(

@@ -231,7 +231,7 @@ def container_kill():
         timestamp=1.0, victim_pid=10, victim_tid=10, victim_comm='java', victim_uid=1000, oom_score_adj=0,
         trigger_pid=10, trigger_tid=10, trigger_comm='java', memcg_oom=True, cgroup_path=path, cgroup_id=1,
         cgroup_path_truncated=False, memory=VictimMemory(1, 2, 3, 4, 5), oom_domain_pages=None, badness_points=None,
-        sigkill=True, hook='tp_btf/mark_victim',
+        hook='tp_btf/mark_victim',
     )  # fmt: skip
 
 

@@ -161,8 +161,9 @@ def test_the_probes_own_objects_are_owned_by_this_process(probe):
     snapshot = probe.snapshot()
     iterators = {'iter/bpf_map': 'map_entries', 'iter/bpf_map_elem': 'map_elements', 'iter/task_file': 'bpf_owners'}
     loaded = {iterators[hook] for hook in probe.hooks if hook in iterators}
-    own = [p for p in snapshot.programs if p.name in loaded]
-    assert len(own) == len(loaded) >= 2
+    assert len(loaded) >= 2
+    own = [p for p in snapshot.programs if p.name in loaded and ME in p.owners]  # not another process's probe
+    assert sorted(p.name for p in own) == sorted(loaded)
     assert all(p.owners == (ME,) for p in own)
 
 
@@ -230,7 +231,8 @@ def test_without_the_counting_kfunc_each_map_is_walked_in_the_kernel_by_one_load
                 made = objects.maps[kind]
                 assert maps[made.id].entries == made.entries, kind
                 if made.type == MAP_HASH_OF_MAPS:
-                    assert maps[made.id].entries_method == 'batch', kind
+                    allowed = {KERNEL.maps_of_maps_counting} if KERNEL else {'batch', 'get_next_key'}
+                    assert maps[made.id].entries_method in allowed, kind
                 elif made.max_entries >= LARGE_MAP:  # a walk 4x faster, where the kernel has it, is worth a load
                     allowed = {'for_each'} if KERNEL is None or KERNEL.for_each else {'element_iterator'}
                     assert maps[made.id].entries_method in (allowed if KERNEL else {'for_each', 'element_iterator'})

@@ -62,7 +62,6 @@ def make_kill(**overrides) -> OOMKill:
         'memory': MEMORY,
         'oom_domain_pages': 262_144,
         'badness_points': 257_000,
-        'sigkill': True,
         'hook': 'kprobe/oom_kill_process',
     }
     fields.update(overrides)

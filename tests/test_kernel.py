@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from datadog_checks.ebpf_probe.kernel import features, requirements
+from datadog_checks.ebpf_probe.kernel import features, kallsyms, requirements
 from datadog_checks.ebpf_probe.kernel.btf import Btf
 from datadog_checks.ebpf_probe.kernel.kallsyms import KernelSymbols
 from datadog_checks.ebpf_probe.oom_kill.record import MEMCG_OOM_FUNCTIONS, SYSTEM_OOM_FUNCTIONS
@@ -37,6 +37,19 @@ def test_kernel_version_is_parsed_from_the_release(release, version):
 )
 def test_missing_capabilities(caps, version, missing):
     assert requirements.missing_capabilities(caps, version) == missing
+
+
+@pytest.mark.unit
+def test_perf_event_paranoid_3_is_named_only_without_cap_sys_admin(tmp_path):
+    paranoid = tmp_path / 'perf_event_paranoid'
+    perfmon = (1 << requirements.CAP_BPF) | (1 << requirements.CAP_PERFMON)
+    paranoid.write_text('3\n')
+    said = requirements.perf_event_restriction(str(paranoid), caps=perfmon)
+    assert said.startswith('kernel.perf_event_paranoid is 3') and 'grant CAP_SYS_ADMIN' in said
+    assert requirements.perf_event_restriction(str(paranoid), caps=perfmon | 1 << requirements.CAP_SYS_ADMIN) == ''
+    paranoid.write_text('2\n')
+    assert requirements.perf_event_restriction(str(paranoid), caps=perfmon) == ''
+    assert requirements.perf_event_restriction(str(tmp_path / 'missing'), caps=perfmon) == ''
 
 
 @pytest.mark.unit
@@ -118,3 +131,7 @@ def test_kallsyms_hidden_by_kptr_restrict_gives_no_ranges(tmp_path):
     symbols = KernelSymbols(MEMCG_OOM_FUNCTIONS | SYSTEM_OOM_FUNCTIONS, path=str(table))
     assert symbols.ranges() == {}
     assert symbols.find(0x1234) is None
+    # The names stay: a function is known to exist (the kill kprobe's check) without CAP_SYSLOG.
+    assert kallsyms.has_function('out_of_memory', path=str(table))
+    assert not kallsyms.has_function('out_of', path=str(table))
+    assert not kallsyms.has_function('__oom_kill_process', path=str(table))

@@ -161,8 +161,3 @@ def test_memory_and_oom_control_only_with_their_flags():
 def test_names_that_are_not_utf8_stay_visible():
     kill = decode(flags=r.F_VICTIM_TASK, victim_comm=b'\xffbad\x00junk', trigger_comm=b'ok')
     assert kill.victim_comm == '\\xffbad'
-
-
-def test_sigkill_flag():
-    assert decode(flags=r.F_SIGKILL).sigkill is True
-    assert decode(flags=0).sigkill is False

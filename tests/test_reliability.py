@@ -23,9 +23,12 @@ from datadog_checks.ebpf_probe import probe as probe_module
 from datadog_checks.ebpf_probe.kernel import bcc as bcc_loader
 from datadog_checks.ebpf_probe.kernel import btf as kernel
 
+from . import kernels
 from .bpf_objects import bpftool
 from .cgroups import MemoryCgroup
 from .processes import read_until
+
+KERNEL = kernels.current()
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -207,11 +210,23 @@ def test_with_only_cap_bpf_and_cap_perfmon_oom_kills_work_and_accounting_says_wh
         proc.kill()
     runs = json.loads(stdout)
     statuses = {sc['tags'][0]: (sc['status'], sc['message']) for sc in runs[1]['aggregator']['service_checks']}
-    assert statuses['probe:oom_kill'] == (0, '')
     assert statuses['probe:ebpf_stats'][0] == 2
     assert statuses['probe:ebpf_stats'][1].startswith('missing capability CAP_SYS_ADMIN')
+    if KERNEL is not None and not KERNEL.perfmon_opens_perf_events and perf_event_paranoid() >= 3:
+        # Nothing attaches, and the message says why and what to do.
+        assert statuses['probe:oom_kill'][0] == 2
+        assert 'kernel.perf_event_paranoid is 3' in statuses['probe:oom_kill'][1]
+        assert 'grant CAP_SYS_ADMIN, or set kernel.perf_event_paranoid=2' in statuses['probe:oom_kill'][1]
+        assert runs[1]['aggregator']['events'] == []
+        return
+    assert statuses['probe:oom_kill'] == (0, '')
     [event] = runs[1]['aggregator']['events']
     assert event['msg_title'] == f'OOM kill: capbpf-victim (pid {victim.pid})'
+
+
+def perf_event_paranoid() -> int:
+    with open('/proc/sys/kernel/perf_event_paranoid') as f:
+        return int(f.read())
 
 
 # --- Kernel features missing ------------------------------------------------------------------------

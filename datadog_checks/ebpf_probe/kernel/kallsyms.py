@@ -1,12 +1,24 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""Kernel function addresses from /proc/kallsyms, for naming the frames of a kernel stack."""
+"""Kernel functions from /proc/kallsyms: whether one exists, and addresses for naming the frames of a kernel stack."""
 
 from __future__ import annotations
 
 import threading
 
 KALLSYMS = '/proc/kallsyms'
+FUNCTION_KINDS = (b' t ', b' T ')  # text symbols, local and global
+
+
+def has_function(name: str, path: str = KALLSYMS) -> bool:
+    """Whether the kernel has this function (not inlined away). Names show even where
+    kptr_restrict hides the addresses (no CAP_SYSLOG)."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError:
+        return False
+    return any(kind + name.encode() + b'\n' in data for kind in FUNCTION_KINDS)
 
 
 class KernelSymbols:
@@ -42,7 +54,7 @@ class KernelSymbols:
             return {}
         ranges: dict[str, tuple[int, int]] = {}
         for name in self._names:
-            for kind in (b' t ', b' T '):
+            for kind in FUNCTION_KINDS:
                 at = data.find(kind + name.encode() + b'\n')
                 if at < 0:
                     continue

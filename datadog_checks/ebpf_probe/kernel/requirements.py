@@ -9,6 +9,7 @@ import re
 import resource
 
 LOCKDOWN = '/sys/kernel/security/lockdown'
+PERF_EVENT_PARANOID = '/proc/sys/kernel/perf_event_paranoid'
 
 # Oldest kernel with everything the BCC variant uses (raw tracepoints, bpf_get_stack).
 MIN_KERNEL = (4, 18)
@@ -69,6 +70,28 @@ def check_privileges(version: tuple[int, int, int] | None = None) -> None:
             f'missing capabilities {", ".join(missing)}: loading eBPF tracing programs needs {need}; '
             'run the Agent as root or grant them (Kubernetes: securityContext.capabilities.add)'
         )
+
+
+def perf_event_restriction(path: str = PERF_EVENT_PARANOID, caps: int | None = None) -> str:
+    """Why the kernel may refuse the perf events tracepoints and kprobes attach through, said when it did.
+
+    Debian and Android kernels add perf_event_paranoid level 3, under which only privileged
+    processes open perf events; some (Debian 11's 5.10) count only CAP_SYS_ADMIN as privileged,
+    not CAP_PERFMON.
+    """
+    try:
+        with open(path) as f:
+            level = int(f.read())
+    except (OSError, ValueError):
+        return ''
+    caps = effective_capabilities() if caps is None else caps
+    if level < 3 or caps & (1 << CAP_SYS_ADMIN):
+        return ''
+    return (
+        f'kernel.perf_event_paranoid is {level}, under which some kernels open the perf events that '
+        'tracepoints and kprobes attach through only with CAP_SYS_ADMIN: grant CAP_SYS_ADMIN, or set '
+        'kernel.perf_event_paranoid=2'
+    )
 
 
 def check_kernel_version(version: tuple[int, int, int] | None = None) -> None:

@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from datadog_checks.ebpf_probe.kernel import features
+from datadog_checks.ebpf_probe.kernel import features, kallsyms
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
-from datadog_checks.ebpf_probe.kernel.kallsyms import KernelSymbols
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_PTR, BTF_KIND_TYPEDEF
 
@@ -102,7 +101,7 @@ def plan_hooks(
         plan.rejected[KILL_KPROBE.name] = f'not needed: {task.name} sees each victim'
     elif not features.kprobe_support()[0]:
         plan.rejected[KILL_KPROBE.name] = features.kprobe_support()[1]
-    elif not KernelSymbols(frozenset({KILL_FUNCTION})).ranges():
+    elif not kallsyms.has_function(KILL_FUNCTION):
         plan.rejected[KILL_KPROBE.name] = f'/proc/kallsyms has no {KILL_FUNCTION} (inlined in this kernel?)'
     else:
         plan.use_kill_kprobe = True

@@ -5,9 +5,10 @@
 The kernel counts every kill it makes in /proc/vmstat (oom_kill). Each run, the increase of that
 counter is compared with the kills reported (and those dropped for want of room); the kills it
 counted that were not reported are `unaccounted` (the kernel counts the victim it chose for a
-group kill twice: it kills it again with the rest of its memory.oom.group cgroup). The count is kept in the Agent's persistent
-cache with the boot's id, so that kills while the check was not running (an Agent restart or
-upgrade, the probe still loading) are counted on the next run, and a reboot is recognised.
+group kill twice: it kills it again with the rest of its memory.oom.group cgroup). The count is
+kept in the Agent's persistent cache with the boot's id, so that kills while the check was not
+running (an Agent restart or upgrade, the probe still loading) are counted on the next run, and
+a reboot is recognised.
 """
 
 from __future__ import annotations

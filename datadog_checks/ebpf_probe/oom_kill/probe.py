@@ -9,6 +9,7 @@ CO-RE object is loaded first (core.py); BCC's runtime compilation is the fallbac
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
 import threading
@@ -105,9 +106,9 @@ class OOMKillProbe:
             dropped_total = self._dropped_total()
             dropped, self._dropped_seen = dropped_total - self._dropped_seen, dropped_total
         offset = record.monotonic_to_unix()
-        return FlushResult(
-            [record.decode_record(raw, offset, self._symbols, hooks.HOOK_NAMES) for raw in raws], dropped
-        )
+        kills = [record.decode_record(raw, offset, self._symbols, hooks.HOOK_NAMES) for raw in raws]
+        kills.sort(key=lambda kill: kill.timestamp)  # perf buffers are per CPU: drained CPU by CPU
+        return FlushResult(kills, dropped)
 
     def close(self) -> None:
         with self._flush_lock:
@@ -141,6 +142,11 @@ def load_oom_kill_probe(options: OOMKillProbeOptions, log: Logger) -> OOMKillPro
     try:
         return CoreOOMKillProbe.load(options, log)
     except CORE_ERRORS as core_error:
+        # Refused perf events: BCC attaches through them too, so say why rather than fall back.
+        refused = getattr(core_error, 'errno', None) == errno.EACCES
+        restriction = requirements.perf_event_restriction() if refused else ''
+        if restriction:
+            raise ProbeLoadError(f'CO-RE load failed: {core_error}; {restriction}') from None
         if not options.allow_runtime_compiled_fallback:
             raise ProbeLoadError(
                 f'CO-RE load failed: {core_error}. Set allow_runtime_compiled_fallback: true to compile '

@@ -33,13 +33,12 @@ F_MEMORY = 1 << 3
 F_OOM_CONTROL = 1 << 4
 F_CGROUP = 1 << 5
 F_CGROUP_NAME_TRUNCATED = 1 << 6
-F_SIGKILL = 1 << 7
+F_CHOSEN = 1 << 7
 F_CGROUP_DEPTH_TRUNCATED = 1 << 8
 F_VICTIM_PID_UNKNOWN = 1 << 9
 F_DOMAIN = 1 << 10
 F_DOMAIN_GUESSED = 1 << 11
 F_PID_NS = 1 << 12
-F_CHOSEN = 1 << 13
 
 # struct oom_kill_record, field by field, in order (a test compares each offset with the
 # compiled object's BTF).
@@ -151,7 +150,6 @@ class OOMKill:
     # victim's badness points in it (the kernel's ranking, not /proc/PID/oom_score).
     oom_domain_pages: int | None
     badness_points: int | None
-    sigkill: bool  # SIGKILL was pending: a kill, not only an exiting task marked
     hook: str
     # The memory cgroup that ran out; None for a system OOM or when the hook cannot tell.
     domain: OOMDomain | None = None
@@ -285,7 +283,6 @@ def decode_record(
         memory=memory,
         oom_domain_pages=r['oom_domain_pages'] if has_oc else None,
         badness_points=r['badness_points'] if has_oc and flags & F_CHOSEN else None,
-        sigkill=bool(flags & F_SIGKILL),
         hook=hook_names.get(r['hook'], str(r['hook'])),
         domain=domain,
         group_cgroup_path=group,
