@@ -19,6 +19,7 @@ ALLOWED_READS = (
     '/proc/self/',  # its own status (capabilities), fdinfo (memlock, ids), mounts (bpffs)
     '/proc/kallsyms',  # kernel functions of the memcg OOM path
     '/proc/sys/kernel/',  # libbpf's feature probes read a few sysctls
+    '/proc/sys/vm/overcommit_memory',  # Python 3.13 itself, at start-up (its mimalloc allocator)
     '/sys/kernel/btf/',  # BTF, for CO-RE
     '/sys/kernel/security/lockdown',  # lockdown mode
     '/sys/kernel/tracing/',  # tracefs (classic tracepoint, kprobe events), when mounted
