@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import kernels
 from tests.processes import read_until
 
 from .root import (
@@ -131,9 +132,11 @@ def image_with_bcc(wheel, tmp_path_factory) -> Root:
     return root
 
 
-def configure(root: Root, config: str | None) -> None:
-    if config is not None:
-        root.put(CONF, config)
+def configure(root: Root, name: str, config: str) -> str:
+    """A config file of a test's own (the README's conf.yaml stays as its steps made it)."""
+    path = f'/tmp/{name}.yaml'
+    root.put(path, config)
+    return path
 
 
 def check_with_an_oom_kill(
@@ -141,11 +144,12 @@ def check_with_an_oom_kill(
     memory_cgroup,
     command: Sequence[str] = (),
     comm: str = 'agent-victim',
+    conf: str = CONF,
     **kwargs,
 ) -> tuple[list[dict], str, int, int]:
     """`ebpf-probe check --json` twice in the root, a process OOM-killed between the two runs:
     (runs, stderr, exit status, the victim's pid)."""
-    argv = [*command, EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', '3000', '-l', 'info', '-c', CONF]
+    argv = [*command, EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', '3000', '-l', 'info', '-c', conf]
     proc = root.popen(argv, **kwargs)
     try:
         first = read_until(proc.stderr, 'run 1 of 2 finished')
@@ -157,13 +161,32 @@ def check_with_an_oom_kill(
     return json.loads(stdout), first + rest, proc.returncode, victim.pid
 
 
-def assert_the_victim_is_reported(runs: list[dict], memory_cgroup, pid: int, comm: str = 'agent-victim') -> None:
+def kallsyms_shows_addresses(capabilities) -> bool:
+    """Whether /proc/kallsyms shows addresses to a process with these capabilities (the kernel's
+    kallsyms_show_value(): kptr_restrict 0 and perf_event_paranoid <= 1, else CAP_SYSLOG)."""
+    restrict = int(Path('/proc/sys/kernel/kptr_restrict').read_text())
+    paranoid = int(Path('/proc/sys/kernel/perf_event_paranoid').read_text())
+    syslog = 'SYSLOG' in {c.upper().removeprefix('CAP_') for c in capabilities}
+    return (restrict == 0 and paranoid <= 1) or (restrict <= 1 and syslog)
+
+
+def expected_trigger_type(capabilities) -> str:
+    """A memcg OOM is told from a system one by the kprobe, else by the trigger's stack and kallsyms."""
+    kernel = kernels.current()
+    kprobes = kernel.kprobes if kernel else Path('/sys/bus/event_source/devices/kprobe/type').exists()
+    return 'cgroup' if kprobes or kallsyms_shows_addresses(capabilities) else 'unknown'
+
+
+def assert_the_victim_is_reported(
+    runs: list[dict], memory_cgroup, pid: int, capabilities: Sequence[str], comm: str = 'agent-victim'
+) -> None:
     second = runs[1]['aggregator']
     events = [e for e in second['events'] if e['msg_title'] == f'OOM kill: {comm} (pid {pid})']
     assert len(events) == 1, second['events']
     [event] = events
     assert f'(pid {pid}, uid 0, oom_score_adj 42)' in event['msg_text']
-    assert {f'process_name:{comm}', f'cgroup_name:{memory_cgroup.name}'} <= set(event['tags'])
+    trigger = f'trigger_type:{expected_trigger_type(capabilities)}'
+    assert {f'process_name:{comm}', f'cgroup_name:{memory_cgroup.name}', trigger} <= set(event['tags']), event['tags']
     points = [m for m in second['metrics'] if m['metric'] == 'ebpf_probe.oom_kill.count'
               and f'cgroup_name:{memory_cgroup.name}' in m['tags']]  # fmt: skip
     assert [p['points'][0][1] for p in points] == [1]
@@ -255,7 +278,7 @@ def test_as_root_in_the_agents_container_co_re_loads_the_bundled_libbpf_and_repo
     bundled = f'{SITE_PACKAGES}/datadog_checks/ebpf_probe/data/lib/libbpf.so.1'
     assert f'libbpf 1.5 loaded from {bundled}' in stderr
     assert 'Loaded the oom_kill probe (co-re)' in stderr and 'Loaded the ebpf_stats probe (co-re)' in stderr
-    assert_the_victim_is_reported(runs, memory_cgroup, pid)
+    assert_the_victim_is_reported(runs, memory_cgroup, pid, (*RUNTIME_DEFAULT_CAPABILITIES, *added))
     assert statuses(runs[1]) == {'probe:oom_kill': (0, ''), 'probe:ebpf_stats': (0, '')}
     assert any(m['metric'] == 'ebpf_probe.programs.total' for m in runs[1]['aggregator']['metrics'])
 
@@ -274,7 +297,7 @@ def test_as_dd_agent_with_cap_bpf_and_cap_perfmon_oom_kills_work_and_accounting_
 
     runs, stderr, status, pid = check_with_an_oom_kill(host, memory_cgroup, command, env={'HOME': '/opt/datadog-agent'})
     assert 'Loaded the oom_kill probe (co-re)' in stderr
-    assert_the_victim_is_reported(runs, memory_cgroup, pid)
+    assert_the_victim_is_reported(runs, memory_cgroup, pid, oom_only)
     for run in runs:
         oom, stats = statuses(run)['probe:oom_kill'], statuses(run)['probe:ebpf_stats']
         assert oom == (0, '')
@@ -296,11 +319,24 @@ def test_as_dd_agent_with_the_readmes_systemd_capabilities_both_features_work(ho
 
     runs, stderr, status, pid = check_with_an_oom_kill(host, memory_cgroup, command, env={'HOME': '/opt/datadog-agent'})
     assert status == 0, stderr
-    assert_the_victim_is_reported(runs, memory_cgroup, pid)
+    assert_the_victim_is_reported(runs, memory_cgroup, pid, granted)
     assert statuses(runs[1]) == {'probe:oom_kill': (0, ''), 'probe:ebpf_stats': (0, '')}
     owners = {t for m in runs[1]['aggregator']['metrics'] if m['metric'] == 'ebpf_probe.programs.total'
               for t in m['tags'] if t.startswith('owner:')}  # fmt: skip
     assert 'owner:ebpf-probe' in owners
+
+
+def test_with_cap_syslog_too_dd_agent_tells_a_memcg_oom_from_a_system_one_without_kprobes(host, memory_cgroup):
+    """Without the kprobe, the trigger's kernel stack is matched against /proc/kallsyms, whose
+    addresses the kernel shows to CAP_SYSLOG (the README's optional capability)."""
+    granted = ['CAP_BPF', 'CAP_PERFMON', 'CAP_SYSLOG']
+    conf = configure(host, 'oom-only', 'init_config:\ninstances:\n  - collect_ebpf_stats: false\n')
+    runs, stderr, status, pid = check_with_an_oom_kill(
+        host, memory_cgroup, host.as_user([], granted), conf=conf, env={'HOME': '/opt/datadog-agent'}
+    )
+    assert status == 0, stderr
+    assert expected_trigger_type(granted) == 'cgroup'
+    assert_the_victim_is_reported(runs, memory_cgroup, pid, granted)
 
 
 # --- The BCC fallback ----------------------------------------------------------------------------------
@@ -309,8 +345,8 @@ BCC_ONLY = 'init_config:\ninstances:\n  - enable_core: false\n    collect_ebpf_s
 
 
 def test_without_bcc_the_fallback_is_critical_and_says_what_to_install_and_which_option_to_set(image):
-    configure(image, BCC_ONLY)
-    result = image.run([EBPF_PROBE, 'check', '--json', '-c', CONF], check=False)
+    conf = configure(image, 'bcc-only', BCC_ONLY)
+    result = image.run([EBPF_PROBE, 'check', '--json', '-c', conf], check=False)
     assert result.returncode == 1
     [run] = json.loads(result.stdout)
     status, message = statuses(run)['probe:oom_kill']
@@ -329,11 +365,11 @@ def test_debians_python3_bpfcc_given_by_bcc_module_path_runs_the_fallback(image_
     assert root.run(['python3', '-c', 'import bcc; print(bcc.__file__)']).stdout.startswith(DEBIAN_BCC_MODULE)
     assert root.run([PYTHON, '-c', 'import bcc'], check=False).returncode != 0
     assert KERNEL_HEADERS.is_dir(), f'{KERNEL_HEADERS} is missing: `make kernel-headers` makes it'
-    configure(root, BCC_ONLY + f'    bcc_module_path: {DEBIAN_BCC_MODULE}\n')
+    conf = configure(root, 'bcc-by-path', BCC_ONLY + f'    bcc_module_path: {DEBIAN_BCC_MODULE}\n')
     # This machine's kernel has no headers of its own: Debian's, given as the host suite gives them.
     headers = {'binds': ['/usr/src:/usr/src:ro', f'{KERNEL_HEADERS}:/kernel-headers:ro'],
                'env': {'BCC_KERNEL_SOURCE': '/kernel-headers'}}  # fmt: skip
-    runs, stderr, status, pid = check_with_an_oom_kill(root, memory_cgroup, **headers)
+    runs, stderr, status, pid = check_with_an_oom_kill(root, memory_cgroup, conf=conf, **headers)
     assert status == 0, stderr
     assert 'Loaded the oom_kill probe (bcc)' in stderr
-    assert_the_victim_is_reported(runs, memory_cgroup, pid)
+    assert_the_victim_is_reported(runs, memory_cgroup, pid, ['CAP_SYSLOG'])  # root, every capability
