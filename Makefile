@@ -165,7 +165,7 @@ lint: venv ddev
 	done
 
 # The suite in ddev's own environment, and ddev's lint, as integrations-core's CI runs them.
-ddev-test: venv ddev bpf bundle kernel-headers
+ddev-test: venv ddev bpf bundle kernel-headers agent-root
 	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(DDEV) -x test .
 	$(DDEV) -x test --lint .
 
