@@ -29,20 +29,25 @@ BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/in
 RUNTIME_PACKAGES := libbpf1 python3-venv python3-bpfcc bpftool
 BUILD_PACKAGES := clang llvm libbpf-dev linux-libc-dev
 # Kernel headers for BCC's runtime compilation in tests (this machine's kernel has none of its own).
-TEST_PACKAGES := linux-headers-amd64 strace util-linux
+# debootstrap makes the Debian 13 root of the Agent-like runtime tests (tests/agent).
+TEST_PACKAGES := linux-headers-amd64 strace util-linux debootstrap
 DEBIAN_PACKAGES := $(RUNTIME_PACKAGES) $(BUILD_PACKAGES) $(TEST_PACKAGES)
 PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis markdown-it-py ruff mypy build auditwheel
+# What the suite needs under Python 3.13 in the Debian 13 root (hatchling: the editable install there).
+SUITE_PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis hatchling
 
 # A folder joining Debian's split kernel headers (-common and -amd64), handed to BCC with
 # BCC_KERNEL_SOURCE by the tests: a test fixture that leaves /lib/modules alone.
 KERNEL_HEADERS := .cache/kernel-headers
 
 .PHONY: help run test test-kernels bench bpf deps venv lint ddev ddev-test format kernel-headers clean bundle \
-	bundle-bpf bundle-other-arch wheel
+	bundle-bpf bundle-other-arch wheel agent-root test-agent test-py313
 
 help:
 	@echo "make run   - set up everything, build the BPF objects, run the check once and print what it submits"
 	@echo "make test  - set up everything and run the whole test suite (as root: it loads BPF programs)"
+	@echo "make test-agent - the check as the Agent runs it: Python 3.13, no libbpf, no BCC (a Debian 13 root)"
+	@echo "make test-py313 - the suite under Python 3.13 in that root (all but the build, agent and VM-only tests)"
 	@echo "make test-kernels [KERNELS=\"5.10 6.12\"] [VM_PYTEST='pytest args'] - the tests inside VMs booting other kernels (tests/vm/kernels.py)"
 	@echo "make bpf   - build the CO-RE objects only"
 	@echo "make bundle - build the libbpf.so.1 the wheel carries (ARCH=arm64: cross-build it)"
@@ -54,8 +59,11 @@ help:
 run: deps venv bpf bundle
 	$(BIN)/ebpf-probe check
 
-test: deps venv bpf bundle bundle-other-arch kernel-headers lint
+# On this machine (Python 3.11), with the Agent-like runtime tests (tests/agent) among them; then the
+# suite under Python 3.13 in the Debian 13 root; then, with qemu, on the kernels of the matrix.
+test: deps venv bpf bundle bundle-other-arch kernel-headers agent-root lint
 	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(BIN)/pytest -ra tests
+	$(MAKE) --no-print-directory test-py313
 	@if command -v qemu-system-x86_64 >/dev/null; then $(MAKE) --no-print-directory test-kernels; \
 	else echo "qemu-system-x86_64 is not installed: the kernel matrix (make test-kernels) did not run"; fi
 
@@ -74,6 +82,31 @@ test-kernels: deps venv bpf bundle bundle-other-arch
 	$(call install_missing,$(VM_PACKAGES))
 	@test -e /proc/sys/fs/binfmt_misc/qemu-aarch64 || update-binfmts --enable qemu-aarch64 || true
 	$(BIN)/pytest -p no:cacheprovider -ra -s -m vm tests/vm/test_kernels.py
+
+# --- The Agent-like runtime: a Debian 13 root (tests/agent) -------------------------------------------
+# debootstrap's minbase with Python 3.13 and an Agent-like venv (base), and a layer with BCC, bpftool
+# and the suite's dependencies (tools), cached in .cache/trixie (about a minute the first time).
+AGENT_ROOT := .cache/trixie
+agent-root: | deps
+	SUITE_PACKAGES='$(SUITE_PIP_PACKAGES)' bash tests/agent/build_root.sh
+
+# The check installed as the Agent installs it and run in the root (as root, as uid 100 with
+# capabilities, the BCC fallback with and without BCC); also part of `make test`'s first run.
+test-agent: venv bpf bundle kernel-headers agent-root
+	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(BIN)/pytest -ra -m agent tests/agent
+
+# The suite under the root's Python 3.13, the checkout bound at /src (installed there in editable
+# mode): every test but those that build the package with this machine's tools (build), drive the
+# root from outside (agent), boot a VM (vm) or need what only a VM row has (pyproject.toml's addopts).
+# BCC tests use Debian 13's BCC and Debian 12's headers.
+PY313_MARKERS := not build and not agent and not vm and not cgroup_v2 and not system_oom and not container_runtime
+test-py313: venv bpf bundle kernel-headers agent-root
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+	tests/agent/in_root.sh -l $(AGENT_ROOT)/base -l $(AGENT_ROOT)/tools -u "$$scratch/upper" \
+		-b $(CURDIR):/src -b /usr/src:/usr/src:ro -b $(CURDIR)/$(KERNEL_HEADERS):/kernel-headers:ro \
+		-e BCC_TEST_KERNEL_SOURCE=/kernel-headers -e PYTHONDONTWRITEBYTECODE=1 -- sh -euc \
+		'cd /src && /opt/suite/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . && \
+		exec /opt/suite/bin/python -m pytest -ra -p no:cacheprovider -m "$(PY313_MARKERS)" tests'
 
 bpf: $(CORE_OBJECTS)
 
@@ -141,7 +174,7 @@ lint: venv ddev
 	done
 
 # The suite in ddev's own environment, and ddev's lint, as integrations-core's CI runs them.
-ddev-test: venv ddev bpf bundle kernel-headers
+ddev-test: venv ddev bpf bundle kernel-headers agent-root
 	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(DDEV) -x test .
 	$(DDEV) -x test --lint .
 

@@ -15,6 +15,8 @@ OBJECTS = ('oom_kill.bpf.o', 'ebpf_stats.bpf.o', 'map_count.bpf.o')
 # Where BPF_KPROBE finds the first argument in the kprobe's pt_regs: rdi on x86-64, x0 on arm64.
 FIRST_ARGUMENT_OFFSET = {'x86': 14 * 8, 'arm64': 0}
 
+pytestmark = pytest.mark.build  # clang and make: this machine's toolchain
+
 
 def first_context_read(obj: Path) -> int:
     """The offset of the kprobe program's first read of its context (the probed function's first argument)."""

@@ -25,6 +25,8 @@ from datadog_checks.ebpf_probe.kernel import libbpf
 
 from .bpf_syscalls import libbpf_version
 
+pytestmark = pytest.mark.build  # gcc, objdump, qemu-user, python -m build, auditwheel: this machine's toolchain
+
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = '/usr/bin/python3'
 BUNDLED = REPO / 'datadog_checks' / 'ebpf_probe' / 'data' / 'lib' / 'libbpf.so.1'

@@ -20,6 +20,7 @@ ALLOWED_READS = (
     '/proc/kallsyms',  # kernel functions of the memcg OOM path
     '/proc/vmstat',  # the kernel's own count of OOM kills (unaccounted kills)
     '/proc/sys/kernel/',  # libbpf's feature probes read a few sysctls
+    '/proc/sys/vm/overcommit_memory',  # Python 3.13 itself, at start-up (its mimalloc allocator)
     '/sys/kernel/btf/',  # BTF, for CO-RE
     '/sys/kernel/security/lockdown',  # lockdown mode
     '/sys/kernel/tracing/',  # tracefs (classic tracepoint, kprobe events), when mounted

@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = '/usr/bin/python3'  # the Python BCC's module is installed for
 
-pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.usefixtures('root')]
+# python -m build, and a venv of Debian 12's Python that sees its BCC.
+pytestmark = [pytest.mark.build, pytest.mark.kernel, pytest.mark.slow, pytest.mark.usefixtures('root')]
 
 
 @pytest.fixture(scope='module')

@@ -74,6 +74,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             allow_runtime_compiled_fallback=given(config.allow_runtime_compiled_fallback),
             mount_tracefs=given(config.mount_tracefs),
             btf_path=config.btf_path,
+            bcc_module_path=config.bcc_module_path,
             max_buffered_kills=given(config.max_buffered_oom_kills),
         )
         if not (options.enable_core or options.allow_runtime_compiled_fallback):

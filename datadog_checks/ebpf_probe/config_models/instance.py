@@ -31,6 +31,7 @@ class InstanceConfig(BaseModel):
         frozen=True,
     )
     allow_runtime_compiled_fallback: Optional[bool] = None
+    bcc_module_path: Optional[str] = None
     btf_path: Optional[str] = None
     collect_ebpf_stats: Optional[bool] = None
     collect_oom_kill: Optional[bool] = None

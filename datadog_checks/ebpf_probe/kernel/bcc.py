@@ -9,7 +9,9 @@ CO-RE object cannot be loaded, and it costs ~100 MB of memory (clang/LLVM).
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -24,15 +26,69 @@ class BccError(RuntimeError):
     """BCC is missing, or compiling, loading or attaching with it failed."""
 
 
-def import_bcc() -> Any:
+# Where the packages put BCC's Python module, and what to install.
+DEBIAN_BCC_MODULE = '/usr/lib/python3/dist-packages/bcc'
+BCC_PACKAGES = 'python3-bpfcc (Debian, Ubuntu) or python3-bcc (RHEL, Fedora)'
+
+
+def import_bcc(module_path: str | None = None) -> Any:
+    """BCC's Python module: the `bcc` package in module_path when given, else whichever this Python sees.
+
+    BCC's module is pure Python over libbcc.so, so the Agent's embedded Python can use the one a
+    distribution package installed for the system's Python: module_path imports that package only
+    (never the rest of its dist-packages folder, which would shadow the Agent's own packages).
+    """
+    if module_path:
+        return _import_bcc_from(module_path)
     try:
         import bcc  # noqa: PLC0415  (heavy and optional: imported only on this path)
     except ImportError as e:
         raise BccError(
-            f"BCC's Python module is not importable ({e}): install python3-bpfcc (Debian/Ubuntu) or "
-            'python3-bcc (RHEL) and run the check with a Python that sees it'
+            f"BCC's Python module is not importable ({e}): install {BCC_PACKAGES}, and if this Python "
+            f"({sys.executable}, like the Agent's embedded one) does not see it, set `bcc_module_path` to the "
+            f'folder of its `bcc` package ({DEBIAN_BCC_MODULE} on Debian and Ubuntu)'
         ) from None
+    except OSError as e:  # the module is there, libbcc.so is not
+        raise BccError(f"BCC's Python module does not load ({e}): install {BCC_PACKAGES}") from None
     return bcc
+
+
+def _import_bcc_from(module_path: str) -> Any:
+    folder = Path(module_path)
+    if not (folder / '__init__.py').is_file() and (folder / 'bcc' / '__init__.py').is_file():
+        folder = folder / 'bcc'  # the folder that holds the package
+    init = folder / '__init__.py'
+    if not init.is_file():
+        raise BccError(
+            f"BCC's Python module is not in bcc_module_path {module_path} (no bcc/__init__.py there): install "
+            f'{BCC_PACKAGES} and set `bcc_module_path` to the folder of its `bcc` package ({DEBIAN_BCC_MODULE} '
+            'on Debian and Ubuntu)'
+        )
+    loaded = sys.modules.get('bcc')
+    if loaded is not None:
+        loaded_from = Path(getattr(loaded, '__file__', '') or '.').resolve().parent
+        if loaded_from != folder.resolve():
+            raise BccError(
+                f'bcc is already imported from {loaded_from} in this process; bcc_module_path {module_path} '
+                'cannot replace it: give every instance the same bcc_module_path'
+            )
+        return loaded
+    spec = importlib.util.spec_from_file_location('bcc', init, submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None:
+        raise BccError(f"cannot import BCC's Python module from {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['bcc'] = module  # its submodules import each other as bcc.*
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        for name in [name for name in sys.modules if name == 'bcc' or name.startswith('bcc.')]:
+            del sys.modules[name]
+        hint = f': install {BCC_PACKAGES} (its libbcc.so)' if isinstance(e, OSError) else ''
+        raise BccError(
+            f"BCC's Python module in {folder} does not load with this Python "
+            f'({sys.version.split()[0]}): {type(e).__name__}: {e}{hint}'
+        ) from None
+    return module
 
 
 def find_kernel_headers(release: str | None = None) -> str | None:
@@ -92,8 +148,8 @@ class BccProgram:
         self.lost = 0  # the kernel's count of perf records lost: a cross-check, the BPF side counts drops
 
     @classmethod
-    def compile(cls, source: Path, defines: dict[str, str]) -> BccProgram:
-        bcc = import_bcc()
+    def compile(cls, source: Path, defines: dict[str, str], bcc_module_path: str | None = None) -> BccProgram:
+        bcc = import_bcc(bcc_module_path)
         check_kernel_headers()
         try:
             text = source.read_text()

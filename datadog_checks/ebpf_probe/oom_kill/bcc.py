@@ -143,7 +143,7 @@ class BccOOMKillProbe(OOMKillProbe):
             defines['HOOK_TRACEPOINT'] = '1'
             if plan.tracepoint_has_memory:
                 defines['MARK_VICTIM_HAS_MM'] = '1'
-        program = BccProgram.compile(bpf_file(BCC_SOURCE), defines)
+        program = BccProgram.compile(bpf_file(BCC_SOURCE), defines, options.bcc_module_path)
         try:
             hooks_used = []
             if plan.use_task:

@@ -37,6 +37,8 @@ class OOMKillProbeOptions:
     mount_tracefs: bool = True
     # BTF for CO-RE relocations on kernels without /sys/kernel/btf/vmlinux (e.g. from BTFHub).
     btf_path: str | None = None
+    # The folder of BCC's Python module (its `bcc` package), for a Python that does not see it.
+    bcc_module_path: str | None = None
     # Kills the kernel side holds between two flushes (the buffer is sized for at least this;
     # a perf buffer, per CPU: any CPU may see all of them).
     max_buffered_kills: int = 512
