@@ -92,7 +92,11 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             max_maps=given(config.max_maps_reported),
             run_time=given(config.collect_program_runtime),
         )
-        stats_options = EbpfStatsOptions(collect_program_runtime=given(config.collect_program_runtime))
+        stats_options = EbpfStatsOptions(
+            collect_program_runtime=given(config.collect_program_runtime),
+            runtime_sampling=float(given(config.program_runtime_sampling)),
+            interval=float(config.min_collection_interval or 15),
+        )
         retry = float(given(config.load_retry_max_interval))
         self._cardinality = self._tag_cardinality()
         self._report_unknown_options()

@@ -62,3 +62,7 @@ def instance_min_collection_interval():
 
 def instance_mount_tracefs():
     return True
+
+
+def instance_program_runtime_sampling():
+    return 0.05
