@@ -31,6 +31,11 @@ class Kernel:
     # And maps of maps, where the element iterator does not walk them.
     maps_of_maps_counting: str = 'batch'
     ring_buffer: bool = True  # BPF ring buffers (5.8+)
+    program_iterator: bool = True  # iter/bpf_prog (5.9+): programs read in one pass
+    # bpf_map_lookup_percpu_elem (5.19+): the program iterator sums the per-CPU run-time counters.
+    run_counters_in_iterator: bool = True
+    # bpf_link_info's missed counts for kprobe perf links and kprobe_multi links (6.7+).
+    kprobe_link_missed: bool = False
 
 
 KNOWN: dict[str, Kernel] = {
@@ -42,6 +47,7 @@ KNOWN: dict[str, Kernel] = {
         core_hooks=(TP_BTF,),
         bcc_hooks=(RAW_TP,),
         entry_counting='iterator',
+        kprobe_link_missed=True,  # in bpf_link_info, though this kernel has no kprobes to count
     ),
     # Debian 12: the full tracepoint backported in 6.1.130; kprobes; no kfunc (6.6).
     '6.1.0-56-amd64': Kernel(
