@@ -47,6 +47,26 @@ def tracker(records, own_pid=999):
     return OwnerTracker(scan, own_pid, log), scan
 
 
+def objects(*keys):
+    """kind -> ids, as the probe gives them."""
+    ids = {OWNED_PROG: set(), OWNED_MAP: set(), OWNED_LINK: set()}
+    for kind, object_id in keys:
+        ids[kind].add(object_id)
+    return ids
+
+
+def refs(*items):
+    """kind -> id -> references."""
+    result = {OWNED_PROG: {}, OWNED_MAP: {}}
+    for (kind, object_id), count in items:
+        result[kind][object_id] = count
+    return result
+
+
+def held(holders, key):
+    return holders.get(key[0], {}).get(key[1])
+
+
 MAP_1, PROG_2, LINK_3 = (OWNED_MAP, 1), (OWNED_PROG, 2), (OWNED_LINK, 3)
 
 
@@ -54,9 +74,9 @@ def test_owners_are_found_by_one_scan_and_kept_while_nothing_changes():
     track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool')])
     try:
         for _ in range(5):
-            holders, _pinned = track.owners({MAP_1, PROG_2}, {MAP_1: 2, PROG_2: 1})
-            assert holders[MAP_1] == (TOOL,)
-            assert PROG_2 not in holders
+            holders, _pinned = track.owners(objects(MAP_1, PROG_2), refs((MAP_1, 2), (PROG_2, 1)))
+            assert held(holders, MAP_1) == (TOOL,)
+            assert held(holders, PROG_2) is None
         assert scan.calls == 1 == track.scans
     finally:
         track.close()
@@ -65,12 +85,12 @@ def test_owners_are_found_by_one_scan_and_kept_while_nothing_changes():
 def test_a_new_object_is_looked_for_at_once():
     track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool')])
     try:
-        track.owners({MAP_1}, {})
+        track.owners(objects(MAP_1), {})
         scan.records.append((AGENT.pid, OWNED_MAP, 4, 0, 'agent'))
-        holders, _ = track.owners({MAP_1, (OWNED_MAP, 4)}, {})
-        assert holders[(OWNED_MAP, 4)] == (AGENT,)
+        holders, _ = track.owners(objects(MAP_1, (OWNED_MAP, 4)), {})
+        assert held(holders, (OWNED_MAP, 4)) == (AGENT,)
         assert scan.calls == 2
-        track.owners({MAP_1}, {})  # one going away changes nobody's holders
+        track.owners(objects(MAP_1), {})  # one going away changes nobody's holders
         assert scan.calls == 2
     finally:
         track.close()
@@ -79,10 +99,10 @@ def test_a_new_object_is_looked_for_at_once():
 def test_a_new_link_is_looked_for_and_holding_it_holds_its_program():
     track, scan = tracker([])
     try:
-        track.owners({PROG_2}, {})
+        track.owners(objects(PROG_2), {})
         scan.records.append((TOOL.pid, OWNED_LINK, 3, 2, 'tool'))
-        holders, _ = track.owners({PROG_2, LINK_3}, {})
-        assert holders[PROG_2] == (TOOL,) and holders[LINK_3] == (TOOL,)
+        holders, _ = track.owners(objects(PROG_2, LINK_3), {})
+        assert held(holders, PROG_2) == (TOOL,) and held(holders, LINK_3) == (TOOL,)
     finally:
         track.close()
 
@@ -90,12 +110,12 @@ def test_a_new_link_is_looked_for_and_holding_it_holds_its_program():
 def test_a_reference_count_that_moves_means_holders_may_have_changed():
     track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool')])
     try:
-        track.owners({MAP_1}, {MAP_1: 2})
-        track.owners({MAP_1}, {MAP_1: 2})
+        track.owners(objects(MAP_1), refs((MAP_1, 2)))
+        track.owners(objects(MAP_1), refs((MAP_1, 2)))
         assert scan.calls == 1
         scan.records = [(AGENT.pid, OWNED_MAP, 1, 0, 'agent')]  # the tool closed its fd, the agent opened one
-        holders, _ = track.owners({MAP_1}, {MAP_1: 3})
-        assert holders[MAP_1] == (AGENT,) and scan.calls == 2
+        holders, _ = track.owners(objects(MAP_1), refs((MAP_1, 3)))
+        assert held(holders, MAP_1) == (AGENT,) and scan.calls == 2
     finally:
         track.close()
 
@@ -105,8 +125,8 @@ def test_equal_holder_sets_share_one_tuple():
         [(TOOL.pid, OWNED_MAP, 1, 0, 'tool'), (TOOL.pid, OWNED_MAP, 5, 0, 'tool'), (TOOL.pid, OWNED_PROG, 2, 0, 'tool')]
     )
     try:
-        holders, _ = track.owners({MAP_1, (OWNED_MAP, 5), PROG_2}, {})
-        assert holders[MAP_1] is holders[(OWNED_MAP, 5)] is holders[PROG_2]
+        holders, _ = track.owners(objects(MAP_1, (OWNED_MAP, 5), PROG_2), {})
+        assert held(holders, MAP_1) is held(holders, (OWNED_MAP, 5)) is held(holders, PROG_2)
     finally:
         track.close()
 
@@ -119,15 +139,15 @@ def test_a_holder_that_exits_is_noticed_and_its_process_looked_for_again():
     proc = sleeper()
     try:
         track, scan = tracker([(proc.pid, OWNED_MAP, 1, 0, 'sleeper')])
-        track.owners({MAP_1}, {})
-        track.owners({MAP_1}, {})
+        track.owners(objects(MAP_1), {})
+        track.owners(objects(MAP_1), {})
         assert scan.calls == 1
         proc.kill()
         proc.wait()
         scan.records = []
-        holders, _ = track.owners({MAP_1}, {})
-        assert scan.calls == 2 and MAP_1 not in holders
-        track.owners({MAP_1}, {})
+        holders, _ = track.owners(objects(MAP_1), {})
+        assert scan.calls == 2 and held(holders, MAP_1) is None
+        track.owners(objects(MAP_1), {})
         assert scan.calls == 2  # nobody left to watch
         track.close()
     finally:
@@ -138,7 +158,7 @@ def test_a_holder_that_exits_is_noticed_and_its_process_looked_for_again():
 def test_the_check_itself_is_not_watched():
     track, scan = tracker([(os.getpid(), OWNED_MAP, 1, 0, 'me')], own_pid=os.getpid())
     try:
-        track.owners({MAP_1}, {})
+        track.owners(objects(MAP_1), {})
         assert track._watch._pidfds == {} and track._watch._pids == set()
     finally:
         track.close()

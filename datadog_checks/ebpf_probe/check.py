@@ -198,9 +198,10 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
 
     def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> None:
         assert self._stats_metrics is not None
+        instance_tags = tuple(self._tags)
         for point in self._stats_metrics.points(probe.snapshot()):
             submit = self.count if point.type == COUNT else self.gauge
-            submit(point.metric, point.value, tags=[*point.tags, *self._tags])
+            submit(point.metric, point.value, tags=point.tags + instance_tags)
 
     def _submit_oom_kill(self, kill: OOMKill) -> None:
         container = parse_cgroup_path(kill.cgroup_path)

@@ -59,8 +59,8 @@ class MetricOptions:
     exclude_own_objects: bool = False
     programs: NamePatterns = NamePatterns()
     maps: NamePatterns = NamePatterns()
-    max_programs: int = 500
-    max_maps: int = 500
+    max_programs: int = 200
+    max_maps: int = 200
     run_time: bool = True
 
 
@@ -89,6 +89,9 @@ class StatsMetrics:
         self._tags: dict[tuple[str, str], str] = {}  # (key, value) -> safe tag, for the names seen last run
         self._tags_used: dict[tuple[str, str], str] = {}
         self._owner_tags: dict[tuple[int, bool], tuple[tuple[str, ...], bool]] = {}  # within one run
+        # kind -> object id -> (what its tags depend on, totals tags, series tags or None), kept while seen
+        self._series: dict[str, dict[int, tuple]] = {}
+        self._series_used: dict[str, dict[int, tuple]] = {}
 
     def _tag(self, key: str, value: str) -> str:
         """tag(), remembered from one run to the next."""
@@ -124,6 +127,7 @@ class StatsMetrics:
             points += self._map_points(maps[1])
         finally:
             self._tags, self._tags_used = self._tags_used, {}
+            self._series, self._series_used = self._series_used, {}
             self._owner_tags = {}
         return points
 
@@ -156,28 +160,45 @@ class StatsMetrics:
         groups: dict[tuple[str, ...], list] = {}
         filtered = bool(patterns.include or patterns.exclude)
         exclude_own = self.options.exclude_own_objects
+        seen, used = self._series.get(kind, {}), {}
         for r in records:
-            owner_tags, own = self._owner(r.owners, r.pinned)
-            type_tag = self._tag(type_key, r.type)
-            total_tags = (type_tag, *owner_tags)
+            # What an object's tags depend on; the same as last run for almost every object.
+            key = (r.name, r.type, r.owners, r.pinned)
+            cached = seen.get(r.id)
+            if cached is None or cached[0] != key:
+                owner_tags, own = self._owner(r.owners, r.pinned)
+                type_tag = self._tag(type_key, r.type)
+                series = None
+                if not (exclude_own and own) and not (filtered and not patterns.allows(r.name)):
+                    series = (self._tag(name_key, r.name), type_tag, *owner_tags)
+                cached = (key, (type_tag, *owner_tags), series)
+            used[r.id] = cached
+            _, total_tags, series = cached
             total = totals.get(total_tags)
             if total is None:
                 total = totals[total_tags] = [0, 0]
             total[0] += 1
             total[1] += r.memory_bytes or 0
-            if (exclude_own and own) or (filtered and not patterns.allows(r.name)):
-                continue
-            series = (self._tag(name_key, r.name), type_tag, *owner_tags)
-            members = groups.get(series)
-            if members is None:
-                groups[series] = [r]
-            else:
-                members.append(r)
+            if series is not None:
+                members = groups.get(series)
+                if members is None:
+                    groups[series] = [r]
+                else:
+                    members.append(r)
+        self._series_used[kind] = used
         points = []
         for tags, (count, memory) in sorted(totals.items()):
             points.append(Point(f'{kind}.total', GAUGE, count, tags))
             points.append(Point(f'{kind}.memory', GAUGE, memory, tags))
         return points, groups
+
+    @staticmethod
+    def _top(groups: dict[tuple[str, ...], list], limit: int, cost) -> tuple[list, int]:
+        """(the `limit` costliest groups, how many objects the others hold); ranked only when some must go."""
+        if len(groups) <= limit:
+            return list(groups.items()), 0
+        ranked = sorted(groups.items(), key=cost)
+        return ranked[:limit], sum(len(members) for _, members in ranked[limit:])
 
     def _program_points(
         self,
@@ -191,11 +212,10 @@ class StatsMetrics:
             run_time = sum(deltas[p.id][0] for p in members if p.id in deltas)
             return (-run_time, -sum(p.memory_bytes or 0 for p in members), tags)
 
-        ranked = sorted(groups.items(), key=cost)
-        limit = self.options.max_programs
-        points = [Point('programs.unreported', GAUGE, sum(len(members) for _, members in ranked[limit:]), ())]
+        kept, unreported = self._top(groups, self.options.max_programs, cost)
+        points = [Point('programs.unreported', GAUGE, unreported, ())]
         with_run_time = self.options.run_time and scale is not None
-        for tags, members in ranked[:limit]:
+        for tags, members in kept:
             translated = jited = verified = memory = 0
             memory_known = True
             for p in members:
@@ -233,10 +253,11 @@ class StatsMetrics:
         return points
 
     def _map_points(self, groups: dict[tuple[str, ...], list[MapRecord]]) -> list[Point]:
-        ranked = sorted(groups.items(), key=lambda item: (-sum(m.memory_bytes or 0 for m in item[1]), item[0]))
-        limit = self.options.max_maps
-        points = [Point('maps.unreported', GAUGE, sum(len(members) for _, members in ranked[limit:]), ())]
-        for tags, members in ranked[:limit]:
+        kept, unreported = self._top(
+            groups, self.options.max_maps, lambda item: (-sum(m.memory_bytes or 0 for m in item[1]), item[0])
+        )
+        points = [Point('maps.unreported', GAUGE, unreported, ())]
+        for tags, members in kept:
             points.append(Point('map.instances', GAUGE, len(members), tags))
             points.append(Point('map.max_entries', GAUGE, sum(m.max_entries for m in members), tags))
             if all(m.memory_bytes is not None for m in members):

@@ -137,8 +137,6 @@ def pinned_objects() -> set[tuple[int, int]]:
 # Holders watched through a pidfd each; beyond this, a holder is checked by its pid alone.
 MAX_WATCHED_HOLDERS = 1024
 
-ObjectKey = tuple[int, int]  # (OWNED_*, id)
-
 
 class HolderWatch:
     """Tells, cheaply, whether any of a set of processes exited since they were watched."""
@@ -196,6 +194,7 @@ class OwnerTracker:
     """Holders of every object, found by a scan only when they may have changed (see the module doc).
 
     scan: the fd walk, giving owner records (the task_file iterator's, else /proc's).
+    Objects are given per kind (OWNED_PROG, OWNED_MAP, OWNED_LINK): no key is made per object per run.
     """
 
     def __init__(
@@ -205,33 +204,38 @@ class OwnerTracker:
         self._own_pid = own_pid
         self._log = log
         self._watch = HolderWatch()
-        self._known: set[ObjectKey] | None = None  # objects that existed at the last scan
-        self._refcounts: dict[ObjectKey, int] = {}
-        self._holders: dict[ObjectKey, tuple[Owner, ...]] = {}
+        self._known: dict[int, set[int]] | None = None  # kind -> ids, at the previous run
+        self._refcounts: dict[int, dict[int, int]] = {}  # kind -> id -> references, at the previous run
+        self._holders: dict[int, dict[int, tuple[Owner, ...]]] = {}  # kind -> id -> holders
         self._pinned: PinnedObjects = PinnedObjects()
         self.scans = 0  # how many times it scanned (for tests and benchmarks)
 
-    def _why_scan(self, objects: set[ObjectKey], refcounts: dict[ObjectKey, int]) -> str | None:
+    def _why_scan(self, objects: dict[int, set[int]], refcounts: dict[int, dict[int, int]]) -> str | None:
         if self._known is None:
             return 'first run'
-        new = objects - self._known
-        if new:
-            return f'{len(new)} new object(s)'
+        for kind, ids in objects.items():
+            new = ids - self._known.get(kind, set())
+            if new:
+                return f'{len(new)} new object(s) of kind {kind}'
         if self._watch.exited():
             return 'a holder exited'
-        for key, refcount in refcounts.items():
-            if self._refcounts.get(key, refcount) != refcount:
-                return f'references to {key} changed'
+        for kind, counts in refcounts.items():
+            before = self._refcounts.get(kind)
+            if before is not None and counts != before:  # compared one by one only when something differs
+                for object_id, count in counts.items():
+                    if before.get(object_id, count) != count:
+                        return f'references to object {object_id} of kind {kind} changed'
         return None
 
     def owners(
-        self, objects: set[ObjectKey], refcounts: dict[ObjectKey, int]
-    ) -> tuple[dict[ObjectKey, tuple[Owner, ...]], PinnedObjects]:
-        """(object -> its holders, pinned objects) for these objects.
+        self, objects: dict[int, set[int]], refcounts: dict[int, dict[int, int]]
+    ) -> tuple[dict[int, dict[int, tuple[Owner, ...]]], PinnedObjects]:
+        """(kind -> id -> its holders, pinned objects).
 
-        objects: every program, map and link now; refcounts: their reference counts, where known.
-        A program's holders include those of the links to it. Holder tuples are shared between
-        objects with the same holders, and kept between runs while nothing changes.
+        objects: kind -> the ids of every program, map and link now; refcounts: kind -> id -> the
+        object's reference count, where known. A program's holders include those of the links to
+        it. Holder tuples are shared between objects with the same holders, and kept between runs
+        while nothing changes.
         """
         why = self._why_scan(objects, refcounts)
         if why is not None:
@@ -242,7 +246,7 @@ class OwnerTracker:
         return self._holders, self._pinned
 
     def _rescan(self) -> None:
-        held: dict[ObjectKey, set[Owner]] = {}
+        held: dict[tuple[int, int], set[Owner]] = {}
         for tgid, kind, object_id, link_prog_id, comm in self._scan():
             owner = Owner(tgid, comm)
             held.setdefault((kind, object_id), set()).add(owner)
@@ -250,10 +254,13 @@ class OwnerTracker:
                 # Holding a link to a program holds the program.
                 held.setdefault((OWNED_PROG, link_prog_id), set()).add(owner)
         interned: dict[frozenset[Owner], tuple[Owner, ...]] = {}
-        holders = {}
-        for key, owners in held.items():
+        holders: dict[int, dict[int, tuple[Owner, ...]]] = {OWNED_PROG: {}, OWNED_MAP: {}, OWNED_LINK: {}}
+        for (kind, object_id), owners in held.items():
             frozen = frozenset(owners)
-            holders[key] = interned.get(frozen) or interned.setdefault(frozen, tuple(sorted(owners)))
+            shared = interned.get(frozen)
+            if shared is None:
+                shared = interned[frozen] = tuple(sorted(owners))
+            holders.setdefault(kind, {})[object_id] = shared
         self._holders = holders
         self._pinned = PinnedObjects()  # bpffs walked again, if some object has no holder
         self.scans += 1

@@ -354,6 +354,11 @@ class EbpfStatsProbe:
         """How many times the probe turned run-time statistics on for a window (tests, benchmarks)."""
         return self._run_time.windows if isinstance(self._run_time, RunTimeSampler) else 0
 
+    @property
+    def statistics_seconds(self) -> float:
+        """How long those windows were open, in all (tests, benchmarks)."""
+        return self._run_time.seconds_on if isinstance(self._run_time, RunTimeSampler) else 0.0
+
     # --- collection -------------------------------------------------------------
 
     def snapshot(self) -> EbpfSnapshot:
@@ -362,12 +367,10 @@ class EbpfStatsProbe:
             programs, program_refcounts, timestamp, run_time = self._read_programs()
             maps, map_refcounts = self._inventory.maps()
             link_ids, kprobe_misses = self._links.scan()
-            objects = {(OWNED_PROG, p.id) for p in programs} | {(OWNED_MAP, m.id) for m in maps}
-            objects |= {(OWNED_LINK, link_id) for link_id in link_ids}
+            objects = {OWNED_PROG: {p.id for p in programs}, OWNED_MAP: {m.id for m in maps}, OWNED_LINK: link_ids}
             refcounts = {}
             if program_refcounts is not None and map_refcounts is not None:
-                refcounts = {(OWNED_PROG, i): n for i, n in program_refcounts.items()}
-                refcounts.update({(OWNED_MAP, i): n for i, n in map_refcounts.items()})
+                refcounts = {OWNED_PROG: program_refcounts, OWNED_MAP: map_refcounts}
             holders, pinned = self._owners.owners(objects, refcounts)
             self._attach_owners(programs, maps, holders, pinned, kprobe_misses)
             for limitation in self._counter.unavailable():
@@ -400,17 +403,18 @@ class EbpfStatsProbe:
     def _attach_owners(
         programs: list[ProgramRecord],
         maps: list[MapRecord],
-        holders: dict[tuple[int, int], tuple[Owner, ...]],
+        holders: dict[int, dict[int, tuple[Owner, ...]]],
         pinned: PinnedObjects,
         kprobe_misses: dict[int, int],
     ) -> None:
+        program_holders, map_holders = holders.get(OWNED_PROG, {}), holders.get(OWNED_MAP, {})
         for program in programs:
-            program.owners = holders.get((OWNED_PROG, program.id), ())
+            program.owners = program_holders.get(program.id, ())
             program.pinned = not program.owners and (OWNED_PROG, program.id) in pinned
             program.kprobe_misses = kprobe_misses.get(program.id)
         users: dict[int, set[Owner]] | None = None
         for bpf_map in maps:
-            owners = holders.get((OWNED_MAP, bpf_map.id), ())
+            owners = map_holders.get(bpf_map.id, ())
             if not owners:
                 # A map nobody holds an fd to belongs to whoever holds the programs that use it.
                 if users is None:

@@ -117,6 +117,7 @@ class RunTimeSampler:
         self._last_snapshot: float | None = None
         self._next_window: tuple[float, float] | None = None  # (start, length) of the window to open
         self.windows = 0  # windows opened (for tests and benchmarks)
+        self.seconds_on = 0.0  # how long they were open, in all
         self.error: str | None = None  # why windows stopped (BPF_ENABLE_STATS refused...)
         self._thread = threading.Thread(target=self._run, name='ebpf-probe-run-time-sampler', daemon=True)
         self._thread.start()
@@ -210,12 +211,13 @@ class RunTimeSampler:
                 self._external = True
             self._fd = libbpf.enable_stats()
             self.windows += 1
-            self._counted_since = self._clock()
+            self._counted_since = opened = self._clock()
             self._baseline = None
             closes = self._counted_since + length
             completed = self._wait_until(closes)
             self._counted += self._clock() - self._counted_since
             self._close_fd()
+            self.seconds_on += self._clock() - opened
             if not completed:
                 return False
             self._settling = True
