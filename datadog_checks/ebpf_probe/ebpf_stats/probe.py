@@ -112,6 +112,7 @@ class EbpfStatsProbe:
         self._links = Links(count_misses=False)
         self._owners = OwnerTracker(self._scan_owners, os.getpid(), log)
         self._run_time_error_said = False
+        self._run_time_source: str | None = None  # how the last snapshot's run time was counted (RunTimeCoverage)
 
     @classmethod
     def load(cls, options: EbpfStatsOptions, log: logging.Logger | logging.LoggerAdapter) -> EbpfStatsProbe:
@@ -355,6 +356,11 @@ class EbpfStatsProbe:
         return self._run_time.windows if isinstance(self._run_time, RunTimeSampler) else 0
 
     @property
+    def run_time_source(self) -> str | None:
+        """How the last snapshot's run time was counted: held, sampled, sysctl, external (logs, benchmarks)."""
+        return self._run_time_source
+
+    @property
     def statistics_seconds(self) -> float:
         """How long those windows were open, in all (tests, benchmarks)."""
         return self._run_time.seconds_on if isinstance(self._run_time, RunTimeSampler) else 0.0
@@ -377,6 +383,9 @@ class EbpfStatsProbe:
                 if limitation not in self.limitations:
                     self.limitations.append(limitation)
             self._say_run_time_error()
+            if run_time is not None and run_time.source != self._run_time_source:
+                self._log.debug('Program run time counted: %s', run_time.source)
+                self._run_time_source = run_time.source
             return EbpfSnapshot(timestamp, programs, maps, run_time)
 
     def _read_programs(self) -> tuple[list[ProgramRecord], dict[int, int] | None, float, RunTimeCoverage | None]:
