@@ -370,9 +370,11 @@ class EbpfStatsProbe:
     def snapshot(self) -> EbpfSnapshot:
         """Every program and map in the kernel now, with owners and entry counts."""
         with self._lock:
+            # Links first: counting a map without the kfunc attaches a link to it for a moment, and a
+            # link's id lingers until the kernel's deferred free: listed now, it would look new.
+            link_ids, kprobe_misses = self._links.scan()
             programs, program_refcounts, timestamp, run_time = self._read_programs()
             maps, map_refcounts = self._inventory.maps()
-            link_ids, kprobe_misses = self._links.scan()
             objects = {OWNED_PROG: {p.id for p in programs}, OWNED_MAP: {m.id for m in maps}, OWNED_LINK: link_ids}
             refcounts = {}
             if program_refcounts is not None and map_refcounts is not None:

@@ -99,6 +99,7 @@ class RunTimeSampler:
             raise ValueError(f'a sampled fraction is between 0 and 1, not {fraction}')
         self._fraction = fraction
         self._interval = interval
+        self._configured_interval = interval
         self._read_counters = read_counters
         self._log = log
         self._clock = clock
@@ -158,7 +159,9 @@ class RunTimeSampler:
             return result, coverage
 
     def _schedule(self, now: float, first: bool) -> None:
-        length = self._fraction * self._interval
+        # The interval as measured (the Agent runs checks late when it is busy), within reason: a
+        # long pause of the Agent must not make a long window.
+        length = self._fraction * min(self._interval, 2 * self._configured_interval)
         if self._fd is not None:
             self._next_window = None  # the open window stands for this interval's
             return
