@@ -43,7 +43,7 @@ KERNEL_HEADERS := .cache/kernel-headers
 help:
 	@echo "make run   - set up everything, build the BPF objects, run the check once and print what it submits"
 	@echo "make test  - set up everything and run the whole test suite (as root: it loads BPF programs)"
-	@echo "make test-kernels - the OOM-kill and accounting tests on Debian 12's 6.1 kernel under qemu"
+	@echo "make test-kernels [KERNELS=\"5.10 6.12\"] [VM_PYTEST='pytest args'] - the tests inside VMs booting other kernels (tests/vm/kernels.py)"
 	@echo "make bpf   - build the CO-RE objects only"
 	@echo "make bundle - build the libbpf.so.1 the wheel carries (ARCH=arm64: cross-build it)"
 	@echo "make wheel - build the wheel into dist/ and show auditwheel's verdict (ARCH=arm64 too)"
@@ -57,15 +57,23 @@ run: deps venv bpf bundle
 test: deps venv bpf bundle bundle-other-arch kernel-headers lint
 	BCC_TEST_KERNEL_SOURCE=$(CURDIR)/$(KERNEL_HEADERS) $(BIN)/pytest -ra tests
 	@if command -v qemu-system-x86_64 >/dev/null; then $(MAKE) --no-print-directory test-kernels; \
-	else echo "qemu-system-x86_64 is not installed: the second-kernel tests (make test-kernels) did not run"; fi
+	else echo "qemu-system-x86_64 is not installed: the kernel matrix (make test-kernels) did not run"; fi
 
-# The same build on a second kernel: Debian 12's own 6.1 under qemu, with kprobes and without the
-# map-counting kfunc. The kernel and a Debian root are cached in .cache/vm (tests/vm/build_base.sh).
-VM_PACKAGES := qemu-system-x86 debootstrap cpio
-test-kernels: deps venv bpf bundle
+# The kernel matrix (tests/vm/README.md): each row of tests/vm/kernels.py boots its Debian kernel under
+# qemu with a Debian 12 root in RAM and runs this checkout's tests there with pytest, against the wheel
+# built from the checkout. KERNELS picks rows (default: all), VM_PYTEST replaces every row's pytest
+# arguments. Kernels, roots and layers are cached in .cache/vm (built on first use: a few minutes).
+# The arm64 root's maintainer scripts run under qemu-user (binfmt_misc).
+VM_PACKAGES := qemu-system-x86 qemu-system-arm qemu-user-static binfmt-support mmdebstrap arch-test cpio
+KERNELS ?=
+VM_PYTEST ?=
+export KERNELS VM_PYTEST
+test-kernels: deps venv bpf bundle bundle-other-arch
+	@test -e /proc/sys/fs/binfmt_misc/status || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || \
+		echo "cannot mount binfmt_misc: the arm64 row will say why it cannot run"
 	$(call install_missing,$(VM_PACKAGES))
-	bash tests/vm/build_base.sh
-	$(BIN)/pytest -ra -s -m vm tests/vm
+	@test -e /proc/sys/fs/binfmt_misc/qemu-aarch64 || update-binfmts --enable qemu-aarch64 || true
+	$(BIN)/pytest -p no:cacheprovider -ra -s -m vm tests/vm/test_kernels.py
 
 bpf: $(CORE_OBJECTS)
 

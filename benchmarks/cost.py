@@ -134,7 +134,7 @@ def bench_owners(results: Results, processes: int, fds_each: int, runs: int) -> 
         aggregator.reset()
     section = '7. owners'
     label = f'+{total / 1000:.0f}k open files'
-    results.add(Row(section, 'check run, quiet host (OOM kills + eBPF accounting): wall', 'ms', quiet.wall))
+    results.add(Row(section, 'check run, quiet host (OOM kills + eBPF stats): wall', 'ms', quiet.wall))
     results.add(Row(section, 'check run, quiet host: CPU', 'ms', quiet.cpu))
     results.add(Row(section, f'check run, {label}, no object created or freed: wall', 'ms', steady.wall,
                     note=f'{steady_scans} fd scans in {runs} runs'))  # fmt: skip

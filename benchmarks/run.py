@@ -270,7 +270,7 @@ def bench_check_run(results: Results, runs: int) -> None:
             cpu.append((thread_cpu_seconds() - cpu0) * 1000)
             assert not error, error
         cpu_s = summary(cpu)
-        results.add(Row('3. check run', 'wall time of run() (OOM kills + eBPF accounting)', 'ms', summary(wall)))
+        results.add(Row('3. check run', 'wall time of run() (OOM kills + eBPF stats)', 'ms', summary(wall)))
         results.add(Row('3. check run', 'CPU time of run() (user + system)', 'ms', cpu_s, goal='<= 20 ms',
                         met=cpu_s['median'] <= 20))  # fmt: skip
         share = cpu_s['median'] / 15000 * 100

@@ -90,11 +90,34 @@ struct kernfs_node___rcu_parent {
 } PA;
 
 struct cgroup {
+	int level;	/* depth below the hierarchy's root */
 	struct kernfs_node *kn;
 } PA;
 
 struct cgroup_subsys_state {
 	struct cgroup *cgroup;
+	struct cgroup_subsys_state *parent;
+} PA;
+
+struct page_counter {
+	atomic_long_t usage;	/* pages */
+	unsigned long max;
+} PA;
+
+struct mem_cgroup {
+	struct cgroup_subsys_state css;
+	struct page_counter memory;
+	bool oom_group;	/* memory.oom.group (cgroup v2) */
+} PA;
+
+struct upid {
+	int nr;
+} PA;
+
+/* A process id in each pid namespace it is seen from: numbers[level] is its own namespace's. */
+struct pid {
+	unsigned int level;
+	struct upid numbers[1];
 } PA;
 
 struct css_set {
@@ -113,9 +136,10 @@ struct task_struct {
 	struct signal_struct *signal;
 	const struct cred *real_cred;
 	struct css_set *cgroups;
+	struct task_struct *group_leader;
+	u64 start_time;	/* ns since boot */
+	struct pid *thread_pid;
 } PA;
-
-struct mem_cgroup;
 
 struct oom_control {
 	struct mem_cgroup *memcg;

@@ -3,15 +3,19 @@
  * OOM-kill probe, CO-RE variant: compiled once with clang, relocated by
  * libbpf against the running kernel's BTF.
  *
- * Three hooks; user space autoloads and attaches the ones this kernel offers
+ * Four hooks; user space autoloads and attaches the ones this kernel offers
  * (the table in datadog_checks/ebpf_probe/oom_kill/hooks.py):
  *  - tp_btf/mark_victim: the task argument (kernels whose tracepoint passes
  *    the task, ~6.9+ and backports) gives the victim; current is the trigger.
+ *    It fires for every process killed, the members of a group kill too.
+ *  - kprobe/__oom_kill_process: the same, where the tracepoint passes only a
+ *    pid: called once per process killed.
  *  - kprobe/oom_kill_process: oc->chosen is the victim; oc gives the OOM
- *    domain's size, the badness points and memcg vs system. Alone it writes
- *    the record; beside tp_btf it only leaves its oom_control facts for it.
+ *    domain, its size, the badness points and memcg vs system. Beside one of
+ *    the above it only leaves these facts for them; alone it writes the
+ *    record of the chosen victim.
  *  - tracepoint/oom/mark_victim: the classic tracepoint's fields, for kernels
- *    that offer neither of the above.
+ *    that offer none of the above.
  * Records go to a ring buffer, or a perf buffer where the kernel has none
  * (user space decides, and sets use_ringbuf); a record that finds no room is
  * counted in dropped_kills, once.
@@ -28,7 +32,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* Set by user space before load. */
 const volatile __u64 page_size_kb = 4;
-/* The kprobe writes records itself unless tp_btf/mark_victim is attached. */
+/* kprobe/oom_kill_process writes records itself where no hook sees each victim's task. */
 const volatile bool kprobe_writes_records = true;
 /* Ring buffer (5.8+), else perf buffer: the events map's type, set to match. */
 const volatile bool use_ringbuf = true;
@@ -111,7 +115,32 @@ static __always_inline __u64 read_kn_id(struct kernfs_node *kn)
 	return BPF_CORE_READ(kn, id);
 }
 
-static __always_inline struct kernfs_node *read_task_memcg_kn(struct task_struct *task)
+static __always_inline struct task_struct *read_task_group_leader(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, group_leader);
+}
+
+static __always_inline __u64 read_task_start_time(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, start_time);
+}
+
+static __always_inline bool read_task_ns_pid(struct task_struct *task, __u32 *nr, __u8 *level)
+{
+	struct pid *pid = BPF_CORE_READ(task, thread_pid);
+	unsigned int depth;
+
+	if (!pid)
+		return false;
+	depth = BPF_CORE_READ(pid, level);
+	/* numbers[depth]: the upid size is the kernel's, as relocated. */
+	if (bpf_core_read(nr, sizeof(*nr), (void *)&pid->numbers[0].nr + depth * bpf_core_type_size(struct upid)))
+		return false;
+	*level = depth;
+	return true;
+}
+
+static __always_inline struct mem_cgroup *read_task_memcg(struct task_struct *task)
 {
 	int memory_id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
 	struct cgroup_subsys_state *css = NULL;
@@ -122,10 +151,42 @@ static __always_inline struct kernfs_node *read_task_memcg_kn(struct task_struct
 	bpf_core_read(&css, sizeof(css), &cgroups->subsys[memory_id]);
 	if (!css)
 		return NULL;
-	return BPF_CORE_READ(css, cgroup, kn);
+	return (void *)css - bpf_core_field_offset(struct mem_cgroup, css);
 }
 
-#include "oom_kill_fill.h"
+static __always_inline struct mem_cgroup *read_memcg_parent(struct mem_cgroup *memcg)
+{
+	struct cgroup_subsys_state *parent = BPF_CORE_READ(memcg, css.parent);
+
+	return parent ? (void *)parent - bpf_core_field_offset(struct mem_cgroup, css) : NULL;
+}
+
+static __always_inline struct kernfs_node *read_memcg_kn(struct mem_cgroup *memcg)
+{
+	return BPF_CORE_READ(memcg, css.cgroup, kn);
+}
+
+static __always_inline __u32 read_memcg_level(struct mem_cgroup *memcg)
+{
+	return BPF_CORE_READ(memcg, css.cgroup, level);
+}
+
+static __always_inline __u64 read_memcg_usage(struct mem_cgroup *memcg)
+{
+	long pages = BPF_CORE_READ(memcg, memory.usage.counter);
+
+	return pages > 0 ? pages : 0;
+}
+
+static __always_inline __u64 read_memcg_max(struct mem_cgroup *memcg)
+{
+	return BPF_CORE_READ(memcg, memory.max);
+}
+
+static __always_inline bool read_memcg_oom_group(struct mem_cgroup *memcg)
+{
+	return BPF_CORE_READ(memcg, oom_group);
+}
 
 /* --- Maps and output ------------------------------------------------------- */
 
@@ -150,13 +211,48 @@ struct {
 	__type(value, __u64);
 } dropped_kills SEC(".maps");
 
-/* oom_kill_process facts, by trigger tid, for tp_btf/mark_victim. */
+/* oom_kill_process facts, by trigger tid, for the hooks that see the victim's task. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 256);
 	__type(key, __u32);
 	__type(value, struct oom_control_info);
 } oom_controls SEC(".maps");
+
+/* Processes reported, so that each is reported once (see first_kill_of). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct oom_reported_key);
+	__type(value, __u8);
+} reported_kills SEC(".maps");
+
+/* Marks not reported, by reason (OOM_MARKS_*). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, OOM_MARKS_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} oom_marks SEC(".maps");
+
+static __always_inline bool remember_reported(struct oom_reported_key *key)
+{
+	__u8 one = 1;
+
+	return bpf_map_update_elem(&reported_kills, key, &one, BPF_NOEXIST) == 0;
+}
+
+static __always_inline void count_unreported(int slot)
+{
+	__u32 key = slot;
+	__u64 *count = bpf_map_lookup_elem(&oom_marks, &key);
+
+	if (count)
+		__sync_fetch_and_add(count, 1);
+}
+
+/* --- Output ----------------------------------------------------------------- */
+
 
 static __always_inline void count_drop(void)
 {
@@ -181,6 +277,12 @@ static __always_inline struct oom_kill_record *record_reserve(void)
 	return r;
 }
 
+static __always_inline void record_discard(struct oom_kill_record *r)
+{
+	if (use_ringbuf)
+		bpf_ringbuf_discard(r, 0);
+}
+
 static __always_inline void record_submit(void *ctx, struct oom_kill_record *r)
 {
 	if (use_ringbuf)
@@ -189,42 +291,32 @@ static __always_inline void record_submit(void *ctx, struct oom_kill_record *r)
 		count_drop();	/* the perf ring was full */
 }
 
-/*
- * Without oom_control, whether a memory cgroup or the system ran out of memory
- * shows in the trigger's kernel stack (mem_cgroup_out_of_memory...): keep it
- * for user space to resolve with /proc/kallsyms when it reads the record.
- */
-static __always_inline void fill_kernel_stack(void *ctx, struct oom_kill_record *r)
+/* The oom_kill_process kprobe's facts about the OOM the current task triggered, if it left them. */
+static __always_inline struct oom_control_info *oom_control_of_trigger(void)
 {
-	long size = bpf_get_stack(ctx, r->kernel_stack, sizeof(r->kernel_stack), 0);
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 
-	if (size > 0)
-		r->kernel_stack_depth = size / sizeof(__u64);
+	return bpf_map_lookup_elem(&oom_controls, &tid);
 }
+
+#include "oom_kill_fill.h"
 
 /* --- Hooks ----------------------------------------------------------------- */
 
 SEC("tp_btf/mark_victim")
 int BPF_PROG(mark_victim_btf, struct task_struct *task, uid_t uid)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct oom_control_info *info;
-	struct oom_kill_record *r;
+	if (first_kill_of(task, true))
+		report_kill(ctx, task, OOM_HOOK_TP_BTF, oom_control_of_trigger());
+	return 0;
+}
 
-	r = record_reserve();
-	if (!r)
-		return 0;
-	record_init(r, OOM_HOOK_TP_BTF);
-	fill_victim(r, task);
-	r->victim_uid = uid;
-	info = bpf_map_lookup_elem(&oom_controls, &tid);
-	if (info && info->victim_pid == r->victim_pid) {
-		set_oom_control(r, info->oom_domain_pages, info->badness_points, info->memcg);
-		bpf_map_delete_elem(&oom_controls, &tid);
-	} else {
-		fill_kernel_stack(ctx, r);
-	}
-	record_submit(ctx, r);
+SEC("kprobe/__oom_kill_process")
+int BPF_KPROBE(oom_kill_victim, struct task_struct *victim)
+{
+	/* The kernel kills only a victim with memory left; SIGKILL is sent after this point. */
+	if (BPF_CORE_READ(victim, mm) && first_kill_of(victim, false))
+		report_kill(ctx, victim, OOM_HOOK_KILL_KPROBE, oom_control_of_trigger());
 	return 0;
 }
 
@@ -232,30 +324,19 @@ SEC("kprobe/oom_kill_process")
 int BPF_KPROBE(oom_kill_process, struct oom_control *oc)
 {
 	struct task_struct *victim = BPF_CORE_READ(oc, chosen);
-	struct oom_kill_record *r;
+	struct oom_control_info info = {};
 
 	if (!victim)
 		return 0;
+	read_oom_control(&info, (struct mem_cgroup *)BPF_CORE_READ(oc, memcg), BPF_CORE_READ(oc, totalpages),
+			 BPF_CORE_READ(oc, chosen_points), BPF_CORE_READ(victim, tgid));
 	if (!kprobe_writes_records) {
 		__u32 tid = (__u32)bpf_get_current_pid_tgid();
-		struct oom_control_info info = {
-			.oom_domain_pages = BPF_CORE_READ(oc, totalpages),
-			.badness_points = BPF_CORE_READ(oc, chosen_points),
-			.victim_pid = BPF_CORE_READ(victim, tgid),
-			.memcg = BPF_CORE_READ(oc, memcg) != NULL,
-		};
 
 		bpf_map_update_elem(&oom_controls, &tid, &info, BPF_ANY);
-		return 0;
+	} else if (first_kill_of(victim, false)) {
+		report_kill(ctx, victim, OOM_HOOK_KPROBE, &info);
 	}
-	r = record_reserve();
-	if (!r)
-		return 0;
-	record_init(r, OOM_HOOK_KPROBE);
-	fill_victim(r, victim);
-	set_oom_control(r, BPF_CORE_READ(oc, totalpages), BPF_CORE_READ(oc, chosen_points),
-			BPF_CORE_READ(oc, memcg) != NULL);
-	record_submit(ctx, r);
 	return 0;
 }
 
@@ -269,6 +350,13 @@ int mark_victim_tracepoint(struct trace_event_raw_mark_victim *args)
 		return 0;
 	record_init(r, OOM_HOOK_TRACEPOINT);
 	set_victim_thread(r, BPF_CORE_READ(args, pid));
+	/* A dying process marked while it allocates is the trigger: its task is known, and may be
+	 * one already reported. */
+	if (r->victim_tid == r->trigger_tid &&
+	    !first_kill_of((struct task_struct *)bpf_get_current_task(), true)) {
+		record_discard(r);
+		return 0;
+	}
 	if (bpf_core_field_exists(args->total_vm)) {
 		__u32 comm_loc = BPF_CORE_READ(args, __data_loc_comm);
 

@@ -22,6 +22,7 @@
 #define OOM_HOOK_KPROBE 2	/* kprobe/oom_kill_process */
 #define OOM_HOOK_TRACEPOINT 3	/* tracepoint/oom/mark_victim */
 #define OOM_HOOK_RAW_TP 4	/* raw_tracepoint/mark_victim (BCC) */
+#define OOM_HOOK_KILL_KPROBE 5	/* kprobe/__oom_kill_process: each kill, group members too */
 
 /* record.flags */
 #define OOM_F_MEMCG (1U << 0)		/* a memory cgroup, not the system, was out of memory */
@@ -34,6 +35,10 @@
 #define OOM_F_SIGKILL (1U << 7)		/* SIGKILL pending on the victim: a kill, not only a mark */
 #define OOM_F_CGROUP_DEPTH_TRUNCATED (1U << 8)	/* more levels above the kept ones */
 #define OOM_F_VICTIM_PID_UNKNOWN (1U << 9)	/* only the victim's thread id is known */
+#define OOM_F_DOMAIN (1U << 10)		/* domain_* filled: the memory cgroup that hit its limit */
+#define OOM_F_DOMAIN_GUESSED (1U << 11)	/* ... found as the one left without room (no oom_control) */
+#define OOM_F_PID_NS (1U << 12)		/* victim_ns_pid, pid_ns_level filled */
+#define OOM_F_CHOSEN (1U << 13)		/* the victim the OOM killer chose (badness_points is its) */
 
 struct oom_kill_record {
 	__u64 timestamp_ns;	/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -45,15 +50,22 @@ struct oom_kill_record {
 	__u64 oom_domain_pages;	/* oom_control.totalpages: size of the OOM domain */
 	__s64 badness_points;	/* oom_control.chosen_points: not /proc/PID/oom_score */
 	__u64 cgroup_id;	/* kernfs id of the victim's memory cgroup */
+	__u64 domain_usage_pages;	/* the OOM domain's memory use and limit when the victim was chosen */
+	__u64 domain_limit_pages;
 	__u32 victim_pid;	/* tgid */
 	__u32 victim_tid;	/* the thread the kernel marked */
 	__u32 victim_uid;
 	__u32 trigger_pid;
 	__u32 trigger_tid;
 	__u32 flags;
+	__u32 victim_ns_pid;	/* its pid in its own pid namespace: 1 is a container's main process */
 	__s16 oom_score_adj;
 	__u8 hook;
 	__u8 cgroup_depth;	/* levels filled in cgroup_names */
+	__u8 cgroup_level;	/* the victim's memory cgroup's depth below the hierarchy's root */
+	__u8 domain_level;	/* the OOM domain's: the victim's cgroup or one of its ancestors */
+	__u8 group_level;	/* the memory.oom.group cgroup's (the group killed with it); 0: none */
+	__u8 pid_ns_level;	/* 0: the host's pid namespace */
 	__u32 kernel_stack_depth;	/* frames filled in kernel_stack */
 	char victim_comm[OOM_COMM_LEN];
 	char trigger_comm[OOM_COMM_LEN];
@@ -61,12 +73,28 @@ struct oom_kill_record {
 	char cgroup_names[OOM_CGROUP_MAX_DEPTH][OOM_CGROUP_NAME_LEN]; /* leaf first */
 };
 
-/* What kprobe/oom_kill_process leaves for tp_btf/mark_victim, by trigger tid. */
+/* What kprobe/oom_kill_process leaves for the hooks that see the victim task, by trigger tid. */
 struct oom_control_info {
 	__u64 oom_domain_pages;
 	__s64 badness_points;
-	__u32 victim_pid;
-	__u32 memcg;
+	__u64 domain_usage_pages;
+	__u64 domain_limit_pages;
+	__u32 victim_pid;	/* the chosen one; the other members of a group kill come after it */
+	__u8 memcg;
+	__u8 domain_level;
+	__u8 _pad[2];
 };
+
+/* A process already reported: its tgid, and its start time, which tells a reused tgid apart. */
+struct oom_reported_key {
+	__u32 tgid;
+	__u32 _pad;
+	__u64 start_time;
+};
+
+/* What the hooks saw and did not report, for diagnostics (oom_marks array). */
+#define OOM_MARKS_NOT_KILLED 0	/* an exiting task marked, no SIGKILL: the kernel killed nothing */
+#define OOM_MARKS_REPEATED 1	/* a thread of a process already reported */
+#define OOM_MARKS_SLOTS 2
 
 #endif /* EBPF_PROBE_OOM_KILL_H */

@@ -5,8 +5,9 @@
  * oom_kill.bpf.c, filled by the same code (oom_kill_fill.h); user space
  * defines which hooks to build:
  *   HOOK_RAW_TP     raw_tracepoint/mark_victim, task argument (~6.9+)
+ *   HOOK_KILL_KPROBE kprobe/__oom_kill_process, each process killed
  *   HOOK_KPROBE     kprobe/oom_kill_process; KPROBE_WRITES_RECORDS unless
- *                   HOOK_RAW_TP is built too
+ *                   one of the two above is built too
  *   HOOK_TRACEPOINT tracepoint oom:mark_victim; MARK_VICTIM_HAS_MM when its
  *                   format has the memory fields (~6.9+)
  *   USE_RINGBUF     ring buffer of RINGBUF_PAGES pages, else a perf buffer
@@ -24,6 +25,7 @@
 struct task_struct;
 struct mm_struct;
 struct kernfs_node;
+struct mem_cgroup;
 
 #ifdef OFFSETS_FROM_HEADERS
 #include <linux/version.h>
@@ -34,6 +36,8 @@ struct kernfs_node;
 #include <linux/cgroup-defs.h>
 #include <linux/kernfs.h>
 #include <linux/oom.h>
+#include <linux/pid.h>
+#include <linux/memcontrol.h>
 #define OFF_TASK_PID offsetof(struct task_struct, pid)
 #define OFF_TASK_TGID offsetof(struct task_struct, tgid)
 #define OFF_TASK_COMM offsetof(struct task_struct, comm)
@@ -41,6 +45,19 @@ struct kernfs_node;
 #define OFF_TASK_SIGNAL offsetof(struct task_struct, signal)
 #define OFF_TASK_REAL_CRED offsetof(struct task_struct, real_cred)
 #define OFF_TASK_CGROUPS offsetof(struct task_struct, cgroups)
+#define OFF_TASK_GROUP_LEADER offsetof(struct task_struct, group_leader)
+#define OFF_TASK_START_TIME offsetof(struct task_struct, start_time)
+#define OFF_TASK_THREAD_PID offsetof(struct task_struct, thread_pid)
+#define OFF_PID_LEVEL offsetof(struct pid, level)
+#define OFF_PID_NUMBERS offsetof(struct pid, numbers)
+#define UPID_SIZE sizeof(struct upid)
+#define OFF_UPID_NR offsetof(struct upid, nr)
+#define OFF_CSS_PARENT offsetof(struct cgroup_subsys_state, parent)
+#define OFF_CGROUP_LEVEL offsetof(struct cgroup, level)
+#define OFF_MEMCG_CSS offsetof(struct mem_cgroup, css)
+#define OFF_MEMCG_USAGE (offsetof(struct mem_cgroup, memory) + offsetof(struct page_counter, usage))
+#define OFF_MEMCG_MAX (offsetof(struct mem_cgroup, memory) + offsetof(struct page_counter, max))
+#define OFF_MEMCG_OOM_GROUP offsetof(struct mem_cgroup, oom_group)
 #define OFF_SIGNAL_OOM_SCORE_ADJ offsetof(struct signal_struct, oom_score_adj)
 #define OFF_SIGNAL_PENDING offsetof(struct signal_struct, shared_pending.signal)
 #define OFF_CRED_UID offsetof(struct cred, uid)
@@ -194,26 +211,108 @@ static inline u64 read_kn_id(struct kernfs_node *kn)
 	return id;
 }
 
-static inline struct kernfs_node *read_task_memcg_kn(struct task_struct *task)
+static inline struct task_struct *read_task_group_leader(struct task_struct *task)
 {
-	void *cgroups = NULL, *css = NULL, *cgroup = NULL, *kn = NULL;
+	void *leader = NULL;
+
+	READ_AT(leader, task, OFF_TASK_GROUP_LEADER);
+	return leader;
+}
+
+static inline u64 read_task_start_time(struct task_struct *task)
+{
+	u64 start = 0;
+
+	READ_AT(start, task, OFF_TASK_START_TIME);
+	return start;
+}
+
+static inline bool read_task_ns_pid(struct task_struct *task, u32 *nr, u8 *level)
+{
+	void *pid = NULL;
+	unsigned int depth = 0;
+	int value = 0;
+
+	READ_AT(pid, task, OFF_TASK_THREAD_PID);
+	if (!pid || READ_AT(depth, pid, OFF_PID_LEVEL) ||
+	    READ_AT(value, pid, OFF_PID_NUMBERS + depth * UPID_SIZE + OFF_UPID_NR))
+		return false;
+	*nr = value;
+	*level = depth;
+	return true;
+}
+
+static inline struct mem_cgroup *read_task_memcg(struct task_struct *task)
+{
+	void *cgroups = NULL, *css = NULL;
 
 	READ_AT(cgroups, task, OFF_TASK_CGROUPS);
 	if (!cgroups || MEMORY_CGRP_ID < 0)	/* no memory controller in this kernel */
 		return NULL;
 	READ_AT(css, cgroups, OFF_CSS_SET_SUBSYS + MEMORY_CGRP_ID * sizeof(void *));
-	if (!css)
-		return NULL;
-	READ_AT(cgroup, css, OFF_CSS_CGROUP);
-	if (!cgroup)
-		return NULL;
-	READ_AT(kn, cgroup, OFF_CGROUP_KN);
+	return css ? css - OFF_MEMCG_CSS : NULL;
+}
+
+static inline struct mem_cgroup *read_memcg_parent(struct mem_cgroup *memcg)
+{
+	void *parent = NULL;
+
+	READ_AT(parent, memcg, OFF_MEMCG_CSS + OFF_CSS_PARENT);
+	return parent ? parent - OFF_MEMCG_CSS : NULL;
+}
+
+static inline void *read_memcg_cgroup(struct mem_cgroup *memcg)
+{
+	void *cgroup = NULL;
+
+	READ_AT(cgroup, memcg, OFF_MEMCG_CSS + OFF_CSS_CGROUP);
+	return cgroup;
+}
+
+static inline struct kernfs_node *read_memcg_kn(struct mem_cgroup *memcg)
+{
+	void *cgroup = read_memcg_cgroup(memcg), *kn = NULL;
+
+	if (cgroup)
+		READ_AT(kn, cgroup, OFF_CGROUP_KN);
 	return kn;
 }
 
-#include "oom_kill_fill.h"
+static inline u32 read_memcg_level(struct mem_cgroup *memcg)
+{
+	void *cgroup = read_memcg_cgroup(memcg);
+	int level = 0;
 
-/* --- Maps and output ------------------------------------------------------- */
+	if (cgroup)
+		READ_AT(level, cgroup, OFF_CGROUP_LEVEL);
+	return level;
+}
+
+static inline u64 read_memcg_usage(struct mem_cgroup *memcg)
+{
+	long pages = 0;
+
+	READ_AT(pages, memcg, OFF_MEMCG_USAGE);
+	return pages > 0 ? pages : 0;
+}
+
+static inline u64 read_memcg_max(struct mem_cgroup *memcg)
+{
+	unsigned long max = 0;
+
+	READ_AT(max, memcg, OFF_MEMCG_MAX);
+	return max;
+}
+
+static inline bool read_memcg_oom_group(struct mem_cgroup *memcg)
+{
+	bool group = false;
+
+	READ_AT(group, memcg, OFF_MEMCG_OOM_GROUP);
+	return group;
+}
+
+/* --- Maps ------------------------------------------------------------------ */
 
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -222,9 +321,28 @@ BPF_PERF_OUTPUT(events);
 BPF_PERCPU_ARRAY(heap, struct oom_kill_record, 1);
 #endif
 BPF_ARRAY(dropped_kills, u64, 1);
+BPF_ARRAY(oom_marks, u64, OOM_MARKS_SLOTS);
+BPF_TABLE("lru_hash", struct oom_reported_key, u8, reported_kills, 4096);
 #if defined(HOOK_KPROBE) && !defined(KPROBE_WRITES_RECORDS)
 BPF_TABLE("lru_hash", u32, struct oom_control_info, oom_controls, 256);
 #endif
+
+static inline bool remember_reported(struct oom_reported_key *key)
+{
+	u8 one = 1;
+
+	return reported_kills.insert(key, &one) == 0;
+}
+
+static inline void count_unreported(int slot)
+{
+	u64 *count = oom_marks.lookup(&slot);
+
+	if (count)
+		__sync_fetch_and_add(count, 1);
+}
+
+/* --- Output ----------------------------------------------------------------- */
 
 static inline void count_drop(void)
 {
@@ -250,6 +368,13 @@ static inline struct oom_kill_record *record_reserve(void)
 	return r;
 }
 
+static inline void record_discard(struct oom_kill_record *r)
+{
+#ifdef USE_RINGBUF
+	events.ringbuf_discard(r, 0);
+#endif
+}
+
 static inline void record_submit(void *ctx, struct oom_kill_record *r)
 {
 #ifdef USE_RINGBUF
@@ -260,13 +385,19 @@ static inline void record_submit(void *ctx, struct oom_kill_record *r)
 #endif
 }
 
-static inline void fill_kernel_stack(void *ctx, struct oom_kill_record *r)
+/* The oom_kill_process kprobe's facts about the OOM the current task triggered, if it left them. */
+static inline struct oom_control_info *oom_control_of_trigger(void)
 {
-	long size = bpf_get_stack(ctx, r->kernel_stack, sizeof(r->kernel_stack), 0);
+#if defined(HOOK_KPROBE) && !defined(KPROBE_WRITES_RECORDS)
+	u32 tid = (u32)bpf_get_current_pid_tgid();
 
-	if (size > 0)
-		r->kernel_stack_depth = size / sizeof(u64);
+	return oom_controls.lookup(&tid);
+#else
+	return NULL;
+#endif
 }
+
+#include "oom_kill_fill.h"
 
 /* --- Hooks ----------------------------------------------------------------- */
 
@@ -274,38 +405,31 @@ static inline void fill_kernel_stack(void *ctx, struct oom_kill_record *r)
 int oom_mark_victim_raw(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *task = (struct task_struct *)ctx->args[0];
-	struct oom_kill_record *r = record_reserve();
-	bool with_oom_control = false;
 
-	if (!r)
-		return 0;
-	record_init(r, OOM_HOOK_RAW_TP);
-	fill_victim(r, task);
-	r->victim_uid = (u32)ctx->args[1];
-#if defined(HOOK_KPROBE) && !defined(KPROBE_WRITES_RECORDS)
-	{
-		u32 tid = (u32)bpf_get_current_pid_tgid();
-		struct oom_control_info *info = oom_controls.lookup(&tid);
-
-		if (info && info->victim_pid == r->victim_pid) {
-			set_oom_control(r, info->oom_domain_pages, info->badness_points, info->memcg);
-			oom_controls.delete(&tid);
-			with_oom_control = true;
-		}
-	}
-#endif
-	if (!with_oom_control)
-		fill_kernel_stack(ctx, r);
-	record_submit(ctx, r);
+	if (first_kill_of(task, true))
+		report_kill(ctx, task, OOM_HOOK_RAW_TP, oom_control_of_trigger());
 	return 0;
 }
 #endif /* HOOK_RAW_TP */
+
+#ifdef HOOK_KILL_KPROBE
+int oom_kill_victim_kprobe(struct pt_regs *ctx)
+{
+	struct task_struct *victim = (struct task_struct *)PT_REGS_PARM1(ctx);
+
+	/* The kernel kills only a victim with memory left; SIGKILL is sent after this point. */
+	if (read_task_mm(victim) && first_kill_of(victim, false))
+		report_kill(ctx, victim, OOM_HOOK_KILL_KPROBE, oom_control_of_trigger());
+	return 0;
+}
+#endif /* HOOK_KILL_KPROBE */
 
 #ifdef HOOK_KPROBE
 int oom_kill_process_kprobe(struct pt_regs *ctx)
 {
 	void *oc = (void *)PT_REGS_PARM1(ctx);
 	struct task_struct *victim = NULL;
+	struct oom_control_info info = {};
 	void *memcg = NULL;
 	unsigned long totalpages = 0;
 	long points = 0;
@@ -316,26 +440,14 @@ int oom_kill_process_kprobe(struct pt_regs *ctx)
 	READ_AT(memcg, oc, OFF_OC_MEMCG);
 	READ_AT(totalpages, oc, OFF_OC_TOTALPAGES);
 	READ_AT(points, oc, OFF_OC_CHOSEN_POINTS);
+	read_oom_control(&info, memcg, totalpages, points, read_task_tgid(victim));
 #ifdef KPROBE_WRITES_RECORDS
-	{
-		struct oom_kill_record *r = record_reserve();
-
-		if (!r)
-			return 0;
-		record_init(r, OOM_HOOK_KPROBE);
-		fill_victim(r, victim);
-		set_oom_control(r, totalpages, points, memcg != NULL);
-		record_submit(ctx, r);
-	}
+	if (first_kill_of(victim, false))
+		report_kill(ctx, victim, OOM_HOOK_KPROBE, &info);
 #else
 	{
 		u32 tid = (u32)bpf_get_current_pid_tgid();
-		struct oom_control_info info = {};
 
-		info.oom_domain_pages = totalpages;
-		info.badness_points = points;
-		info.victim_pid = read_task_tgid(victim);
-		info.memcg = memcg != NULL;
 		oom_controls.update(&tid, &info);
 	}
 #endif
@@ -352,6 +464,13 @@ TRACEPOINT_PROBE(oom, mark_victim)
 		return 0;
 	record_init(r, OOM_HOOK_TRACEPOINT);
 	set_victim_thread(r, args->pid);
+	/* A dying process marked while it allocates is the trigger: its task is known, and may be
+	 * one already reported. */
+	if (r->victim_tid == r->trigger_tid &&
+	    !first_kill_of((struct task_struct *)bpf_get_current_task(), true)) {
+		record_discard(r);
+		return 0;
+	}
 #ifdef MARK_VICTIM_HAS_MM
 	TP_DATA_LOC_READ_STR(r->victim_comm, comm, sizeof(r->victim_comm));
 	r->victim_uid = args->uid;

@@ -11,8 +11,18 @@
  *   void read_task_comm(struct task_struct *, char *buf)       (OOM_COMM_LEN)
  *   struct mm_struct *read_task_mm(...); __u64 read_mm_total_vm_pages(struct mm_struct *)
  *   long read_mm_rss_pages(struct mm_struct *, int counter); long read_mm_pgtables_bytes(...)
- *   struct kernfs_node *read_task_memcg_kn(...)   kernfs node of its memory cgroup
+ *   struct task_struct *read_task_group_leader(...); __u64 read_task_start_time(...)
+ *   bool read_task_ns_pid(struct task_struct *, __u32 *nr, __u8 *level)  in its own pid namespace
+ *   struct mem_cgroup *read_task_memcg(...)   its memory cgroup, or NULL
+ *   struct mem_cgroup *read_memcg_parent(...); struct kernfs_node *read_memcg_kn(...)
+ *   __u32 read_memcg_level(...); __u64 read_memcg_usage(...), read_memcg_max(...) (pages)
+ *   bool read_memcg_oom_group(...)
  *   struct kernfs_node *read_kn_parent(...); const char *read_kn_name(...); __u64 read_kn_id(...)
+ *   bool remember_reported(struct oom_reported_key *)  true the first time (a map of its own)
+ *   void count_unreported(int slot)                    an OOM_MARKS_* counter
+ * and how it writes records:
+ *   struct oom_kill_record *record_reserve(void); void record_submit(void *ctx, record)
+ *   struct oom_control_info *oom_control_of_trigger(void)   the kprobe's facts, or NULL
  *   PAGE_KB   the page size in kB
  */
 #ifndef EBPF_PROBE_OOM_KILL_FILL_H
@@ -72,15 +82,25 @@ static __always_inline void copy_cgroup_name(struct oom_kill_record *r, int leve
 		r->flags |= OOM_F_CGROUP_NAME_TRUNCATED;
 }
 
+/* Memory cgroup levels walked up, at most (a Kubernetes container's is 4 or 5 deep). */
+#define OOM_MEMCG_MAX_LEVELS 16
+/* A charge that failed leaves less room than this under the limit (a huge page is 512 pages). */
+#define OOM_CHARGE_MAX_PAGES 512
+
 /* The victim's memory cgroup path, leaf first, read now: it may be gone soon. */
 static __always_inline void fill_cgroup(struct oom_kill_record *r, struct task_struct *task)
 {
-	struct kernfs_node *kn = read_task_memcg_kn(task);
+	struct mem_cgroup *memcg = read_task_memcg(task);
+	struct kernfs_node *kn;
 	int i;
 
+	if (!memcg)
+		return;
+	kn = read_memcg_kn(memcg);
 	if (!kn)
 		return;
 	r->cgroup_id = read_kn_id(kn);
+	r->cgroup_level = read_memcg_level(memcg);
 	r->flags |= OOM_F_CGROUP;
 #pragma unroll
 	for (i = 0; i < OOM_CGROUP_MAX_DEPTH; i++) {
@@ -96,6 +116,82 @@ static __always_inline void fill_cgroup(struct oom_kill_record *r, struct task_s
 		r->flags |= OOM_F_CGROUP_DEPTH_TRUNCATED;
 }
 
+static __always_inline void set_domain(struct oom_kill_record *r, __u32 level, __u64 usage, __u64 max)
+{
+	r->domain_level = level;
+	r->domain_usage_pages = usage;
+	r->domain_limit_pages = max;
+	r->flags |= OOM_F_DOMAIN;
+}
+
+/*
+ * Without oom_control: the memory cgroup whose limit the charge hit is the first one, from the
+ * trigger's up, left with less room than a charge (try_charge walks the counters from the
+ * charging cgroup up and fails at the first one the charge would overflow).
+ */
+static __always_inline void guess_domain(struct oom_kill_record *r)
+{
+	struct mem_cgroup *memcg = read_task_memcg((struct task_struct *)bpf_get_current_task());
+	int i;
+
+	for (i = 0; i < OOM_MEMCG_MAX_LEVELS; i++) {	/* a bounded loop (5.3+) */
+		__u64 usage, max;
+
+		if (!memcg)
+			return;
+		usage = read_memcg_usage(memcg);
+		max = read_memcg_max(memcg);
+		if (usage + OOM_CHARGE_MAX_PAGES > max) {
+			set_domain(r, read_memcg_level(memcg), usage, max);
+			r->flags |= OOM_F_DOMAIN_GUESSED;
+			return;
+		}
+		memcg = read_memcg_parent(memcg);
+	}
+}
+
+/* The cgroup killed as a whole with the victim: the highest one with memory.oom.group set, from
+ * the victim's up to the OOM domain (as mem_cgroup_get_oom_group chooses it). */
+static __always_inline void fill_group(struct oom_kill_record *r, struct task_struct *task)
+{
+	struct mem_cgroup *memcg = read_task_memcg(task);
+	int i;
+
+	if (!(r->flags & OOM_F_DOMAIN))
+		return;
+	for (i = 0; i < OOM_MEMCG_MAX_LEVELS; i++) {	/* a bounded loop (5.3+) */
+		__u32 level;
+
+		if (!memcg)
+			return;
+		level = read_memcg_level(memcg);
+		if (level < r->domain_level)
+			return;
+		if (read_memcg_oom_group(memcg))
+			r->group_level = level;
+		memcg = read_memcg_parent(memcg);
+	}
+}
+
+/* Whether to report this mark of a task: once per process the kernel killed. mark_victim also
+ * fires for threads of a process already dying, and for exiting tasks marked without a kill. */
+static __always_inline bool first_kill_of(struct task_struct *task, bool signal_sent)
+{
+	struct oom_reported_key key = {};
+
+	if (signal_sent && !read_task_sigkill_pending(task)) {
+		count_unreported(OOM_MARKS_NOT_KILLED);
+		return false;
+	}
+	key.tgid = read_task_tgid(task);
+	key.start_time = read_task_start_time(read_task_group_leader(task));
+	if (!remember_reported(&key)) {
+		count_unreported(OOM_MARKS_REPEATED);
+		return false;
+	}
+	return true;
+}
+
 static __always_inline void fill_victim(struct oom_kill_record *r, struct task_struct *task)
 {
 	r->victim_pid = read_task_tgid(task);
@@ -106,6 +202,8 @@ static __always_inline void fill_victim(struct oom_kill_record *r, struct task_s
 	r->flags |= OOM_F_VICTIM_TASK;
 	if (read_task_sigkill_pending(task))
 		r->flags |= OOM_F_SIGKILL;
+	if (read_task_ns_pid(read_task_group_leader(task), &r->victim_ns_pid, &r->pid_ns_level))
+		r->flags |= OOM_F_PID_NS;
 	fill_memory(r, task);
 	fill_cgroup(r, task);
 }
@@ -122,14 +220,68 @@ static __always_inline void set_victim_thread(struct oom_kill_record *r, __u32 t
 		r->flags |= OOM_F_VICTIM_PID_UNKNOWN;
 }
 
-static __always_inline void set_oom_control(struct oom_kill_record *r, __u64 domain_pages, __s64 badness,
-					    bool memcg)
+/* What the kprobe on oom_kill_process read of the OOM: the domain, and the chosen victim's badness. */
+static __always_inline void read_oom_control(struct oom_control_info *info, struct mem_cgroup *memcg,
+					     __u64 totalpages, __s64 points, __u32 victim_pid)
 {
-	r->oom_domain_pages = domain_pages;
-	r->badness_points = badness;
+	info->oom_domain_pages = totalpages;
+	info->badness_points = points;
+	info->victim_pid = victim_pid;
+	info->memcg = memcg != NULL;
+	if (memcg) {
+		info->domain_level = read_memcg_level(memcg);
+		info->domain_usage_pages = read_memcg_usage(memcg);
+		info->domain_limit_pages = read_memcg_max(memcg);
+	}
+}
+
+static __always_inline void set_oom_control(struct oom_kill_record *r, struct oom_control_info *info)
+{
+	r->oom_domain_pages = info->oom_domain_pages;
 	r->flags |= OOM_F_OOM_CONTROL | OOM_F_CONSTRAINT_KNOWN;
-	if (memcg)
+	/* The badness is the chosen victim's; the other members of a group kill were not ranked. */
+	if (info->victim_pid == r->victim_pid) {
+		r->badness_points = info->badness_points;
+		r->flags |= OOM_F_CHOSEN;
+	}
+	if (info->memcg) {
 		r->flags |= OOM_F_MEMCG;
+		set_domain(r, info->domain_level, info->domain_usage_pages, info->domain_limit_pages);
+	}
+}
+
+/*
+ * Without oom_control, whether a memory cgroup or the system ran out of memory
+ * shows in the trigger's kernel stack (mem_cgroup_out_of_memory...): keep it
+ * for user space to resolve with /proc/kallsyms when it reads the record.
+ */
+static __always_inline void fill_kernel_stack(void *ctx, struct oom_kill_record *r)
+{
+	long size = bpf_get_stack(ctx, r->kernel_stack, sizeof(r->kernel_stack), 0);
+
+	if (size > 0)
+		r->kernel_stack_depth = size / sizeof(__u64);
+}
+
+/* The record of a process the kernel killed, seen with its task; info: the kprobe's oom_control
+ * facts, when it left them (else the trigger's stack and a guess at the cgroup that ran out). */
+static __always_inline void report_kill(void *ctx, struct task_struct *task, __u8 hook,
+					struct oom_control_info *info)
+{
+	struct oom_kill_record *r = record_reserve();
+
+	if (!r)
+		return;
+	record_init(r, hook);
+	fill_victim(r, task);
+	if (info) {
+		set_oom_control(r, info);
+	} else {
+		fill_kernel_stack(ctx, r);
+		guess_domain(r);
+	}
+	fill_group(r, task);
+	record_submit(ctx, r);
 }
 
 #endif /* EBPF_PROBE_OOM_KILL_FILL_H */

@@ -38,6 +38,27 @@ def bpftool(*args: str) -> list[dict]:
     return json.loads(subprocess.run(['bpftool', '-j', *args], capture_output=True, check=True, text=True).stdout)
 
 
+def bpftool_struct(name: str) -> list[tuple[str, int]]:
+    """(member, byte offset) of a kernel struct as bpftool reads the kernel's BTF ('' for anonymous ones)."""
+    raw = subprocess.run(
+        ['bpftool', 'btf', 'dump', 'file', '/sys/kernel/btf/vmlinux', 'format', 'raw'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    start = raw.find(f"STRUCT '{name}' ")
+    if start < 0:
+        return []
+    members = []
+    for line in raw[start:].splitlines()[1:]:
+        if not line.startswith('\t'):
+            break
+        member, _, rest = line.strip().partition(' ')
+        member = member.strip("'")
+        members.append(('' if member == '(anon)' else member, int(rest.split('bits_offset=')[1].split()[0]) // 8))
+    return members
+
+
 @dataclass
 class TestMap:
     id: int

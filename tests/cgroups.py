@@ -17,10 +17,11 @@ VICTIM_PYTHON = '/usr/bin/python3'
 
 # Runs in the child: join the cgroup, take the given name and oom_score_adj, then allocate
 # (bytearray touches every page) until the cgroup's limit makes the kernel kill it. Modes:
-# 'main' allocates in the main thread, 'thread' in a second thread; 'hold' allocates, says
-# 'ready' and waits (a bystander the OOM killer may choose). Optionally pinned to one CPU.
+# 'main' allocates in the main thread, 'thread' in a second thread, 'threads:N' in N threads at
+# once (4 MB at a time, until killed); 'hold' allocates, says 'ready' and waits (a bystander the
+# OOM killer may choose). Optionally pinned to one CPU.
 VICTIM_SCRIPT = """
-import ctypes, os, sys, threading, time
+import ctypes, mmap, os, sys, threading, time
 procs, comm, adj, mb, mode, cpu = sys.argv[1:7]
 with open(procs, 'w') as f:
     f.write(str(os.getpid()))
@@ -32,10 +33,24 @@ libc = ctypes.CDLL(None, use_errno=True)
 def name_thread(): libc.prctl(15, ctypes.c_char_p(comm.encode('utf-8', 'surrogateescape')), 0, 0, 0)  # PR_SET_NAME
 def allocate(): globals()['hog'] = bytearray(int(mb) * 1024 * 1024)
 name_thread()
+hogs = []
+def allocate_until_killed():  # the pages are touched in C, without the GIL: the threads fault at once
+    name_thread()
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    while True:
+        chunk = mmap.mmap(-1, 4 * 1024 * 1024)
+        hogs.append(chunk)
+        libc.memset(ctypes.addressof(ctypes.c_char.from_buffer(chunk)), 1, len(chunk))
 if mode == 'thread':
     worker = threading.Thread(target=lambda: (name_thread(), allocate()))
     worker.start()
     worker.join()
+elif mode.startswith('threads:'):
+    workers = [threading.Thread(target=allocate_until_killed) for _ in range(int(mode.split(':')[1]))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
 else:
     allocate()
 if mode == 'hold':
@@ -43,6 +58,18 @@ if mode == 'hold':
     time.sleep(3600)
 sys.exit(3)  # not reached when the OOM killer does its job
 """
+
+
+# When this test run last made the kernel kill: the kernel's OOM report header (the trigger, the
+# constraint, the cgroup's usage) is rate-limited to 10 reports per 5 s (oom_rs); the "Killed
+# process" line is not.
+LAST_KILL = [0.0]
+OOM_REPORT_RATELIMIT_SECONDS = 5.1
+
+
+def wait_for_full_oom_reports() -> None:
+    """Let the kernel's rate limit on OOM report headers expire, so the next kills get full reports."""
+    time.sleep(max(0.0, LAST_KILL[0] + OOM_REPORT_RATELIMIT_SECONDS - time.monotonic()))
 
 
 @dataclass(frozen=True)
@@ -71,7 +98,12 @@ class MemoryCgroup:
     """
 
     def __init__(
-        self, limit_mb: int = 32, prefix: str = 'ebpf-probe-test', below: tuple[str, ...] = (), name: str | None = None
+        self,
+        limit_mb: int = 32,
+        prefix: str = 'ebpf-probe-test',
+        below: tuple[str, ...] = (),
+        name: str | None = None,
+        limit_on_parent: bool = False,
     ):
         self.name = name or f'{prefix}-{uuid.uuid4().hex[:10]}'  # the prefix may hold odd characters
         v2_root = _v2_memory_root()
@@ -93,21 +125,38 @@ class MemoryCgroup:
         self.dir = os.path.join(parent, self.name)
         os.mkdir(self.dir)
         self._made.append(self.dir)
+        # The limit on the leaf, or on the level above it (a pod's limit above its containers').
+        self.limited = parent if limit_on_parent else self.dir
         limit = str(limit_mb * 1024 * 1024)
         if self.version == 1:
             self._write('memory.limit_in_bytes', limit)
-            if os.path.exists(os.path.join(self.dir, 'memory.memsw.limit_in_bytes')):
+            if os.path.exists(os.path.join(self.limited, 'memory.memsw.limit_in_bytes')):
                 self._write('memory.memsw.limit_in_bytes', limit)  # no escape into swap
         else:
             self._write('memory.max', limit)
-            if os.path.exists(os.path.join(self.dir, 'memory.swap.max')):
+            if os.path.exists(os.path.join(self.limited, 'memory.swap.max')):
                 self._write('memory.swap.max', '0')
         # The path the kernel reports for this cgroup, relative to its hierarchy's root.
         self.path = '/' + '/'.join((*below, self.name))
 
-    def _write(self, name: str, value: str) -> None:
-        with open(os.path.join(self.dir, name), 'w') as f:
+    def _write(self, name: str, value: str, folder: str | None = None) -> None:
+        with open(os.path.join(folder or self.limited, name), 'w') as f:
             f.write(value)
+
+    def kernel_oom_kills(self, folder: str | None = None) -> int:
+        """The kernel's count of OOM kills in this cgroup (memory.events on v2, memory.oom_control on v1)."""
+        name = 'memory.events' if self.version == 2 else 'memory.oom_control'
+        with open(os.path.join(folder or self.dir, name)) as f:
+            for line in f:
+                key, _, value = line.partition(' ')
+                if key == 'oom_kill':
+                    return int(value)
+        raise AssertionError(f'{name} has no oom_kill line: this kernel does not count kills per cgroup')
+
+    @property
+    def limited_path(self) -> str:
+        """The path the kernel reports for the cgroup that holds the limit."""
+        return self.path if self.limited == self.dir else self.path.rsplit('/', 1)[0]
 
     @property
     def inode(self) -> int:
@@ -142,6 +191,7 @@ class MemoryCgroup:
         started = time.time()
         proc = self.start(comm, oom_score_adj, alloc_mb, mode, cpu)
         _, stderr = proc.communicate(timeout=120)
+        LAST_KILL[0] = time.monotonic()
         victim = Victim(proc.pid, proc.returncode, started, time.time())
         if victim.returncode != -signal.SIGKILL:
             raise AssertionError(f'victim {proc.pid} was not OOM killed: exit {proc.returncode}, {stderr!r}')

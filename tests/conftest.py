@@ -26,6 +26,14 @@ def bcc_kernel_headers() -> None:
         os.environ['BCC_KERNEL_SOURCE'] = joined
 
 
+@pytest.fixture(autouse=True)
+def fresh_persistent_cache() -> None:
+    """Each test starts with the Agent's persistent cache empty, as a new Agent would have it."""
+    from datadog_checks.base.stubs import datadog_agent
+
+    datadog_agent._cache.clear()
+
+
 @pytest.fixture(scope='session')
 def root() -> None:
     assert os.geteuid() == 0, 'these tests load BPF programs and make memory cgroups: run them as root (make test)'

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 _KILLED = re.compile(
@@ -45,9 +46,20 @@ class KernelOomReport:
 
 
 class KernelLog:
-    """The kernel's messages from the moment it is opened: `with KernelLog() as log: ...; log.oom_reports()`."""
+    """The kernel's messages from the moment it is opened: `with KernelLog() as log: ...; log.oom_reports()`.
+
+    full=True first waits out the kernel's rate limit on OOM report headers (the trigger, the
+    constraint and the cgroup's usage lines), for tests that compare with them.
+    """
+
+    def __init__(self, full: bool = False):
+        self._full = full
 
     def __enter__(self) -> KernelLog:
+        if self._full:
+            from .cgroups import wait_for_full_oom_reports
+
+            wait_for_full_oom_reports()
         self._fd = os.open('/dev/kmsg', os.O_RDONLY | os.O_NONBLOCK)
         os.lseek(self._fd, 0, os.SEEK_END)
         self._messages: list[str] = []
@@ -57,6 +69,10 @@ class KernelLog:
         self.messages()
         os.close(self._fd)
         self._fd = -1
+        if any('Killed process' in message for message in self._messages):
+            from .cgroups import LAST_KILL
+
+            LAST_KILL[0] = time.monotonic()
 
     def messages(self) -> list[str]:
         """Every message printed since the start (records are 'prio,seq,time,flags;text')."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 TP_BTF = 'tp_btf/mark_victim'
 RAW_TP = 'raw_tracepoint/mark_victim'
+KILL_KPROBE = 'kprobe/__oom_kill_process'
 KPROBE = 'kprobe/oom_kill_process'
 TRACEPOINT = 'tracepoint/oom/mark_victim'
 
@@ -30,6 +31,7 @@ class Kernel:
     entry_counting: str
     # And maps of maps, where the element iterator does not walk them.
     maps_of_maps_counting: str = 'batch'
+    for_each: bool = True  # bpf_for_each_map_elem (5.13+)
     ring_buffer: bool = True  # BPF ring buffers (5.8+)
     program_iterator: bool = True  # iter/bpf_prog (5.9+): programs read in one pass
     # bpf_map_lookup_percpu_elem (5.19+): the program iterator sums the per-CPU run-time counters.
@@ -57,6 +59,38 @@ KNOWN: dict[str, Kernel] = {
         core_hooks=(TP_BTF, KPROBE),
         bcc_hooks=(RAW_TP, KPROBE),
         entry_counting='element_iterator',
+    ),
+    # The same on arm64.
+    '6.1.0-56-arm64': Kernel(
+        name='6.1 Debian 12 arm64',
+        kprobes=True,
+        task_tracepoint=True,
+        core_hooks=(TP_BTF, KPROBE),
+        bcc_hooks=(RAW_TP, KPROBE),
+        entry_counting='element_iterator',
+    ),
+    # Debian 11's first 5.10: mark_victim passes only a pid (the fields came in 5.10.235), so the
+    # kprobe on __oom_kill_process (a function of its own there) sees each victim; no
+    # bpf_for_each_map_elem (5.13), no kfunc.
+    '5.10.0-32-amd64': Kernel(
+        name='5.10 Debian 11 x86-64',
+        kprobes=True,
+        task_tracepoint=False,
+        core_hooks=(KILL_KPROBE, KPROBE),
+        bcc_hooks=(KILL_KPROBE, KPROBE),
+        entry_counting='element_iterator',
+        for_each=False,
+        run_counters_in_iterator=False,  # no bpf_map_lookup_percpu_elem (5.19)
+    ),
+    # Debian 13: the full tracepoint, kprobes, and the kfunc (6.6).
+    '6.12.118+deb13-amd64': Kernel(
+        name='6.12 Debian 13 x86-64',
+        kprobes=True,
+        task_tracepoint=True,
+        core_hooks=(TP_BTF, KPROBE),
+        bcc_hooks=(RAW_TP, KPROBE),
+        entry_counting='iterator',
+        kprobe_link_missed=True,  # 6.7+: kprobe links say the runs they missed
     ),
 }
 

@@ -131,6 +131,7 @@ def test_manifest_lists_dashboard_and_monitors() -> None:
         'assets/monitors/oom_kill_detected.json',
         'assets/monitors/map_nearly_full.json',
         'assets/monitors/probe_cannot_load.json',
+        'assets/monitors/oom_kill_unaccounted.json',
     }
 
 
@@ -183,7 +184,7 @@ def test_dashboard_layouts(dashboard: dict[str, Any]) -> None:
 
 def test_dashboard_template_variables(dashboard: dict[str, Any]) -> None:
     names = {v['name'] for v in dashboard['template_variables']}
-    assert {'host', 'kube_namespace', 'container_id'} <= names
+    assert {'host', 'kube_namespace', 'kube_container_name'} <= names
     used = set()
     for definition in definitions(dashboard):
         texts = metric_queries(definition) + event_queries(definition) + definition.get('tags', [])
@@ -230,7 +231,7 @@ def _group_by(query: str) -> set[str]:
     return {tag.strip() for tag in match.group(1).split(',')} if match else set()
 
 
-@pytest.mark.parametrize('tag', ['container_id', 'cgroup_name', 'process_name', 'trigger_type'])
+@pytest.mark.parametrize('tag', ['kube_container_name', 'cgroup_name', 'process_name', 'trigger_type'])
 def test_dashboard_oom_kills_split_by(dashboard: dict[str, Any], tag: str) -> None:
     queries = _queries_of(dashboard, {'timeseries', 'toplist'}, 'ebpf_probe.oom_kill.count')
     split = [q for q in queries if tag in _group_by(q)]
@@ -240,7 +241,16 @@ def test_dashboard_oom_kills_split_by(dashboard: dict[str, Any], tag: str) -> No
 
 def test_dashboard_oom_kills_by_kubernetes_container(dashboard: dict[str, Any]) -> None:
     queries = _queries_of(dashboard, {'timeseries', 'toplist'}, 'ebpf_probe.oom_kill.count')
-    assert any({'kube_namespace', 'pod_name'} <= _group_by(q) for q in queries)
+    # Tags the count has at the Agent's default (low) cardinality: no pod name, no container id.
+    assert any({'kube_namespace', 'kube_container_name'} <= _group_by(q) for q in queries)
+    assert not any({'pod_name', 'container_id'} & _group_by(q) for q in queries)
+
+
+def test_dashboard_unaccounted_and_group_kills(dashboard: dict[str, Any]) -> None:
+    assert _queries_of(dashboard, {'timeseries', 'query_value'}, 'ebpf_probe.oom_kill.unaccounted')
+    queries = _queries_of(dashboard, {'timeseries', 'toplist'}, 'ebpf_probe.oom_kill.count')
+    assert any('oom_group:true' in q for q in queries)
+    assert any('container_main_process' in _group_by(q) for q in queries)
 
 
 def test_dashboard_dropped_kills(dashboard: dict[str, Any]) -> None:
@@ -373,9 +383,17 @@ def test_oom_kill_monitor(monitors: dict[str, dict[str, Any]]) -> None:
     assert definition['type'] == 'query alert'
     query = definition['query']
     assert query.startswith('sum(last_5m):sum:ebpf_probe.oom_kill.count{')
-    assert _group_by(query) == {'container_id', 'host'}
+    # Tags the count has at the Agent's default (low) cardinality.
+    assert _group_by(query) == {'kube_namespace', 'kube_container_name', 'host'}
     assert query.endswith('.as_count() > 0')
     assert definition['options']['require_full_window'] is False  # a sparse count
+
+
+def test_unaccounted_kills_monitor(monitors: dict[str, dict[str, Any]]) -> None:
+    definition = monitors['assets/monitors/oom_kill_unaccounted.json']['definition']
+    query = definition['query']
+    assert query.startswith('sum(last_1h):sum:ebpf_probe.oom_kill.unaccounted{')
+    assert _group_by(query) == {'host'} and query.endswith('.as_count() > 0')
 
 
 def test_map_nearly_full_monitor(monitors: dict[str, dict[str, Any]]) -> None:

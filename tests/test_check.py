@@ -25,8 +25,10 @@ def make_check(instance):
 @pytest.mark.oom
 @pytest.mark.parametrize(
     'variant_options, variant',
-    [({'enable_core': True, 'allow_runtime_compiled_fallback': False}, 'co-re'), ({'enable_core': False}, 'bcc')],
-    ids=['co-re', 'bcc'],
+    [
+        pytest.param({'enable_core': True, 'allow_runtime_compiled_fallback': False}, 'co-re', id='co-re'),
+        pytest.param({'enable_core': False}, 'bcc', id='bcc', marks=pytest.mark.bcc),
+    ],
 )
 def test_a_real_oom_kill_is_one_metric_point_and_one_event(
     dd_run_check, aggregator, instance, memory_cgroup, variant_options, variant
@@ -53,6 +55,7 @@ def test_a_real_oom_kill_is_one_metric_point_and_one_event(
         ]
         aggregator.assert_metric('ebpf_probe.oom_kill.count', value=1, count=1, tags=expected_tags)
         aggregator.assert_metric('ebpf_probe.oom_kill.dropped', value=0, count=1, tags=instance['tags'])
+        aggregator.assert_metric('ebpf_probe.oom_kill.unaccounted', value=0, count=1, tags=instance['tags'])
         aggregator.assert_service_check(CAN_LOAD, AgentCheck.OK, count=1)
 
         [event] = aggregator.events
@@ -256,10 +259,16 @@ def test_metric_tags_follow_the_tag_cardinality_and_events_carry_the_pod(
         instance['check_tag_cardinality'] = instance_option
     check = make_check(instance)
     check.run_check_initializations()
-    check._submit_oom_kill(container_kill())
+    check._submit_oom_kills([container_kill()])
 
     own = {
-        0: {'process_name:java', 'trigger_process_name:java', 'trigger_type:cgroup', 'container_runtime:containerd'},
+        0: {
+            'process_name:java',
+            'trigger_process_name:java',
+            'trigger_type:cgroup',
+            'container_runtime:containerd',
+            'kube_qos:burstable',
+        },
         1: {f'pod_uid:{POD_UID}'},
         2: {f'container_id:{CONTAINER}', f'cgroup_name:cri-containerd-{CONTAINER}.scope'},
     }

@@ -35,58 +35,68 @@ CONTAINER_PATHS = [
     pytest.param(f'/actions_job/{CID}', Container(CID, 'docker', None), id='actions-job'),
     # containerd CRI in Kubernetes, cgroupfs driver: the runtime is not in the path.
     pytest.param(
-        f'/kubepods/burstable/pod{POD_UID}/{CID}', Container(CID, 'kubernetes', POD_UID), id='k8s-cgroupfs-burstable'
+        f'/kubepods/burstable/pod{POD_UID}/{CID}',
+        Container(CID, 'kubernetes', POD_UID, 'burstable'),
+        id='k8s-cgroupfs-burstable',
     ),
     pytest.param(
         f'/kubepods/besteffort/pod{POD_UID}/{CID}',
-        Container(CID, 'kubernetes', POD_UID),
+        Container(CID, 'kubernetes', POD_UID, 'besteffort'),
         id='k8s-cgroupfs-besteffort',
     ),
-    pytest.param(f'/kubepods/pod{POD_UID}/{CID}', Container(CID, 'kubernetes', POD_UID), id='k8s-cgroupfs-guaranteed'),
+    pytest.param(
+        f'/kubepods/pod{POD_UID}/{CID}',
+        Container(CID, 'kubernetes', POD_UID, 'guaranteed'),
+        id='k8s-cgroupfs-guaranteed',
+    ),
     # containerd CRI in Kubernetes, systemd driver.
     pytest.param(
         '/kubepods.slice/kubepods-burstable.slice/'
         f'kubepods-burstable-pod{POD_UID_SYSTEMD}.slice/cri-containerd-{CID}.scope',
-        Container(CID, 'containerd', POD_UID),
+        Container(CID, 'containerd', POD_UID, 'burstable'),
         id='k8s-containerd-systemd-burstable',
     ),
     pytest.param(
         '/kubepods.slice/kubepods-besteffort.slice/'
         f'kubepods-besteffort-pod{POD_UID_SYSTEMD}.slice/cri-containerd-{CID}.scope',
-        Container(CID, 'containerd', POD_UID),
+        Container(CID, 'containerd', POD_UID, 'besteffort'),
         id='k8s-containerd-systemd-besteffort',
     ),
     pytest.param(
         f'/kubepods.slice/kubepods-pod{POD_UID_SYSTEMD}.slice/cri-containerd-{CID}.scope',
-        Container(CID, 'containerd', POD_UID),
+        Container(CID, 'containerd', POD_UID, 'guaranteed'),
         id='k8s-containerd-systemd-guaranteed',
     ),
     # Docker (dockershim / cri-dockerd) under Kubernetes, systemd driver.
     pytest.param(
         f'/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_UID_SYSTEMD}.slice/docker-{CID}.scope',
-        Container(CID, 'docker', POD_UID),
+        Container(CID, 'docker', POD_UID, 'burstable'),
         id='k8s-docker-systemd',
     ),
     # kind: a Kubernetes node that is itself a Docker container; the pod's container wins.
     pytest.param(
         f'/docker/{CID2}/kubepods/burstable/pod{POD_UID}/{CID}',
-        Container(CID, 'kubernetes', POD_UID),
+        Container(CID, 'kubernetes', POD_UID, 'burstable'),
         id='kind-node',
     ),
     # CRI-O, systemd driver (also with the 'container' child cgroup CRI-O may create).
     pytest.param(
         f'/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_UID_SYSTEMD}.slice/crio-{CID}.scope',
-        Container(CID, 'cri-o', POD_UID),
+        Container(CID, 'cri-o', POD_UID, 'burstable'),
         id='crio-systemd',
     ),
     pytest.param(
         '/kubepods.slice/kubepods-besteffort.slice/'
         f'kubepods-besteffort-pod{POD_UID_SYSTEMD}.slice/crio-{CID}.scope/container',
-        Container(CID, 'cri-o', POD_UID),
+        Container(CID, 'cri-o', POD_UID, 'besteffort'),
         id='crio-systemd-container-child',
     ),
     # CRI-O, cgroupfs driver.
-    pytest.param(f'/kubepods/burstable/pod{POD_UID}/crio-{CID}', Container(CID, 'cri-o', POD_UID), id='crio-cgroupfs'),
+    pytest.param(
+        f'/kubepods/burstable/pod{POD_UID}/crio-{CID}',
+        Container(CID, 'cri-o', POD_UID, 'burstable'),
+        id='crio-cgroupfs',
+    ),
     # Podman, systemd driver (rootful and rootless).
     pytest.param(f'/machine.slice/libpod-{CID}.scope', Container(CID, 'podman', None), id='podman-systemd'),
     pytest.param(
@@ -130,7 +140,8 @@ def test_container_paths(path, expected):
     ],
 )
 def test_pod_level_cgroup_has_pod_uid_only(path):
-    assert parse_cgroup_path(path) == Container(None, None, POD_UID)
+    qos = next((q for q in ('burstable', 'besteffort') if q in path), 'guaranteed')
+    assert parse_cgroup_path(path) == Container(None, None, POD_UID, qos)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +157,7 @@ def test_pod_level_cgroup_has_pod_uid_only(path):
 )
 def test_crio_conmon_in_pod_is_not_a_container(path):
     # conmon monitors the container from beside it: the pod is known, the container is not.
-    assert parse_cgroup_path(path) == Container(None, None, POD_UID)
+    assert parse_cgroup_path(path) == Container(None, None, POD_UID, 'burstable')
 
 
 @pytest.mark.parametrize(
@@ -250,3 +261,24 @@ def test_any_path_gives_a_well_formed_result(path):
     if container.pod_uid is not None:
         assert _UID.fullmatch(container.pod_uid)
         assert container.pod_uid in path or container.pod_uid.replace('-', '_') in path
+
+
+@pytest.mark.parametrize(
+    'path, qos',
+    [
+        ('/kubepods/burstable/pod1b2c3d4e-1234-5678-9abc-def012345678/' + 'a' * 64, 'burstable'),
+        ('/kubepods/besteffort/pod1b2c3d4e-1234-5678-9abc-def012345678/' + 'a' * 64, 'besteffort'),
+        ('/kubepods/pod1b2c3d4e-1234-5678-9abc-def012345678/' + 'a' * 64, 'guaranteed'),
+        ('/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_1234_5678_9abc_def012345678.slice/'
+         'cri-containerd-' + 'a' * 64 + '.scope', 'burstable'),
+        ('/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1b2c3d4e_1234_5678_9abc_def012345678.slice/'
+         'crio-' + 'a' * 64 + '.scope', 'besteffort'),
+        ('/kubepods.slice/kubepods-pod1b2c3d4e_1234_5678_9abc_def012345678.slice/docker-' + 'a' * 64 + '.scope',
+         'guaranteed'),
+        ('/docker/' + 'a' * 64, None),  # not a pod
+    ],
+    ids=['cgroupfs-burstable', 'cgroupfs-besteffort', 'cgroupfs-guaranteed', 'systemd-burstable',
+         'systemd-besteffort', 'systemd-guaranteed', 'docker'],
+)  # fmt: skip
+def test_the_pods_qos_class_comes_from_its_cgroups_place(path, qos):
+    assert parse_cgroup_path(path).qos_class == qos

@@ -1,6 +1,6 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""eBPF accounting snapshots -> metric points: grouping, patterns, limits, run-time deltas and totals."""
+"""eBPF stats snapshots -> metric points: grouping, patterns, limits, run-time deltas and totals."""
 
 import pytest
 from hypothesis import given, settings
@@ -85,7 +85,7 @@ def snapshot(t, programs=(), maps=(), run_time_stats=True, run_time=ALWAYS_COUNT
     return EbpfSnapshot(t, list(programs), list(maps), run_time if run_time_stats else None)
 
 
-def accounting(**options) -> StatsMetrics:
+def stats_metrics(**options) -> StatsMetrics:
     return StatsMetrics(MetricOptions(own_pid=OWN_PID, **options))
 
 
@@ -122,7 +122,7 @@ def totals(points: list[Point]) -> dict[tuple[str, tuple[str, ...]], float]:
 
 
 def two_runs(first_programs, second_programs, *, interval=10.0, run_time_stats=True, **options) -> list[Point]:
-    acc = accounting(**options)
+    acc = stats_metrics(**options)
     acc.points(snapshot(100.0, first_programs, run_time_stats=run_time_stats))
     return acc.points(snapshot(100.0 + interval, second_programs, run_time_stats=run_time_stats))
 
@@ -172,7 +172,7 @@ MIXED_TOTALS = {
 
 
 def test_an_empty_snapshot_gives_only_the_unreported_counts():
-    points = accounting().points(snapshot(1.0))
+    points = stats_metrics().points(snapshot(1.0))
     assert points == [
         Point('programs.unreported', GAUGE, 0, ()),
         Point('maps.unreported', GAUGE, 0, ()),
@@ -181,7 +181,7 @@ def test_an_empty_snapshot_gives_only_the_unreported_counts():
 
 def test_totals_per_type_and_owner():
     programs, maps = mixed_objects()
-    points = accounting().points(snapshot(1.0, programs, maps))
+    points = stats_metrics().points(snapshot(1.0, programs, maps))
     assert totals(points) == MIXED_TOTALS
     assert {p.type for p in points if p.metric.startswith(('programs.', 'maps.'))} == {GAUGE}
 
@@ -209,7 +209,7 @@ def test_totals_per_type_and_owner():
 )
 def test_totals_count_every_object_whatever_the_patterns_limits_and_own_exclusion(options):
     programs, maps = mixed_objects()
-    points = accounting(**options).points(snapshot(1.0, programs, maps))
+    points = stats_metrics(**options).points(snapshot(1.0, programs, maps))
     assert totals(points) == MIXED_TOTALS
 
 
@@ -234,7 +234,7 @@ def test_owner_tags_on_series():
         program(4, 'shared', owners=(SYSTEMD, AGENT)),  # labelled by systemd, but ours too
         program(5, 'mine', owners=(AGENT,)),
     ]
-    instances = metric(accounting().points(snapshot(1.0, programs)), 'program.instances')
+    instances = metric(stats_metrics().points(snapshot(1.0, programs)), 'program.instances')
     assert instances == {
         prog_tags('held', owner='systemd'): 1,
         prog_tags('pinned', owner='pinned'): 1,
@@ -246,7 +246,7 @@ def test_owner_tags_on_series():
 
 def test_own_objects_are_a_different_series_from_the_same_comm():
     maps = [bpf_map(1, owners=(Owner(7, 'agent'),)), bpf_map(2, owners=(AGENT,))]
-    instances = metric(accounting().points(snapshot(1.0, maps=maps)), 'map.instances')
+    instances = metric(stats_metrics().points(snapshot(1.0, maps=maps)), 'map.instances')
     assert instances == {map_tags(owner='agent'): 1, map_tags(owner='agent', own=True): 1}
 
 
@@ -258,7 +258,7 @@ def test_programs_with_the_same_name_type_and_owner_are_one_series():
         program(1, 'handler', translated_bytes=100, jited_bytes=80, verified_instructions=10, memory_bytes=4096),
         program(2, 'handler', translated_bytes=200, jited_bytes=150, verified_instructions=25, memory_bytes=8192),
     ]
-    points = accounting().points(snapshot(1.0, programs))
+    points = stats_metrics().points(snapshot(1.0, programs))
     tags = prog_tags('handler')
     assert {key: value for key, value in by_key(points).items() if key[0].startswith('program.')} == {
         ('program.instances', tags): 2,
@@ -274,7 +274,7 @@ def test_maps_with_the_same_name_type_and_owner_are_one_series():
         bpf_map(1, '.rodata', 'hash', max_entries=100, entries=10, memory_bytes=1000),
         bpf_map(2, '.rodata', 'hash', max_entries=200, entries=90, memory_bytes=3000),
     ]
-    points = accounting().points(snapshot(1.0, maps=maps))
+    points = stats_metrics().points(snapshot(1.0, maps=maps))
     tags = map_tags('.rodata')
     assert {key: value for key, value in by_key(points).items() if key[0].startswith('map.')} == {
         ('map.instances', tags): 2,
@@ -297,7 +297,7 @@ def test_different_owners_types_or_names_make_different_series():
         bpf_map(2, 'm', owners=(), pinned=True, memory_bytes=20),
         bpf_map(3, 'm', owners=(), pinned=False, memory_bytes=30),
     ]
-    points = accounting().points(snapshot(1.0, programs, maps))
+    points = stats_metrics().points(snapshot(1.0, programs, maps))
     assert metric(points, 'program.instances') == {
         prog_tags('handler', 'kprobe', 'bpftool'): 1,
         prog_tags('handler', 'kprobe', 'systemd'): 1,
@@ -319,7 +319,7 @@ def test_no_entries_nor_occupancy_for_maps_without_a_count():
         bpf_map(1, 'arr', 'array', max_entries=64, entries=None, memory_bytes=512),
         bpf_map(2, 'rb', 'ringbuf', max_entries=4096, entries=None, memory_bytes=8192),
     ]
-    points = by_key(accounting().points(snapshot(1.0, maps=maps)))
+    points = by_key(stats_metrics().points(snapshot(1.0, maps=maps)))
     assert {key: value for key, value in points.items() if key[0].startswith('map.')} == {
         ('map.instances', map_tags('arr', 'array')): 1,
         ('map.max_entries', map_tags('arr', 'array')): 64,
@@ -332,7 +332,7 @@ def test_no_entries_nor_occupancy_for_maps_without_a_count():
 
 def test_no_entries_when_one_member_of_the_group_has_no_count():
     maps = [bpf_map(1, 'h', entries=10), bpf_map(2, 'h', entries=None)]
-    points = accounting().points(snapshot(1.0, maps=maps))
+    points = stats_metrics().points(snapshot(1.0, maps=maps))
     assert metric_names(points) == {
         'programs.unreported',
         'maps.unreported',
@@ -351,14 +351,14 @@ def test_occupancy_is_the_fullest_member():
         bpf_map(2, 'h', max_entries=1000, entries=1),
         bpf_map(3, 'h', max_entries=100, entries=50),
     ]
-    points = accounting().points(snapshot(1.0, maps=maps))
+    points = stats_metrics().points(snapshot(1.0, maps=maps))
     assert metric(points, 'map.entries') == {map_tags('h'): 60}
     assert metric(points, 'map.occupancy') == {map_tags('h'): 0.9}
 
 
 def test_no_occupancy_when_max_entries_is_zero():
     maps = [bpf_map(1, 'h', max_entries=0, entries=0)]
-    points = accounting().points(snapshot(1.0, maps=maps))
+    points = stats_metrics().points(snapshot(1.0, maps=maps))
     assert metric(points, 'map.entries') == {map_tags('h'): 0}
     assert metric(points, 'map.occupancy') == {}
 
@@ -374,7 +374,7 @@ def test_memory_point_omitted_when_any_member_memory_is_unknown():
         bpf_map(2, 'm', memory_bytes=1024),
         bpf_map(3, 'n', memory_bytes=0),
     ]
-    points = accounting().points(snapshot(1.0, programs, maps))
+    points = stats_metrics().points(snapshot(1.0, programs, maps))
     assert metric(points, 'program.memory') == {prog_tags('q'): 100}
     assert metric(points, 'program.instances') == {prog_tags('p'): 2, prog_tags('q'): 1}
     assert metric(points, 'map.memory') == {map_tags('n'): 0}
@@ -389,7 +389,7 @@ def test_memory_point_omitted_when_any_member_memory_is_unknown():
 
 def test_first_snapshot_gives_no_run_time_points():
     programs = [program(1, run_time_ns=10**9, run_count=1000, recursion_misses=3)]
-    points = accounting().points(snapshot(100.0, programs))
+    points = stats_metrics().points(snapshot(100.0, programs))
     assert metric_names(points) & RUN_TIME_METRICS == set()
     assert metric(points, 'program.instances') == {prog_tags(): 1}
 
@@ -423,7 +423,7 @@ def test_cpu_usage_uses_the_interval_between_snapshots():
 
 
 def test_deltas_are_since_the_previous_run():
-    acc = accounting()
+    acc = stats_metrics()
     acc.points(snapshot(100.0, [program(1, run_time_ns=100, run_count=1)]))
     acc.points(snapshot(110.0, [program(1, run_time_ns=1_000_000_100, run_count=11)]))
     points = acc.points(snapshot(114.0, [program(1, run_time_ns=2_000_000_100, run_count=15)]))
@@ -434,7 +434,7 @@ def test_deltas_are_since_the_previous_run():
 
 
 def test_a_program_gone_for_a_run_starts_over():
-    acc = accounting()
+    acc = stats_metrics()
     acc.points(snapshot(0.0, [program(1, run_time_ns=1_000, run_count=1)]))
     acc.points(snapshot(10.0, [program(2, 'other')]))
     points = acc.points(snapshot(20.0, [program(1, run_time_ns=9_000, run_count=9)]))
@@ -510,7 +510,7 @@ def test_no_run_time_points_without_statistics(run_time_stats, run_time_option):
 
 
 def test_run_time_points_come_back_when_statistics_come_back():
-    acc = accounting()
+    acc = stats_metrics()
     acc.points(snapshot(0.0, [program(1, run_time_ns=0, run_count=0)], run_time_stats=False))
     acc.points(snapshot(10.0, [program(1, run_time_ns=0, run_count=0)], run_time_stats=False))
     points = acc.points(snapshot(20.0, [program(1, run_time_ns=4_000, run_count=2)], run_time_stats=True))
@@ -539,7 +539,7 @@ def test_include_patterns_report_only_matching_names():
     programs = [program(1, 'tcp_v4'), program(2, 'tcp_v6'), program(3, 'udp_send'), program(4, 'x_tcp_y')]
     maps = [bpf_map(1, 'tcp_conns'), bpf_map(2, 'sock_map')]
     options = {'programs': NamePatterns.compile(['^tcp_', 'udp'], None), 'maps': NamePatterns.compile(['^sock'], None)}
-    points = accounting(**options).points(snapshot(1.0, programs, maps))
+    points = stats_metrics(**options).points(snapshot(1.0, programs, maps))
     assert metric(points, 'program.instances') == {
         prog_tags('tcp_v4'): 1,
         prog_tags('tcp_v6'): 1,
@@ -554,7 +554,7 @@ def test_exclude_patterns_leave_out_matching_names():
     programs = [program(1, 'tcp_v4'), program(2, 'tcp_v6'), program(3, 'udp_send')]
     maps = [bpf_map(1, '.rodata'), bpf_map(2, '.bss'), bpf_map(3, 'conns')]
     options = {'programs': NamePatterns.compile(None, ['v6$']), 'maps': NamePatterns.compile(None, [r'^\.'])}
-    points = accounting(**options).points(snapshot(1.0, programs, maps))
+    points = stats_metrics(**options).points(snapshot(1.0, programs, maps))
     assert metric(points, 'program.instances') == {prog_tags('tcp_v4'): 1, prog_tags('udp_send'): 1}
     assert metric(points, 'map.instances') == {map_tags('conns'): 1}
 
@@ -562,7 +562,7 @@ def test_exclude_patterns_leave_out_matching_names():
 def test_include_and_exclude_patterns_together():
     programs = [program(1, 'tcp_v4'), program(2, 'tcp_v6'), program(3, 'udp_send')]
     options = {'programs': NamePatterns.compile(['^tcp'], ['v6'])}
-    points = accounting(**options).points(snapshot(1.0, programs))
+    points = stats_metrics(**options).points(snapshot(1.0, programs))
     assert metric(points, 'program.instances') == {prog_tags('tcp_v4'): 1}
 
 
@@ -570,7 +570,7 @@ def test_program_patterns_do_not_apply_to_maps_and_back():
     programs = [program(1, 'same')]
     maps = [bpf_map(1, 'same')]
     options = {'programs': NamePatterns.compile(None, ['same'])}
-    points = accounting(**options).points(snapshot(1.0, programs, maps))
+    points = stats_metrics(**options).points(snapshot(1.0, programs, maps))
     assert metric(points, 'program.instances') == {}
     assert metric(points, 'map.instances') == {map_tags('same'): 1}
 
@@ -578,7 +578,7 @@ def test_program_patterns_do_not_apply_to_maps_and_back():
 def test_exclude_own_objects_removes_own_series_but_totals_keep_them():
     programs = [program(1, 'theirs'), program(2, 'ours', owners=(AGENT,)), program(3, 'shared', owners=(TOOL, AGENT))]
     maps = [bpf_map(1, 'theirs'), bpf_map(2, 'ours', owners=(AGENT,), memory_bytes=2048)]
-    points = accounting(exclude_own_objects=True).points(snapshot(1.0, programs, maps))
+    points = stats_metrics(exclude_own_objects=True).points(snapshot(1.0, programs, maps))
     assert metric(points, 'program.instances') == {prog_tags('theirs'): 1}
     assert metric(points, 'map.instances') == {map_tags('theirs'): 1}
     assert metric(points, 'programs.total') == {
@@ -595,7 +595,7 @@ def test_exclude_own_objects_removes_own_series_but_totals_keep_them():
 
 def test_own_objects_are_reported_by_default():
     programs = [program(1, 'ours', owners=(AGENT,))]
-    points = accounting().points(snapshot(1.0, programs))
+    points = stats_metrics().points(snapshot(1.0, programs))
     assert metric(points, 'program.instances') == {prog_tags('ours', owner='agent', own=True): 1}
 
 
@@ -631,7 +631,7 @@ def test_max_programs_ranks_by_memory_when_run_time_is_equal():
         program(4, 'pair', memory_bytes=3_000),  # 6000 together
         program(5, 'unknown', memory_bytes=None),
     ]
-    points = accounting(max_programs=2).points(snapshot(1.0, programs))
+    points = stats_metrics(max_programs=2).points(snapshot(1.0, programs))
     assert metric(points, 'program.instances') == {prog_tags('pair'): 2, prog_tags('big'): 1}
     assert metric(points, 'programs.unreported') == {(): 2}
 
@@ -645,7 +645,7 @@ def test_max_maps_keeps_the_largest_groups():
         bpf_map(5, '.rodata', memory_bytes=4_000),  # 12000 together: the largest group
         bpf_map(6, 'unknown', memory_bytes=None),
     ]
-    points = accounting(max_maps=2).points(snapshot(1.0, maps=maps))
+    points = stats_metrics(max_maps=2).points(snapshot(1.0, maps=maps))
     assert metric(points, 'map.instances') == {map_tags('.rodata'): 3, map_tags('big'): 1}
     assert metric(points, 'maps.unreported') == {(): 2}
     assert metric(points, 'maps.total') == {('map_type:hash', 'owner:bpftool'): 6}
@@ -654,7 +654,7 @@ def test_max_maps_keeps_the_largest_groups():
 def test_limits_at_or_above_the_group_count_report_everything():
     programs = [program(1, 'a'), program(2, 'b'), program(3, 'b')]
     maps = [bpf_map(1, 'a'), bpf_map(2, 'a')]
-    points = accounting(max_programs=2, max_maps=1).points(snapshot(1.0, programs, maps))
+    points = stats_metrics(max_programs=2, max_maps=1).points(snapshot(1.0, programs, maps))
     assert metric(points, 'program.instances') == {prog_tags('a'): 1, prog_tags('b'): 2}
     assert metric(points, 'map.instances') == {map_tags('a'): 2}
     assert metric(points, 'programs.unreported') == {(): 0}
@@ -665,7 +665,7 @@ def test_max_zero_reports_no_series():
     programs = [program(1, 'a'), program(2, 'b'), program(3, 'b'), program(4, 'skip')]
     maps = [bpf_map(1, 'a'), bpf_map(2, 'a'), bpf_map(3, 'c')]
     options = {'max_programs': 0, 'max_maps': 0, 'programs': NamePatterns.compile(None, ['skip'])}
-    acc = accounting(**options)
+    acc = stats_metrics(**options)
     acc.points(snapshot(0.0, programs, maps))
     points = acc.points(snapshot(10.0, programs, maps))
     assert {p.metric for p in points if p.metric.startswith(('program.', 'map.'))} == set()
@@ -683,7 +683,7 @@ def test_hostile_names_are_sanitized_tags():
         bpf_map(2, 'my,map x', 'hash'),  # the same tag: the same series
         bpf_map(3, ' , ', 'hash'),
     ]
-    points = accounting().points(snapshot(1.0, programs, maps))
+    points = stats_metrics().points(snapshot(1.0, programs, maps))
     assert metric(points, 'program.instances') == {
         ('program_name:evil_prog_x', 'program_type:kprobe', 'owner:c_md_x'): 1
     }
@@ -694,7 +694,7 @@ def test_hostile_names_are_sanitized_tags():
 
 def test_long_names_are_bounded_like_every_tag():
     name = 'n' * 500
-    points = accounting().points(snapshot(1.0, maps=[bpf_map(1, name)]))
+    points = stats_metrics().points(snapshot(1.0, maps=[bpf_map(1, name)]))
     [tags] = metric(points, 'map.instances')
     assert tags[0] == formatting.tag('map_name', name)
     assert len(tags[0]) == formatting.MAX_TAG_LENGTH
@@ -742,7 +742,7 @@ def test_map_totals_and_instances_count_every_map(specs):
         )
         for i, (name, type, owners, pinned, memory, max_entries, entries) in enumerate(specs)
     ]
-    points = accounting(max_maps=10**6).points(snapshot(1.0, maps=maps))
+    points = stats_metrics(max_maps=10**6).points(snapshot(1.0, maps=maps))
     assert sum(metric(points, 'maps.total').values()) == len(maps)
     assert sum(metric(points, 'maps.memory').values()) == sum(m.memory_bytes or 0 for m in maps)
     assert sum(metric(points, 'map.instances').values()) == len(maps)

@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 from datadog_checks.ebpf_probe.formatting import MAX_TAG_LENGTH, markdown_text, plain_text, tag
 from datadog_checks.ebpf_probe.oom_kill import OOMKill, VictimMemory
 from datadog_checks.ebpf_probe.oom_kill.containers import Container
-from datadog_checks.ebpf_probe.oom_kill.report import HIGH, aggregation_key, oom_kill_text, oom_kill_title
+from datadog_checks.ebpf_probe.oom_kill.record import OOMDomain
+from datadog_checks.ebpf_probe.oom_kill.report import (
+    HIGH,
+    aggregation_key,
+    group_kill_text,
+    group_kill_title,
+    occurrences,
+    oom_kill_text,
+    oom_kill_title,
+)
 from datadog_checks.ebpf_probe.oom_kill.report import oom_kill_tags as tags_at
 
 
@@ -245,11 +254,11 @@ def test_text_of_a_container_kill():
         'Triggered by': '**stress\\-ng** (pid 4243)',
         'Constraint': 'a memory cgroup reached its limit (trigger_type:cgroup)',
         'Memory cgroup': f'/kubepods/burstable/pod{POD_UID_MD}/{CID}',
+        'OOM domain size': "262,144 pages; victim's badness 257,000 points",
         'Container': f'{CID} (containerd)',
-        'Pod UID': POD_UID_MD,
+        'Pod': f'uid {POD_UID_MD}',
         'Memory': 'rss 1,049,264 kB (anon 1,048,000 kB, file 1,200 kB, shmem 64 kB), total-vm 2,100,000 kB, '
         'page tables 2,100 kB',
-        'OOM domain': "262,144 pages; victim's badness 257,000 points",
         'Seen by': 'kprobe/oom_kill_process',
     }
 
@@ -285,34 +294,38 @@ def test_text_of_a_minimal_kill():
     assert list(rows) == ['Victim', 'Triggered by', 'Constraint', 'Seen by']
 
 
-@pytest.mark.parametrize('overrides', [{'oom_domain_pages': None}, {'badness_points': None}])
-def test_text_oom_domain_needs_both_numbers(overrides):
-    assert 'OOM domain' not in table(oom_kill_text(make_kill(**overrides), None))
+def test_text_oom_domain_size_without_oom_control():
+    assert 'OOM domain size' not in table(oom_kill_text(make_kill(oom_domain_pages=None, badness_points=None), None))
+
+
+def test_text_badness_only_for_the_chosen_victim():
+    rows = table(oom_kill_text(make_kill(badness_points=None), None))
+    assert rows['OOM domain size'] == '262,144 pages'
 
 
 def test_text_without_memory():
     rows = table(oom_kill_text(make_kill(memory=None), None))
     assert 'Memory' not in rows
-    assert 'OOM domain' in rows
+    assert 'OOM domain size' in rows
 
 
 def test_text_of_a_host_cgroup():
     rows = table(oom_kill_text(make_kill(cgroup_path='/system.slice/mysqld.service', memcg_oom=False), None))
     assert rows['Memory cgroup'] == '/system\\.slice/mysqld\\.service'
     assert 'Container' not in rows
-    assert 'Pod UID' not in rows
+    assert 'Pod' not in rows
 
 
 def test_text_of_a_pod_level_cgroup():
-    rows = table(oom_kill_text(make_kill(), Container(None, None, POD_UID)))
+    rows = table(oom_kill_text(make_kill(), Container(None, None, POD_UID, 'besteffort')))
     assert 'Container' not in rows
-    assert rows['Pod UID'] == POD_UID_MD
+    assert rows['Pod'] == f'uid {POD_UID_MD}, QoS besteffort'
 
 
 def test_text_of_a_container_without_runtime():
     rows = table(oom_kill_text(make_kill(), Container(CID, None, None)))
     assert rows['Container'] == CID
-    assert 'Pod UID' not in rows
+    assert 'Pod' not in rows
 
 
 def test_text_escapes_kernel_strings():
@@ -324,8 +337,8 @@ def test_text_escapes_kernel_strings():
         'Triggered by',
         'Constraint',
         'Memory cgroup',
+        'OOM domain size',
         'Memory',
-        'OOM domain',
         'Seen by',
     ]
     assert rows['Victim'].startswith('**x\\|y\\\\x0az** (pid 4242')
@@ -444,3 +457,71 @@ def test_markdown_text_renders_literally(value):
 @pytest.mark.parametrize('value', ['&amp;', '&lt;b&gt;', 'a&copy;b', '%%%', 'a%%%b'])
 def test_markdown_text_renders_entities_literally(value):
     assert _rendered_cell(value) == value
+
+
+# --- The context of a kill: the cgroup that ran out, the container's main process, groups ----------
+
+
+def test_text_names_the_cgroup_that_ran_out_when_it_is_not_the_victims():
+    pod = CGROUP_PATH.rsplit('/', 1)[0]
+    kill = make_kill(domain=OOMDomain(pod, 3, 1_048_576, 1_048_576, guessed=False))
+    rows = table(oom_kill_text(kill, CONTAINER))
+    assert rows['Out of memory'] == f'{markdown_text(pod)}: usage 1,048,576 kB of a 1,048,576 kB limit'
+    assert rows['Note'].startswith("the victim's own cgroup did not reach a limit")
+
+
+def test_text_of_a_victim_whose_own_cgroup_ran_out_has_no_note():
+    kill = make_kill(domain=OOMDomain(CGROUP_PATH, 4, 100, 200, guessed=True))
+    rows = table(oom_kill_text(kill, CONTAINER))
+    assert rows['Out of memory'].endswith('usage 100 kB of a 200 kB limit')
+    assert 'Note' not in rows
+
+
+@pytest.mark.parametrize(
+    'ns_pid, level, main, row',
+    [
+        (1, 1, True, "the container's main process (pid 1 in its pid namespace)"),
+        (37, 1, False, 'not the main process (pid 37 in its pid namespace)'),
+        (4242, 0, None, None),
+    ],
+    ids=['main', 'worker', 'host'],
+)
+def test_whether_the_victim_was_its_containers_main_process(ns_pid, level, main, row):
+    kill = make_kill(ns_pid=ns_pid, pid_ns_level=level)
+    assert kill.container_main_process is main
+    rows = table(oom_kill_text(kill, CONTAINER))
+    if row is None:
+        assert 'Process' not in rows
+        assert not any(t.startswith('container_main_process:') for t in oom_kill_tags(kill, CONTAINER))
+    else:
+        assert rows['Process'].startswith(row)
+        assert f'container_main_process:{str(main).lower()}' in oom_kill_tags(kill, CONTAINER)
+
+
+def group(n: int, start: float = 1_700_000_000.0, path: str = '/kubepods/pod/app', trigger: int = 9):
+    return [
+        make_kill(timestamp=start + i * 0.001, victim_pid=100 + i, group_cgroup_path=path, trigger_tid=trigger,
+                  chosen=i == 0)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_the_members_of_a_group_kill_are_one_occurrence():
+    lone = make_kill(victim_pid=7)
+    first, second = group(3), group(2, path='/kubepods/pod/other')
+    later = group(2, start=1_700_000_060.0)  # the same cgroup killed again a minute later
+    assert occurrences([lone, *first, *second, *later]) == [[lone], first, second, later]
+
+
+def test_a_group_kill_event_lists_every_member():
+    kills = group(3)
+    assert group_kill_title(kills) == 'OOM group kill: 3 processes in app'
+    text = group_kill_text(kills, CONTAINER)
+    member_rows = [line for line in text.split('\n') if line.startswith('| **stress')]
+    assert [row.split('|')[1].strip() for row in member_rows] == [
+        f'**stress\\-ng\\-vm** (pid {pid})' for pid in (100, 101, 102)
+    ]
+    assert member_rows[0].endswith('| chosen by the OOM killer |')
+    assert all(row.endswith('| killed with the group |') for row in member_rows[1:])
+    assert 'memory.oom.group set' in text
+    assert all('oom_group:true' in oom_kill_tags(k, CONTAINER) for k in kills)

@@ -12,6 +12,7 @@ from datadog_checks.ebpf_probe.kernel.kallsyms import KernelSymbols
 from datadog_checks.ebpf_probe.oom_kill.record import MEMCG_OOM_FUNCTIONS, SYSTEM_OOM_FUNCTIONS
 
 from . import kernels
+from .bpf_objects import bpftool_struct
 
 
 @pytest.mark.unit
@@ -52,27 +53,6 @@ format:
 \tfield:short oom_score_adj;\toffset:64;\tsize:2;\tsigned:1;
 """
     assert features.tracepoint_fields(fmt) == ['pid', 'comm', 'total_vm', 'oom_score_adj']
-
-
-def bpftool_struct(name: str) -> list[tuple[str, int]]:
-    """(member, byte offset) of a kernel struct, as bpftool reads the kernel's BTF: a second opinion."""
-    raw = subprocess.run(
-        ['bpftool', 'btf', 'dump', 'file', '/sys/kernel/btf/vmlinux', 'format', 'raw'],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    start = raw.find(f"STRUCT '{name}' ")
-    if start < 0:
-        return []
-    members = []
-    for line in raw[start:].splitlines()[1:]:
-        if not line.startswith('\t'):
-            break
-        member, _, rest = line.strip().partition(' ')
-        name = member.strip("'")
-        members.append(('' if name == '(anon)' else name, int(rest.split('bits_offset=')[1].split()[0]) // 8))
-    return members
 
 
 @pytest.mark.kernel

@@ -29,6 +29,7 @@ from datadog_checks.ebpf_probe.probe import ProbeLoadError
 from datadog_checks.ebpf_probe.resources import bpf_file
 
 from . import kernels
+from .bpf_objects import bpftool_struct
 from .cgroups import MemoryCgroup
 from .kernel_report import KernelLog, KernelOomReport
 
@@ -83,7 +84,10 @@ def assert_equals_the_kernel_report(kill, report: KernelOomReport, cgroup: Memor
 
 
 @pytest.mark.oom
-@pytest.mark.parametrize('options, variant', [(CORE_ONLY, 'co-re'), (BCC_ONLY, 'bcc')], ids=['co-re', 'bcc'])
+@pytest.mark.parametrize(
+    'options, variant',
+    [pytest.param(CORE_ONLY, 'co-re', id='co-re'), pytest.param(BCC_ONLY, 'bcc', id='bcc', marks=pytest.mark.bcc)],
+)
 def test_a_real_oom_kill_is_recorded_once_as_the_kernel_reports_it(memory_cgroup, options, variant):
     probe = load_oom_kill_probe(options, log)
     try:
@@ -91,7 +95,7 @@ def test_a_real_oom_kill_is_recorded_once_as_the_kernel_reports_it(memory_cgroup
         assert_hooks(probe, variant)
         probe.get_and_flush()  # whatever happened on the host before this test
 
-        with KernelLog() as kernel_log:
+        with KernelLog(full=True) as kernel_log:
             victim = memory_cgroup.oom_kill(comm='oomtest-victim', oom_score_adj=42)
         result = probe.get_and_flush()
 
@@ -118,14 +122,17 @@ def test_a_real_oom_kill_is_recorded_once_as_the_kernel_reports_it(memory_cgroup
 
 
 @pytest.mark.oom
-@pytest.mark.parametrize('options, variant', [(CORE_ONLY, 'co-re'), (BCC_ONLY, 'bcc')], ids=['co-re', 'bcc'])
+@pytest.mark.parametrize(
+    'options, variant',
+    [pytest.param(CORE_ONLY, 'co-re', id='co-re'), pytest.param(BCC_ONLY, 'bcc', id='bcc', marks=pytest.mark.bcc)],
+)
 def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, variant):
     """Kernels before 5.8 have no ring buffer: the same kills through a perf buffer."""
     probe = load_oom_kill_probe(OOMKillProbeOptions(**{**options.__dict__, 'force_perf_buffer': True}), log)
     try:
         assert probe.variant == variant
         probe.get_and_flush()
-        with KernelLog() as kernel_log:
+        with KernelLog(full=True) as kernel_log:
             victims = [memory_cgroup.oom_kill(comm=f'perf-{i}') for i in range(2)]
         result = probe.get_and_flush()
         assert result.dropped == 0
@@ -144,7 +151,9 @@ def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, var
     [
         (CORE_ONLY, RING_SAMPLE_SIZE),
         (OOMKillProbeOptions(allow_runtime_compiled_fallback=False, force_perf_buffer=True), PERF_SAMPLE_SIZE),
-        (OOMKillProbeOptions(enable_core=False, force_perf_buffer=True), PERF_SAMPLE_SIZE),
+        pytest.param(
+            OOMKillProbeOptions(enable_core=False, force_perf_buffer=True), PERF_SAMPLE_SIZE, marks=pytest.mark.bcc
+        ),
     ],
     ids=['co-re-ring', 'co-re-perf', 'bcc-perf'],
 )
@@ -164,6 +173,7 @@ def test_kills_beyond_the_buffer_are_counted_as_dropped_exactly(memory_cgroup, o
         probe.close()
 
 
+@pytest.mark.bcc
 def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(monkeypatch):
     from datadog_checks.ebpf_probe.kernel import requirements
 
@@ -185,7 +195,7 @@ def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(mon
 @pytest.mark.oom
 def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(memory_cgroup):
     # The last resort, where neither the task hook nor a kprobe can be had.
-    disabled = frozenset({hooks.TP_BTF.name, hooks.KPROBE.name})
+    disabled = frozenset({hooks.TP_BTF.name, hooks.KILL_KPROBE.name, hooks.KPROBE.name})
     options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, disabled_hooks=disabled)
     probe = load_oom_kill_probe(options, log)
     try:
@@ -318,6 +328,7 @@ def test_the_task_hook_is_chosen_from_btf_not_the_version_number():
         assert quick[0] is KERNEL.task_tracepoint
 
 
+@pytest.mark.bcc
 def test_bcc_kprobe_variant_compiles_and_loads():
     with Btf.open() as btf:
         defines = bcc_offsets(btf)
@@ -325,11 +336,12 @@ def test_bcc_kprobe_variant_compiles_and_loads():
     program = BccProgram.compile(bpf_file(BCC_SOURCE), defines)
     try:
         bpf = program._bpf
-        assert bpf.load_func(hooks.BCC_KPROBE_FUNCTION.encode(), bpf.KPROBE).fd > 0
+        assert bpf.load_func(hooks.BCC_FUNCTIONS[hooks.KPROBE.name].encode(), bpf.KPROBE).fd > 0
     finally:
         program.close()
 
 
+@pytest.mark.bcc
 def test_bcc_variant_compiles_with_offsets_from_kernel_headers():
     """Without BTF, offsets come from the kernel headers BCC compiles with. Here those are
     Debian's 6.1 headers, not this kernel's, so only compiling and loading can be checked;
@@ -341,29 +353,16 @@ def test_bcc_variant_compiles_with_offsets_from_kernel_headers():
     try:
         bpf = program._bpf
         assert bpf.load_func(hooks.RAW_TP.program.encode(), bpf.RAW_TRACEPOINT).fd > 0
-        assert bpf.load_func(hooks.BCC_KPROBE_FUNCTION.encode(), bpf.KPROBE).fd > 0
+        assert bpf.load_func(hooks.BCC_FUNCTIONS[hooks.KPROBE.name].encode(), bpf.KPROBE).fd > 0
     finally:
         program.close()
 
 
 def bpftool_member_offsets(struct_name: str) -> dict[str, int]:
-    """Byte offsets of a kernel struct's direct members, as bpftool reads the kernel's BTF."""
-    raw = subprocess.run(
-        ['bpftool', 'btf', 'dump', 'file', '/sys/kernel/btf/vmlinux', 'format', 'raw'],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    start = raw.index(f"STRUCT '{struct_name}' ")
-    offsets = {}
-    for line in raw[start:].splitlines()[1:]:
-        if not line.startswith('\t'):
-            break
-        name, _, rest = line.strip().partition(' ')
-        offsets[name.strip("'")] = int(rest.split('bits_offset=')[1].split()[0]) // 8
-    return offsets
+    return dict(bpftool_struct(struct_name))
 
 
+@pytest.mark.bcc
 def test_bcc_offsets_from_btf_are_what_bpftool_reads():
     with Btf.open() as btf:
         defines = bcc_offsets(btf)
@@ -386,6 +385,7 @@ class TestFallback:
         path.write_bytes(b'\x7fELF' + b'\0' * 60)
         return str(path)
 
+    @pytest.mark.bcc
     def test_core_failure_falls_back_to_bcc_with_a_warning(self, tmp_path, caplog):
         options = OOMKillProbeOptions(core_object_path=self.corrupt_object(tmp_path))
         with caplog.at_level(logging.WARNING):
@@ -409,6 +409,7 @@ class TestFallback:
         assert message.startswith('CO-RE load failed: bpf_object__open_file(corrupt.bpf.o) failed')
         assert 'allow_runtime_compiled_fallback: true' in message
 
+    @pytest.mark.bcc
     def test_both_failing_is_one_error_with_both_causes(self, tmp_path, monkeypatch):
         monkeypatch.setattr(kernel_bcc, 'find_kernel_headers', lambda release=None: None)
         options = OOMKillProbeOptions(core_object_path=self.corrupt_object(tmp_path))

@@ -153,7 +153,7 @@ def test_memory_and_oom_control_only_with_their_flags():
               'oom_domain_pages': 8192, 'badness_points': -7}  # fmt: skip
     bare = decode(**fields)
     assert bare.memory is None and bare.oom_domain_pages is None and bare.badness_points is None
-    full = decode(flags=r.F_MEMORY | r.F_OOM_CONTROL, **fields)
+    full = decode(flags=r.F_MEMORY | r.F_OOM_CONTROL | r.F_CHOSEN, **fields)
     assert full.memory.rss_kb == 7 and full.memory.total_vm_kb == 10 and full.memory.pgtables_kb == 3
     assert (full.oom_domain_pages, full.badness_points) == (8192, -7)
 

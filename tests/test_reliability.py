@@ -217,6 +217,7 @@ def test_with_only_cap_bpf_and_cap_perfmon_oom_kills_work_and_accounting_says_wh
 # --- Kernel features missing ------------------------------------------------------------------------
 
 
+@pytest.mark.bcc
 def test_no_btf_and_no_headers_is_critical_and_says_what_to_install(dd_run_check, aggregator, monkeypatch):
     monkeypatch.setattr(kernel, 'VMLINUX_BTF', '/nonexistent/btf/vmlinux')
     monkeypatch.setattr(bcc_loader, 'find_kernel_headers', lambda release=None: None)
@@ -289,6 +290,7 @@ def test_kills_beyond_the_buffer_are_counted_and_the_rest_reported_once(dd_run_c
         assert [e['msg_title'] for e in aggregator.events] == [f'OOM kill: overflow-{i} (pid {v.pid})'
                                                                for i, v in enumerate(victims[:3])]  # fmt: skip
         aggregator.assert_metric('ebpf_probe.oom_kill.dropped', value=2, count=1)
+        aggregator.assert_metric('ebpf_probe.oom_kill.unaccounted', value=0, count=1)  # dropped is accounted for
         aggregator.reset()
         dd_run_check(check)
         assert aggregator.events == []

@@ -18,6 +18,7 @@ EBPF_PROBE = str(Path(sys.executable).parent / 'ebpf-probe')
 ALLOWED_READS = (
     '/proc/self/',  # its own status (capabilities), fdinfo (memlock, ids), mounts (bpffs)
     '/proc/kallsyms',  # kernel functions of the memcg OOM path
+    '/proc/vmstat',  # the kernel's own count of OOM kills (unaccounted kills)
     '/proc/sys/kernel/',  # libbpf's feature probes read a few sysctls
     '/sys/kernel/btf/',  # BTF, for CO-RE
     '/sys/kernel/security/lockdown',  # lockdown mode

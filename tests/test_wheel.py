@@ -48,7 +48,13 @@ def test_the_wheel_carries_the_bpf_objects_and_the_bcc_source(wheel):
     assert 'ebpf-probe = datadog_checks.ebpf_probe.cli:main' in entry_points
 
 
-@pytest.mark.parametrize('config, variant', [('{}', 'co-re'), ('{enable_core: false}', 'bcc')], ids=['co-re', 'bcc'])
+@pytest.mark.parametrize(
+    'config, variant',
+    [
+        pytest.param('{}', 'co-re', id='co-re'),
+        pytest.param('{enable_core: false}', 'bcc', id='bcc', marks=pytest.mark.bcc),
+    ],
+)
 def test_the_installed_wheel_runs_the_check_without_the_source_tree(installed, tmp_path, config, variant):
     module = subprocess.run(
         [str(installed / 'bin' / 'python'), '-c', 'import datadog_checks.ebpf_probe as m; print(m.__file__)'],

@@ -17,6 +17,7 @@ from .ebpf_stats.metrics import COUNT
 from .kernel.requirements import RequirementError
 from .oom_kill import OOMKill, OOMKillProbe, OOMKillProbeOptions, load_oom_kill_probe, report
 from .oom_kill.containers import Container, parse_cgroup_path
+from .oom_kill.ledger import KillLedger, Settlement
 from .probe import Probe, ProbeLoadError, ProbeSlot
 
 # Options the Agent itself reads from any instance or init_config.
@@ -60,6 +61,8 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._oom_kill: ProbeSlot[OOMKillProbe] | None = None
         self._ebpf_stats: ProbeSlot[EbpfStatsProbe] | None = None
         self._stats_metrics: StatsMetrics | None = None
+        self._ledger = KillLedger(self.read_persistent_cache, self.write_persistent_cache)
+        self._ledger_said: set[str] = set()
         # Runs after the base class has validated the config models.
         self.check_initializations.append(self._configure)
 
@@ -145,7 +148,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             self._running = True
         try:
             if self._oom_kill is not None:
-                self._collect(self._oom_kill, self._collect_oom_kills)
+                self._collect_and_account_oom_kills(self._oom_kill)
             if self._ebpf_stats is not None:
                 self._collect(self._ebpf_stats, self._collect_ebpf_stats)
         finally:
@@ -168,61 +171,115 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             if slot is not None:
                 slot.close()
 
-    def _collect(self, slot: ProbeSlot[P], collect: Callable[[P], None]) -> None:
-        """One probe's part of a run, with its own service check: a failure here leaves the other probe be."""
+    def _collect(self, slot: ProbeSlot[P], collect: Callable[[P], int]) -> int | None:
+        """One probe's part of a run, with its own service check: a failure here leaves the other probe be.
+
+        Returns what collect() returned, None when the probe did not run.
+        """
         tags = [f'probe:{slot.name}', *self._tags]
         probe = slot.get()
         if probe is None:
             self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=tags, message=slot.error or '')
-            return
+            return None
         try:
-            collect(probe)
+            collected = collect(probe)
         except Exception as e:  # the kernel refused something this run (EPERM, ENOMEM...): say it, go on
             message = slot.run_failed(e)
             self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=tags, message=message)
-            return
+            return None
         slot.ran()
         # Limitations are said once, as warnings; OK service checks carry no message.
         self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.OK, tags=tags)
+        return collected
 
-    def _collect_oom_kills(self, probe: OOMKillProbe) -> None:
+    def _collect_and_account_oom_kills(self, slot: ProbeSlot[OOMKillProbe]) -> None:
+        """Report the kills, then compare with the kernel's count of them (taken first: see KillLedger)."""
+        self._ledger.count()
+        reported = self._collect(slot, self._collect_oom_kills)
+        if slot.claim_refused:
+            return  # the instance that holds the probe keeps the account
+        settlement = self._ledger.settle(reported or 0)
+        if settlement is not None:
+            self.count('oom_kill.unaccounted', settlement.unaccounted, tags=self._tags)
+            self._say_unaccounted(settlement, slot, reported is None)
+
+    def _say_unaccounted(self, settlement: Settlement, slot: ProbeSlot[OOMKillProbe], not_running: bool) -> None:
+        """Once for each likely cause, the kills the kernel counted and the check did not report."""
+        if settlement.unaccounted:
+            if settlement.since_restart:
+                cause = 'they happened while the check was not running (an Agent restart or upgrade, or a reboot)'
+            elif not_running:
+                cause = f'the OOM kill probe is not running: {slot.error}'
+            else:
+                hooks = ', '.join(slot.probe.hooks) if slot.probe is not None else 'none'
+                cause = f'the hooks in use ({hooks}) did not see them'
+            if cause not in self._ledger_said:
+                self._ledger_said.add(cause)
+                self.log.warning(
+                    '%d OOM kills counted by the kernel (/proc/vmstat oom_kill) were not reported: %s '
+                    '(ebpf_probe.oom_kill.unaccounted counts them)',
+                    settlement.unaccounted,
+                    cause,
+                )
+        if settlement.over_reported and 'over' not in self._ledger_said:
+            self._ledger_said.add('over')
+            self.log.warning(
+                '%d OOM kills were reported that the kernel did not count as kills (/proc/vmstat oom_kill)',
+                settlement.over_reported,
+            )
+
+    def _collect_oom_kills(self, probe: OOMKillProbe) -> int:
+        """Submit the kills drained from the probe; how many the kernel counted of them, dropped ones included."""
         result = probe.get_and_flush()
-        for kill in result.kills:
-            self._submit_oom_kill(kill)
+        occurrences = report.occurrences(result.kills)
+        for occurrence in occurrences:
+            self._submit_oom_kills(occurrence)
         self.count('oom_kill.dropped', result.dropped, tags=self._tags)
         if result.dropped:
             self.log.warning(
                 '%d OOM kills were dropped in the kernel: raise max_buffered_oom_kills or run the check more often',
                 result.dropped,
             )
+        # The kernel kills, and counts, the chosen victim of a group kill again with its group.
+        group_kills = sum(1 for kills in occurrences if kills[0].group_cgroup_path and any(k.chosen for k in kills))
+        return len(result.kills) + result.dropped + group_kills
 
-    def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> None:
+    def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> int:
         assert self._stats_metrics is not None
         instance_tags = tuple(self._tags)
-        for point in self._stats_metrics.points(probe.snapshot()):
+        points = self._stats_metrics.points(probe.snapshot())
+        for point in points:
             submit = self.count if point.type == COUNT else self.gauge
             submit(point.metric, point.value, tags=point.tags + instance_tags)
+        return len(points)
 
-    def _submit_oom_kill(self, kill: OOMKill) -> None:
+    def _submit_oom_kills(self, kills: list[OOMKill]) -> None:
+        """A point per process killed, and one event for them: a kill, or the members of a group kill."""
+        kill = next((k for k in kills if k.chosen), kills[0])
         container = parse_cgroup_path(kill.cgroup_path)
         # The metric is a count users pay per series for: its tags follow the cardinality asked for.
-        # The event is one document per kill: it carries everything known (pod and container).
-        metric_tags = report.oom_kill_tags(kill, container, self._cardinality)
-        metric_tags += self._container_tags(container, self._cardinality) + self._tags
+        # The event is one document per occurrence: it carries everything known (pod and container).
+        for member in kills:
+            member_container = parse_cgroup_path(member.cgroup_path)
+            metric_tags = report.oom_kill_tags(member, member_container, self._cardinality)
+            metric_tags += self._container_tags(member_container, self._cardinality) + self._tags
+            self.count('oom_kill.count', 1, tags=list(dict.fromkeys(metric_tags)))
         event_tags = report.oom_kill_tags(kill, container, report.HIGH)
         event_tags += self._container_tags(container, report.ORCHESTRATOR) + self._tags
-        self.count('oom_kill.count', 1, tags=metric_tags)
+        group = len(kills) > 1
         self.event(
             {
                 'timestamp': int(kill.timestamp),
                 'event_type': 'oom_kill',
-                'msg_title': report.oom_kill_title(kill),
-                'msg_text': report.oom_kill_text(kill, container),
+                'msg_title': report.group_kill_title(kills) if group else report.oom_kill_title(kill),
+                'msg_text': report.group_kill_text(kills, container)
+                if group
+                else report.oom_kill_text(kill, container),
                 'alert_type': 'error',
                 'priority': 'normal',
                 'source_type_name': self.__NAMESPACE__,
                 'aggregation_key': report.aggregation_key(kill, container),
-                'tags': event_tags,
+                'tags': list(dict.fromkeys(event_tags)),
             }
         )
 

@@ -130,6 +130,32 @@ def _print_summary(out: TextIO, version: str, runs: list[dict]) -> None:
         out.write('\n')
 
 
+def use_cache_file(path: str) -> None:
+    """Keep the Agent's persistent cache (what a check remembers across restarts) in a JSON file."""
+    from datadog_checks.base.stubs import datadog_agent  # noqa: PLC0415
+
+    cache = Path(path)
+
+    def read(key: str) -> str:
+        try:
+            return json.loads(cache.read_text()).get(key, '')
+        except (OSError, ValueError):
+            return ''
+
+    def write(key: str, value: str) -> None:
+        try:
+            data = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[key] = value
+        temporary = cache.with_name(cache.name + '.tmp')
+        temporary.write_text(json.dumps(data))
+        temporary.replace(cache)
+
+    datadog_agent.read_persistent_cache = read  # type: ignore[method-assign]
+    datadog_agent.write_persistent_cache = write  # type: ignore[method-assign]
+
+
 def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -143,6 +169,8 @@ def run_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from . import __version__
     from .check import EbpfProbeCheck
 
+    if args.cache_file:
+        use_cache_file(args.cache_file)
     host = socket.gethostname()
     interval = int(instances[0].get('min_collection_interval', 15) or 15)
     checks = [EbpfProbeCheck(CHECK_NAME, init_config, [instance]) for instance in instances]
@@ -208,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument('-t', '--check-times', type=int, default=1, help='number of runs (default 1)')
     check.add_argument('--pause', type=int, default=0, metavar='MS', help='milliseconds between runs')
     check.add_argument('--json', action='store_true', help='print a JSON list with one entry per run')
+    check.add_argument(
+        '--cache-file',
+        metavar='PATH',
+        help="keep the Agent's persistent cache in this file, as the Agent keeps it across restarts "
+        '(default: in memory, for this run only)',
+    )
     check.add_argument(
         '-l',
         '--log-level',

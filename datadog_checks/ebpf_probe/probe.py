@@ -93,6 +93,7 @@ class ProbeSlot(Generic[P]):
         self._next_attempt = 0.0
         self._logged_error: str | None = None
         self._limitations_said = 0
+        self.claim_refused = False  # another instance in this process holds this probe
 
     def get(self) -> P | None:
         """The loaded probe, loading it if due; None while it cannot load (see .error)."""
@@ -101,7 +102,8 @@ class ProbeSlot(Generic[P]):
         now = time.monotonic()
         if now < self._next_attempt:
             return None
-        if not CLAIMS.take(self.name, self._check):
+        self.claim_refused = not CLAIMS.take(self.name, self._check)
+        if self.claim_refused:
             self._failed(
                 f'another instance of this check in this process already runs the {self.name} probe; two would '
                 f'report everything twice: set `{self._option}: false` in every instance but one',

@@ -10,7 +10,7 @@ from datadog_checks.ebpf_probe.kernel import features
 from datadog_checks.ebpf_probe.kernel.bcc import BccError, BccProgram
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
-from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_ARRAY
+from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_ARRAY, BTF_KIND_STRUCT
 from datadog_checks.ebpf_probe.resources import bpf_file
 
 from . import hooks
@@ -28,6 +28,18 @@ _BTF_OFFSETS: dict[str, tuple[str, tuple[str, ...]]] = {
     'OFF_TASK_SIGNAL': ('task_struct', ('signal',)),
     'OFF_TASK_REAL_CRED': ('task_struct', ('real_cred',)),
     'OFF_TASK_CGROUPS': ('task_struct', ('cgroups',)),
+    'OFF_TASK_GROUP_LEADER': ('task_struct', ('group_leader',)),
+    'OFF_TASK_START_TIME': ('task_struct', ('start_time',)),
+    'OFF_TASK_THREAD_PID': ('task_struct', ('thread_pid',)),
+    'OFF_PID_LEVEL': ('pid', ('level',)),
+    'OFF_PID_NUMBERS': ('pid', ('numbers',)),
+    'OFF_UPID_NR': ('upid', ('nr',)),
+    'OFF_CSS_PARENT': ('cgroup_subsys_state', ('parent',)),
+    'OFF_CGROUP_LEVEL': ('cgroup', ('level',)),
+    'OFF_MEMCG_CSS': ('mem_cgroup', ('css',)),
+    'OFF_MEMCG_USAGE': ('mem_cgroup', ('memory.usage',)),
+    'OFF_MEMCG_MAX': ('mem_cgroup', ('memory.max',)),
+    'OFF_MEMCG_OOM_GROUP': ('mem_cgroup', ('oom_group',)),
     'OFF_SIGNAL_OOM_SCORE_ADJ': ('signal_struct', ('oom_score_adj',)),
     'OFF_SIGNAL_PENDING': ('signal_struct', ('shared_pending.signal',)),
     'OFF_CRED_UID': ('cred', ('uid',)),
@@ -79,6 +91,10 @@ def bcc_offsets(btf: Btf | None) -> dict[str, str]:
         element, _ = btf.array(count_type)
         defines['RSS_STAT_STRIDE'] = str(btf.size(element))
         defines['OFF_RSS_COUNT'] = str(count_offset)
+    upid = btf.find('upid', BTF_KIND_STRUCT)
+    if upid is None:
+        raise BccError('the kernel BTF has no struct upid')
+    defines['UPID_SIZE'] = str(btf.size(upid))
     memory_id = btf.enum_value('cgroup_subsys_id', 'memory_cgrp_id')
     defines['MEMORY_CGRP_ID'] = str(memory_id if memory_id is not None else -1)
     return defines
@@ -117,6 +133,8 @@ class BccOOMKillProbe(OOMKillProbe):
             perf_pages = perf_buffer_pages(options.max_buffered_kills)
         if plan.use_task:
             defines['HOOK_RAW_TP'] = '1'
+        if plan.use_kill_kprobe:
+            defines['HOOK_KILL_KPROBE'] = '1'
         if plan.use_kprobe:
             defines['HOOK_KPROBE'] = '1'
             if plan.kprobe_writes_records:
@@ -131,9 +149,12 @@ class BccOOMKillProbe(OOMKillProbe):
             if plan.use_task:
                 program.attach_raw_tracepoint('mark_victim', hooks.RAW_TP.program)
                 hooks_used.append(hooks.RAW_TP.name)
+            if plan.use_kill_kprobe:  # records come from it: no attaching it is a failed load
+                program.attach_kprobe(hooks.KILL_FUNCTION, hooks.BCC_FUNCTIONS[hooks.KILL_KPROBE.name])
+                hooks_used.append(hooks.KILL_KPROBE.name)
             if plan.use_kprobe:
                 try:
-                    program.attach_kprobe('oom_kill_process', hooks.BCC_KPROBE_FUNCTION)
+                    program.attach_kprobe('oom_kill_process', hooks.BCC_FUNCTIONS[hooks.KPROBE.name])
                     hooks_used.append(hooks.KPROBE.name)
                 except BccError as e:
                     plan.rejected[hooks.KPROBE.name] = str(e)

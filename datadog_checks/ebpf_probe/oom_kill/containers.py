@@ -25,11 +25,30 @@ _CONTAINER_ID = re.compile(r'[0-9a-f]{64}|[0-9a-f]{32}-\d+')  # 64 hex; ECS Farg
 _POD_UID = re.compile(r'pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?\Z')
 
 
+# The Kubernetes QoS classes, as the kubelet names their cgroups ('kubepods-burstable.slice').
+_QOS_CLASSES = ('burstable', 'besteffort')
+
+
 @dataclass(frozen=True)
 class Container:
     id: str | None
     runtime: str | None
     pod_uid: str | None
+    qos_class: str | None = None  # of the pod: guaranteed, burstable or besteffort
+
+
+def _qos_class(parts: list[str], pod_level: int) -> str | None:
+    """A pod's QoS class from the levels above it: its own cgroup for burstable and best-effort
+    pods, none (the pod right under kubepods) for guaranteed ones."""
+    above = parts[:pod_level]
+    kubepods = next((i for i, part in enumerate(above) if part.startswith('kubepods')), None)
+    if kubepods is None:
+        return None
+    above = above[kubepods:]  # a kind node's own cgroups may come first
+    for qos in _QOS_CLASSES:
+        if any(part in (qos, f'kubepods-{qos}.slice') for part in above):
+            return qos
+    return 'guaranteed'
 
 
 def parse_cgroup_path(path: str | None) -> Container | None:
@@ -42,7 +61,7 @@ def parse_cgroup_path(path: str | None) -> Container | None:
     if not path:
         return None
     parts = [p for p in path.split('/') if p]
-    container_id = runtime = pod_uid = None
+    container_id = runtime = pod_uid = qos = None
     for depth in range(len(parts) - 1, -1, -1):
         name = parts[depth]
         if container_id is None:
@@ -51,11 +70,12 @@ def parse_cgroup_path(path: str | None) -> Container | None:
             match = _POD_UID.search(name)
             if match:
                 pod_uid = match.group(1).replace('_', '-')
+                qos = _qos_class(parts, depth)
     if container_id is None and pod_uid is None:
         return None
     if container_id and runtime is None and pod_uid is not None:
         runtime = 'kubernetes'
-    return Container(container_id, runtime, pod_uid)
+    return Container(container_id, runtime, pod_uid, qos)
 
 
 def _container_id(name: str, parent: str | None) -> tuple[str | None, str | None]:

@@ -23,6 +23,10 @@ CORE_OBJECT = 'oom_kill.bpf.o'
 CORE_ERRORS = (RequirementError, libbpf.LibbpfError, libbpf.LibbpfUnavailable, OSError, ValueError)
 
 
+class KillKprobeRefused(Exception):
+    """The kprobe on __oom_kill_process loaded but the kernel refused to attach it."""
+
+
 class CoreOOMKillProbe(OOMKillProbe):
     variant = 'co-re'
 
@@ -52,12 +56,25 @@ class CoreOOMKillProbe(OOMKillProbe):
                 "CONFIG_DEBUG_INFO_BTF=y, or set btf_path to this kernel's BTF (e.g. from BTFHub)"
             )
         plan = hooks.plan_hooks(hooks.TP_BTF, options.disabled_hooks, options.mount_tracefs, cls._task_offered)
-        use_ringbuf = features.has_ring_buffer() and not options.force_perf_buffer
+        try:
+            return cls._load(path, plan, options, log)
+        except KillKprobeRefused as e:
+            # Whether records come from it is set before load: load again without it.
+            plan.use_kill_kprobe = False
+            plan.rejected[hooks.KILL_KPROBE.name] = str(e)
+            return cls._load(path, plan, options, log)
 
+    @classmethod
+    def _load(cls, path: Path, plan: hooks.HookPlan, options: OOMKillProbeOptions, log: Logger) -> CoreOOMKillProbe:
+        use_ringbuf = features.has_ring_buffer() and not options.force_perf_buffer
         obj = libbpf.BpfObject(str(path), btf_custom_path=options.btf_path)
         try:
-            for hook, autoload in ((hooks.TP_BTF, plan.use_task), (hooks.KPROBE, plan.use_kprobe),
-                                   (hooks.TRACEPOINT, plan.use_tracepoint)):  # fmt: skip
+            for hook, autoload in (
+                (hooks.TP_BTF, plan.use_task),
+                (hooks.KILL_KPROBE, plan.use_kill_kprobe),
+                (hooks.KPROBE, plan.use_kprobe),
+                (hooks.TRACEPOINT, plan.use_tracepoint),
+            ):
                 obj.set_autoload(hook.program, autoload)
             obj.set_rodata(
                 {
@@ -66,8 +83,8 @@ class CoreOOMKillProbe(OOMKillProbe):
                     'use_ringbuf': struct.pack('<?', use_ringbuf),
                 }
             )
-            if not (plan.use_task and plan.use_kprobe):
-                obj.map('oom_controls').set_max_entries(1)  # only the kprobe-beside-tp_btf pairing uses it
+            if plan.kprobe_writes_records or not plan.use_kprobe:
+                obj.map('oom_controls').set_max_entries(1)  # only the kprobe beside a task hook fills it
             events = obj.map('events')
             perf_pages = 0
             if use_ringbuf:
@@ -97,6 +114,12 @@ class CoreOOMKillProbe(OOMKillProbe):
         if plan.use_task:
             obj.attach(hooks.TP_BTF.program)
             attached.append(hooks.TP_BTF.name)
+        if plan.use_kill_kprobe:
+            try:
+                obj.attach(hooks.KILL_KPROBE.program)
+            except libbpf.LibbpfError as e:
+                raise KillKprobeRefused(str(e)) from None
+            attached.append(hooks.KILL_KPROBE.name)
         if plan.use_kprobe:
             try:
                 obj.attach(hooks.KPROBE.program)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from datadog_checks.ebpf_probe.kernel import features
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
+from datadog_checks.ebpf_probe.kernel.kallsyms import KernelSymbols
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_PTR, BTF_KIND_TYPEDEF
 
@@ -32,11 +33,18 @@ TP_BTF = Hook(
     'tp_btf/mark_victim', record.HOOK_TP_BTF, 'mark_victim_btf', 'the victim task: everything but oom_control'
 )
 RAW_TP = Hook('raw_tracepoint/mark_victim', record.HOOK_RAW_TP, 'oom_mark_victim_raw', 'the same as tp_btf, for BCC')
+KILL_KPROBE = Hook(
+    'kprobe/__oom_kill_process',
+    record.HOOK_KILL_KPROBE,
+    'oom_kill_victim',
+    'each process killed, with its task (group members too), where the tracepoint passes only a pid',
+)
 KPROBE = Hook(
     'kprobe/oom_kill_process',
     record.HOOK_KPROBE,
     'oom_kill_process',
-    'oom_control: OOM domain size, badness, memcg vs system; writes records itself without a task hook',
+    'oom_control: the OOM domain, its size, badness, memcg vs system; writes the records itself '
+    'when no hook sees each victim',
 )
 TRACEPOINT = Hook(
     'tracepoint/oom/mark_victim',
@@ -44,9 +52,11 @@ TRACEPOINT = Hook(
     'mark_victim_tracepoint',
     "the tracepoint's fields (only the victim thread's id before ~6.9); no cgroup",
 )
-HOOKS = (TP_BTF, RAW_TP, KPROBE, TRACEPOINT)
+HOOKS = (TP_BTF, RAW_TP, KILL_KPROBE, KPROBE, TRACEPOINT)
 HOOK_NAMES = {hook.record_id: hook.name for hook in HOOKS}
-BCC_KPROBE_FUNCTION = 'oom_kill_process_kprobe'
+# The BCC source's functions for the kprobes (its tracepoint hooks are named as in the object).
+BCC_FUNCTIONS = {KILL_KPROBE.name: 'oom_kill_victim_kprobe', KPROBE.name: 'oom_kill_process_kprobe'}
+KILL_FUNCTION = '__oom_kill_process'
 
 PID_ONLY = "this kernel's mark_victim tracepoint passes only a pid (kernels before ~6.9)"
 DISABLED = 'disabled by the probe options'
@@ -56,6 +66,7 @@ DISABLED = 'disabled by the probe options'
 class HookPlan:
     task: Hook  # the hook with the victim's task: TP_BTF (CO-RE) or RAW_TP (BCC)
     use_task: bool = False
+    use_kill_kprobe: bool = False
     use_kprobe: bool = False
     # Loaded when there is no task hook: attached if the kprobe is not (or fails to attach).
     use_tracepoint: bool = False
@@ -64,8 +75,8 @@ class HookPlan:
 
     @property
     def kprobe_writes_records(self) -> bool:
-        """Beside the task hook, the kprobe only leaves its oom_control facts for it."""
-        return not self.use_task
+        """Beside a hook that sees each victim's task, the kprobe only leaves its oom_control facts for it."""
+        return not (self.use_task or self.use_kill_kprobe)
 
 
 def plan_hooks(
@@ -85,6 +96,16 @@ def plan_hooks(
         plan.use_kprobe, reason = features.kprobe_support()
         if not plan.use_kprobe:
             plan.rejected[KPROBE.name] = reason
+    if KILL_KPROBE.name in disabled:
+        plan.rejected[KILL_KPROBE.name] = DISABLED
+    elif plan.use_task:
+        plan.rejected[KILL_KPROBE.name] = f'not needed: {task.name} sees each victim'
+    elif not features.kprobe_support()[0]:
+        plan.rejected[KILL_KPROBE.name] = features.kprobe_support()[1]
+    elif not KernelSymbols(frozenset({KILL_FUNCTION})).ranges():
+        plan.rejected[KILL_KPROBE.name] = f'/proc/kallsyms has no {KILL_FUNCTION} (inlined in this kernel?)'
+    else:
+        plan.use_kill_kprobe = True
     if TRACEPOINT.name in disabled:
         plan.rejected[TRACEPOINT.name] = DISABLED
     elif not plan.use_task:
@@ -94,7 +115,7 @@ def plan_hooks(
         else:
             plan.use_tracepoint = True
             plan.tracepoint_has_memory = 'total_vm' in fields
-    if not (plan.use_task or plan.use_kprobe or plan.use_tracepoint):
+    if not (plan.use_task or plan.use_kill_kprobe or plan.use_kprobe or plan.use_tracepoint):
         raise RequirementError(
             'no usable OOM hook: ' + '; '.join(f'{hook}: {why}' for hook, why in plan.rejected.items())
         )

@@ -23,6 +23,7 @@ HOOK_TP_BTF = 1
 HOOK_KPROBE = 2
 HOOK_TRACEPOINT = 3
 HOOK_RAW_TP = 4
+HOOK_KILL_KPROBE = 5
 
 # record.flags (OOM_F_* in oom_kill.h)
 F_MEMCG = 1 << 0
@@ -35,6 +36,10 @@ F_CGROUP_NAME_TRUNCATED = 1 << 6
 F_SIGKILL = 1 << 7
 F_CGROUP_DEPTH_TRUNCATED = 1 << 8
 F_VICTIM_PID_UNKNOWN = 1 << 9
+F_DOMAIN = 1 << 10
+F_DOMAIN_GUESSED = 1 << 11
+F_PID_NS = 1 << 12
+F_CHOSEN = 1 << 13
 
 # struct oom_kill_record, field by field, in order (a test compares each offset with the
 # compiled object's BTF).
@@ -48,15 +53,22 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ('oom_domain_pages', 'Q'),
     ('badness_points', 'q'),
     ('cgroup_id', 'Q'),
+    ('domain_usage_pages', 'Q'),
+    ('domain_limit_pages', 'Q'),
     ('victim_pid', 'I'),
     ('victim_tid', 'I'),
     ('victim_uid', 'I'),
     ('trigger_pid', 'I'),
     ('trigger_tid', 'I'),
     ('flags', 'I'),
+    ('victim_ns_pid', 'I'),
     ('oom_score_adj', 'h'),
     ('hook', 'B'),
     ('cgroup_depth', 'B'),
+    ('cgroup_level', 'B'),
+    ('domain_level', 'B'),
+    ('group_level', 'B'),
+    ('pid_ns_level', 'B'),
     ('kernel_stack_depth', 'I'),
     ('victim_comm', f'{COMM_LEN}s'),
     ('trigger_comm', f'{COMM_LEN}s'),
@@ -104,6 +116,17 @@ class VictimMemory:
 
 
 @dataclass(frozen=True)
+class OOMDomain:
+    """The memory cgroup that hit its limit (the victim's, or an ancestor of it), when the victim was chosen."""
+
+    cgroup_path: str | None  # None when its level is above the levels the record keeps
+    level: int  # depth below the hierarchy's root
+    usage_kb: int
+    limit_kb: int
+    guessed: bool  # found as the one left without room (no oom_control on this hook)
+
+
+@dataclass(frozen=True)
 class OOMKill:
     """One OOM kill, as the kernel saw it."""
 
@@ -130,12 +153,27 @@ class OOMKill:
     badness_points: int | None
     sigkill: bool  # SIGKILL was pending: a kill, not only an exiting task marked
     hook: str
+    # The memory cgroup that ran out; None for a system OOM or when the hook cannot tell.
+    domain: OOMDomain | None = None
+    # The cgroup killed as a whole (memory.oom.group) with this victim, or None.
+    group_cgroup_path: str | None = None
+    chosen: bool = True  # the victim the OOM killer chose; False for the other members of a group kill
+    # The victim's pid in its own pid namespace and that namespace's depth (0: the host's).
+    ns_pid: int | None = None
+    pid_ns_level: int | None = None
 
     @property
     def trigger_type(self) -> str:
         if self.memcg_oom is None:
             return 'unknown'
         return 'cgroup' if self.memcg_oom else 'system'
+
+    @property
+    def container_main_process(self) -> bool | None:
+        """Whether the victim was pid 1 of a pid namespace of its own (a container's main process)."""
+        if self.ns_pid is None or not self.pid_ns_level:
+            return None
+        return self.ns_pid == 1
 
     @property
     def cgroup_name(self) -> str | None:
@@ -166,15 +204,32 @@ def memcg_from_stack(stack: tuple[int, ...], symbols: SymbolTable) -> bool | Non
     return None
 
 
+def cgroup_levels(names: bytes, depth: int) -> list[str]:
+    """The names of the record's cgroup levels, root side first."""
+    depth = min(depth, CGROUP_MAX_DEPTH)
+    return [_text(names[i * CGROUP_NAME_LEN : (i + 1) * CGROUP_NAME_LEN]) for i in reversed(range(depth))]
+
+
 def cgroup_path(names: bytes, depth: int, depth_truncated: bool) -> str:
     """'/a/b/c' from the record's names (leaf first), '/...' in front when levels were left out."""
-    depth = min(depth, CGROUP_MAX_DEPTH)
-    levels = [_text(names[i * CGROUP_NAME_LEN : (i + 1) * CGROUP_NAME_LEN]) for i in reversed(range(depth))]
-    path = '/' + '/'.join(levels)
+    path = '/' + '/'.join(cgroup_levels(names, depth))
     return '/...' + path if depth_truncated else path
 
 
-def decode_record(raw: bytes, boot_to_unix: float, symbols: SymbolTable, hook_names: dict[int, str]) -> OOMKill:
+def ancestor_path(names: bytes, depth: int, victim_level: int, level: int) -> str | None:
+    """The path of the victim's cgroup's ancestor at `level` (0: the root), None if not kept."""
+    if level == 0:
+        return '/'
+    levels = cgroup_levels(names, depth)
+    first = victim_level - len(levels) + 1  # the level of levels[0]
+    if not first <= level <= victim_level:
+        return None
+    return '/' + '/'.join(levels[: level - first + 1])
+
+
+def decode_record(
+    raw: bytes, boot_to_unix: float, symbols: SymbolTable, hook_names: dict[int, str], page_kb: int = 4
+) -> OOMKill:
     values = RECORD.unpack_from(raw)
     # Every field is one value but the last two: the stack (STACK_DEPTH values) and the names.
     scalars = len(RECORD_FIELDS) - 2
@@ -196,6 +251,22 @@ def decode_record(raw: bytes, boot_to_unix: float, symbols: SymbolTable, hook_na
     if flags & F_MEMORY:
         memory = VictimMemory(r['total_vm_kb'], r['anon_rss_kb'], r['file_rss_kb'], r['shmem_rss_kb'], r['pgtables_kb'])
     has_oc = bool(flags & F_OOM_CONTROL)
+    domain = group = None
+    if flags & F_DOMAIN and memcg_oom is not False:  # a guess is no domain when the stack says system
+        domain_path = None
+        if flags & F_CGROUP:
+            domain_path = ancestor_path(names, r['cgroup_depth'], r['cgroup_level'], r['domain_level'])
+        domain = OOMDomain(
+            cgroup_path=domain_path,
+            level=r['domain_level'],
+            usage_kb=r['domain_usage_pages'] * page_kb,
+            limit_kb=r['domain_limit_pages'] * page_kb,
+            guessed=bool(flags & F_DOMAIN_GUESSED),
+        )
+        if memcg_oom is None and domain.guessed:
+            memcg_oom = True  # a cgroup left without room while the OOM killer ran
+    if r['group_level'] and flags & F_CGROUP:
+        group = ancestor_path(names, r['cgroup_depth'], r['cgroup_level'], r['group_level'])
 
     return OOMKill(
         timestamp=boot_to_unix + r['timestamp_ns'] / 1e9,
@@ -213,9 +284,14 @@ def decode_record(raw: bytes, boot_to_unix: float, symbols: SymbolTable, hook_na
         cgroup_path_truncated=bool(flags & (F_CGROUP_NAME_TRUNCATED | F_CGROUP_DEPTH_TRUNCATED)),
         memory=memory,
         oom_domain_pages=r['oom_domain_pages'] if has_oc else None,
-        badness_points=r['badness_points'] if has_oc else None,
+        badness_points=r['badness_points'] if has_oc and flags & F_CHOSEN else None,
         sigkill=bool(flags & F_SIGKILL),
         hook=hook_names.get(r['hook'], str(r['hook'])),
+        domain=domain,
+        group_cgroup_path=group,
+        chosen=bool(flags & F_CHOSEN) or not has_oc,
+        ns_pid=r['victim_ns_pid'] if flags & F_PID_NS else None,
+        pid_ns_level=r['pid_ns_level'] if flags & F_PID_NS else None,
     )
 
 

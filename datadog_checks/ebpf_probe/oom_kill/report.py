@@ -21,12 +21,18 @@ def oom_kill_tags(kill: OOMKill, container: Container | None, cardinality: str) 
     tags = [tag('trigger_type', kill.trigger_type), tag('trigger_process_name', kill.trigger_comm)]
     if kill.victim_comm is not None:
         tags.append(tag('process_name', kill.victim_comm))
+    if kill.group_cgroup_path is not None:
+        tags.append('oom_group:true')
+    if kill.container_main_process is not None:
+        tags.append(tag('container_main_process', str(kill.container_main_process).lower()))
     if container is None:
         if kill.cgroup_name is not None:
             tags.append(tag('cgroup_name', kill.cgroup_name))
         return tags
     if container.runtime:
         tags.append(tag('container_runtime', container.runtime))
+    if container.qos_class:
+        tags.append(tag('kube_qos', container.qos_class))
     if container.pod_uid and level >= CARDINALITIES.index(ORCHESTRATOR):
         tags.append(tag('pod_uid', container.pod_uid))
     if level >= CARDINALITIES.index(HIGH):
@@ -55,9 +61,63 @@ def _constraint(kill: OOMKill) -> str:
     return 'the system ran out of memory'
 
 
+def _name(kill: OOMKill) -> str:
+    return f'**{markdown_text(kill.victim_comm)}**' if kill.victim_comm is not None else 'a process'
+
+
+def _memory(kill: OOMKill) -> str:
+    if kill.memory is None:
+        return 'unknown'
+    m = kill.memory
+    return (
+        f'rss {kb(m.rss_kb)} (anon {kb(m.anon_rss_kb)}, file {kb(m.file_rss_kb)}, shmem {kb(m.shmem_rss_kb)}), '
+        f'total-vm {kb(m.total_vm_kb)}, page tables {kb(m.pgtables_kb)}'
+    )
+
+
+def _domain_rows(kill: OOMKill) -> list[str]:
+    """Which cgroup ran out, and how full it was: often not the victim's own (a pod's limit)."""
+    rows = []
+    domain = kill.domain
+    if domain is not None:
+        where = markdown_text(domain.cgroup_path) if domain.cgroup_path is not None else f'level {domain.level}'
+        rows.append(f'| Out of memory | {where}: usage {kb(domain.usage_kb)} of a {kb(domain.limit_kb)} limit |')
+        if domain.cgroup_path is not None and kill.cgroup_path not in (None, domain.cgroup_path):
+            rows.append(
+                "| Note | the victim's own cgroup did not reach a limit: its ancestor above did, and the kernel "
+                'chose the victim among all the processes under it |'
+            )
+    if kill.oom_domain_pages is not None:
+        badness = f"; victim's badness {kill.badness_points:,} points" if kill.badness_points is not None else ''
+        rows.append(f'| OOM domain size | {kill.oom_domain_pages:,} pages{badness} |')
+    return rows
+
+
+def _container_rows(kill: OOMKill, container: Container | None) -> list[str]:
+    rows = []
+    if container is not None and container.id:
+        runtime = f' ({markdown_text(container.runtime)})' if container.runtime else ''
+        rows.append(f'| Container | {markdown_text(container.id)}{runtime} |')
+    if container is not None and container.pod_uid:
+        qos = f', QoS {container.qos_class}' if container.qos_class else ''
+        rows.append(f'| Pod | uid {markdown_text(container.pod_uid)}{qos} |')
+    main = kill.container_main_process
+    if main is True:
+        rows.append(
+            "| Process | the container's main process (pid 1 in its pid namespace): the container stopped, "
+            'and its runtime restarts it (Kubernetes shows OOMKilled) |'
+        )
+    elif main is False:
+        rows.append(
+            f'| Process | not the main process (pid {kill.ns_pid} in its pid namespace): the container goes on '
+            'running without it, and nothing else reports it |'
+        )
+    return rows
+
+
 def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
     """The event body: markdown, every kernel-supplied string escaped."""
-    victim = f'**{markdown_text(kill.victim_comm)}**' if kill.victim_comm is not None else 'a process'
+    victim = _name(kill)
     lines = [
         '%%%',
         f"{victim} ({victim_label(kill)}) was killed by the kernel's OOM killer: {_constraint(kill)}.",
@@ -75,24 +135,64 @@ def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
     lines.append(f'| Constraint | {_constraint(kill)} (trigger_type:{kill.trigger_type}) |')
     if kill.cgroup_path is not None:
         lines.append(f'| Memory cgroup | {markdown_text(kill.cgroup_path)} |')
-    if container is not None and container.id:
-        runtime = f' ({markdown_text(container.runtime)})' if container.runtime else ''
-        lines.append(f'| Container | {markdown_text(container.id)}{runtime} |')
-    if container is not None and container.pod_uid:
-        lines.append(f'| Pod UID | {markdown_text(container.pod_uid)} |')
+    lines += _domain_rows(kill)
+    lines += _container_rows(kill, container)
     if kill.memory is not None:
-        m = kill.memory
-        lines.append(
-            f'| Memory | rss {kb(m.rss_kb)} (anon {kb(m.anon_rss_kb)}, file {kb(m.file_rss_kb)}, '
-            f'shmem {kb(m.shmem_rss_kb)}), total-vm {kb(m.total_vm_kb)}, page tables {kb(m.pgtables_kb)} |'
-        )
-    if kill.oom_domain_pages is not None and kill.badness_points is not None:
-        lines.append(
-            f"| OOM domain | {kill.oom_domain_pages:,} pages; victim's badness {kill.badness_points:,} points |"
-        )
+        lines.append(f'| Memory | {_memory(kill)} |')
     lines.append(f'| Seen by | {kill.hook} |')
     lines.append('%%%')
     return '\n'.join(lines)
+
+
+def group_kill_title(kills: list[OOMKill]) -> str:
+    group = kills[0].group_cgroup_path or '?'
+    return f'OOM group kill: {len(kills)} processes in {plain_text(group.rsplit("/", 1)[-1] or group)}'
+
+
+def group_kill_text(kills: list[OOMKill], container: Container | None) -> str:
+    """One event for the processes of a memory.oom.group cgroup, killed together."""
+    chosen = next((k for k in kills if k.chosen), kills[0])
+    group = markdown_text(chosen.group_cgroup_path or '?')
+    lines = [
+        '%%%',
+        f"The kernel's OOM killer killed {len(kills)} processes at once: the cgroup {group} has "
+        f'memory.oom.group set, so all of it goes when one of its processes is chosen ({_constraint(chosen)}).',
+        '',
+        '| Process | Memory | |',
+        '|---|---|---|',
+    ]
+    for kill in kills:
+        role = 'chosen by the OOM killer' if kill.chosen and kill is chosen else 'killed with the group'
+        lines.append(f'| {_name(kill)} ({victim_label(kill)}) | {_memory(kill)} | {role} |')
+    lines += ['', '| | |', '|---|---|']
+    lines.append(f'| Triggered by | **{markdown_text(chosen.trigger_comm)}** (pid {chosen.trigger_pid}) |')
+    lines.append(f'| Constraint | {_constraint(chosen)} (trigger_type:{chosen.trigger_type}) |')
+    lines += _domain_rows(chosen)
+    lines += _container_rows(chosen, container)
+    lines.append(f'| Seen by | {chosen.hook} |')
+    lines.append('%%%')
+    return '\n'.join(lines)
+
+
+GROUP_KILL_WINDOW = 1.0  # seconds: the kernel kills a group's members in one go
+
+
+def occurrences(kills: list[OOMKill]) -> list[list[OOMKill]]:
+    """The kills as users see them: each on its own, but the members of one group kill together."""
+    result: list[list[OOMKill]] = []
+    open_groups: dict[tuple[str, int], list[OOMKill]] = {}
+    for kill in kills:
+        if kill.group_cgroup_path is None:
+            result.append([kill])
+            continue
+        key = (kill.group_cgroup_path, kill.trigger_tid)
+        members = open_groups.get(key)
+        if members is not None and kill.timestamp - members[-1].timestamp <= GROUP_KILL_WINDOW:
+            members.append(kill)
+        else:
+            members = open_groups[key] = [kill]
+            result.append(members)
+    return result
 
 
 def aggregation_key(kill: OOMKill, container: Container | None) -> str:

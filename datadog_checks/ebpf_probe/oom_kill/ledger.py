@@ -1,0 +1,109 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""The kernel's own count of its OOM kills against the kills reported: none unaccounted for.
+
+The kernel counts every kill it makes in /proc/vmstat (oom_kill). Each run, the increase of that
+counter is compared with the kills reported (and those dropped for want of room); the kills it
+counted that were not reported are `unaccounted` (the kernel counts the victim it chose for a
+group kill twice: it kills it again with the rest of its memory.oom.group cgroup). The count is kept in the Agent's persistent
+cache with the boot's id, so that kills while the check was not running (an Agent restart or
+upgrade, the probe still loading) are counted on the next run, and a reboot is recognised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+VMSTAT = '/proc/vmstat'
+BOOT_ID = '/proc/sys/kernel/random/boot_id'
+CACHE_KEY = 'oom_kill_ledger'
+
+
+def kernel_oom_kills(path: str = VMSTAT) -> int | None:
+    """The kernel's count of OOM kills since boot (None on kernels before 4.13, which have none)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith('oom_kill '):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def boot_id(path: str = BOOT_ID) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ''
+
+
+@dataclass
+class Settlement:
+    unaccounted: int  # kills the kernel counted and nobody reported, since the last settlement
+    over_reported: int  # kills reported that the kernel has not counted (to be absorbed, else a mistake)
+    since_restart: bool  # this settlement covers the time the check was not running
+
+
+class KillLedger:
+    """Kills counted by the kernel vs kills reported, one settlement per check run.
+
+    count() is taken before the probe is drained: a kill lands in the kernel's counter a moment
+    before its record is written (kprobe paths: after), so a kill the drain reports that the
+    counter does not have yet is carried to the next run instead of being called unaccounted.
+    """
+
+    def __init__(
+        self,
+        read_cache: Callable[[str], str],
+        write_cache: Callable[[str, str], None],
+        read_count: Callable[[], int | None] = kernel_oom_kills,
+        read_boot_id: Callable[[], str] = boot_id,
+    ):
+        self._read_cache = read_cache
+        self._write_cache = write_cache
+        self._read_count = read_count
+        self._boot = read_boot_id()
+        self._last: int | None = None  # the kernel's count at the last settlement
+        self._counted: int | None = None  # the kernel's count taken for the current run
+        self._carry = 0  # kills reported ahead of the kernel's count
+        self._restarted = False
+
+    def _start(self, now: int) -> int:
+        """Where the count stood when the check last ran: from the cache, on this boot."""
+        try:
+            saved = json.loads(self._read_cache(CACHE_KEY) or '{}')
+        except ValueError:
+            saved = {}
+        if not saved:
+            return now  # first run ever: nothing before it is ours to count
+        self._restarted = True
+        if saved.get('boot_id') == self._boot and isinstance(saved.get('oom_kill'), int):
+            return min(saved['oom_kill'], now)
+        return 0  # rebooted since: every kill of this boot happened while the check was not running
+
+    def count(self) -> None:
+        """The kernel's count now, before the probe is drained."""
+        self._counted = self._read_count()
+
+    def settle(self, reported: int) -> Settlement | None:
+        """Account for the kills reported this run (including those dropped); None where the kernel keeps no count."""
+        now, self._counted = self._counted, None
+        if now is None:
+            return None
+        if self._last is None:
+            self._last = self._start(now)
+        balance = now - self._last - reported + self._carry
+        self._last = now
+        since_restart, self._restarted = self._restarted, False
+        self._write_cache(CACHE_KEY, json.dumps({'boot_id': self._boot, 'oom_kill': now}))
+        if balance >= 0:
+            self._carry = 0
+            return Settlement(balance, 0, since_restart)
+        # More reported than counted: a kill whose count comes a moment later is absorbed by the
+        # next run; what is still over then was never a kill the kernel made.
+        over, self._carry = (-balance, 0) if self._carry < 0 else (0, balance)
+        return Settlement(0, over, since_restart)
