@@ -465,10 +465,11 @@ def test_statistics_are_on_only_for_a_window_after_a_snapshot(objects):
 
 def test_with_someone_else_holding_statistics_the_counts_are_raw(objects):
     """bpftop (here, this test) keeps statistics on: the counters are not scaled, whatever our windows."""
-    probe = EbpfStatsProbe.load(EbpfStatsOptions(interval=1.0), log)
+    # A first window of 0.1 s, the next one somewhere in 90 s: not while this test holds its own.
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(interval=100.0, runtime_sampling=0.001), log)
     try:
         probe.snapshot()
-        time.sleep(0.3)  # our first window (0.05 s) is over
+        time.sleep(0.3)  # our first window is over
         first = probe.snapshot()
         other = libbpf.enable_stats()
         try:
