@@ -178,16 +178,59 @@ struct bpf_iter_meta {
 	u64 seq_num;
 } PA;
 
+typedef struct {
+	s64 counter;
+} PA atomic64_t;
+
 struct bpf_map {
 	u32 id;
+	enum bpf_map_type map_type;
+	u32 key_size;
+	u32 value_size;
+	u32 max_entries;
+	u32 map_flags;
+	char name[16];
+	atomic64_t refcnt;	/* every reference: fds, pins, programs, links */
 } PA;
 
 struct bpf_prog_aux {
+	atomic64_t refcnt;
 	u32 id;
+	u32 used_map_cnt;
+	u32 func_cnt;	/* subprograms, each JIT-compiled on its own */
+	u32 verified_insns;	/* 5.16+ */
+	bool dev_bound;	/* 6.3+ */
+	void *offload;
+	struct bpf_map **used_maps;
+	char name[16];
+} PA;
+
+/* u64_stats_t: a counter that is one 64-bit word on 64-bit CPUs. */
+struct bpf_prog_stats {
+	struct {
+		long v;
+	} cnt;
+	struct {
+		long v;
+	} nsecs;
+	struct {
+		long v;
+	} misses;	/* 5.12+ */
 } PA;
 
 struct bpf_prog {
+	u32 pages;	/* memlock, in pages (u16 on recent kernels: loads are resized) */
+	enum bpf_prog_type type;
+	u32 len;	/* translated instructions */
+	u32 jited_len;
+	u8 tag[8];
+	struct bpf_prog_stats *stats;	/* per CPU (5.11+; in aux before) */
 	struct bpf_prog_aux *aux;
+} PA;
+
+/* A per-CPU array: pptrs[i] is element i's per-CPU address, before a CPU's offset is added. */
+struct bpf_array {
+	void *pptrs[0];
 } PA;
 
 struct bpf_link {
@@ -215,6 +258,11 @@ struct file {
 struct bpf_iter__bpf_map {
 	struct bpf_iter_meta *meta;
 	struct bpf_map *map;
+} PA;
+
+struct bpf_iter__bpf_prog {
+	struct bpf_iter_meta *meta;
+	struct bpf_prog *prog;
 } PA;
 
 struct bpf_iter__bpf_map_elem {

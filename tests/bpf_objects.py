@@ -14,6 +14,8 @@ import os
 import struct
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -89,6 +91,7 @@ class TestObjects:
 
     def __init__(self, pid: int, proc: subprocess.Popen, description: dict):
         self.pid = pid
+        self.comm: str = description['comm']
         self._proc = proc
         self.prefix: str = description['prefix']
         self.maps = {kind: TestMap(**m) for kind, m in description['maps'].items()}
@@ -96,18 +99,51 @@ class TestObjects:
         self.program_name: str = description['program']['name']
 
     @classmethod
-    def start(cls) -> TestObjects:
+    def start(cls, comm: str = OWNER_COMM) -> TestObjects:
         proc = subprocess.Popen(
-            [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            [sys.executable, __file__, comm], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f'the BPF fixture process failed (exit {proc.wait()})')
         return cls(proc.pid, proc, json.loads(line))
 
+    def _ask(self, command: str) -> str:
+        self._proc.stdin.write(command + '\n')
+        answer = self._proc.stdout.readline().strip()
+        assert answer.startswith('ok'), (command, answer)
+        return answer[3:]
+
     def run_program(self, times: int) -> None:
-        self._proc.stdin.write(f'run {times}\n')
-        assert self._proc.stdout.readline().strip() == 'ok'
+        self._ask(f'run {times}')
+
+    def start_pacing(self, runs: int, every_ms: float) -> None:
+        """Run the program `runs` times every `every_ms` milliseconds, on a fixed schedule, until stop_pacing()."""
+        self._ask(f'pace {runs} {every_ms}')
+
+    def stop_pacing(self) -> int:
+        """Stop pacing; how many runs pacing made."""
+        return int(self._ask('stop'))
+
+    def paced_runs(self) -> int:
+        """Runs pacing made so far."""
+        return int(self._ask('count'))
+
+    def new_map(self) -> int:
+        """A new hash map held by the fixture process: its id."""
+        return int(self._ask('map'))
+
+    def hold(self, map_id: int) -> None:
+        """Open an fd to an existing map (by id) and keep it."""
+        self._ask(f'hold {map_id}')
+
+    def release(self, map_id: int) -> None:
+        """Close the fixture's fd to that map (the process lives on)."""
+        self._ask(f'release {map_id}')
+
+    def fork(self, comm: str) -> int:
+        """A child process named `comm` that inherits every fd and sleeps until killed: its pid."""
+        return int(self._ask(f'fork {comm}'))
 
     def program_run_count(self) -> int:
         fd = libbpf.fd_by_id('prog', self.program_id)
@@ -116,19 +152,29 @@ class TestObjects:
         finally:
             os.close(fd)
 
+    def statistics_on_elsewhere(self) -> bool:
+        """Whether the kernel counts runs now though this process holds no BPF_ENABLE_STATS fd.
+
+        Other processes on a shared machine (bpftop, other checks under test) turn statistics on:
+        a test that needs them off skips when this says so, rather than fail.
+        """
+        before = self.program_run_count()
+        self.run_program(10)
+        return self.program_run_count() != before
+
     def close(self) -> None:
         if self._proc.poll() is None:
             self._proc.stdin.close()
             self._proc.wait(timeout=30)
 
 
-def make_test_objects() -> TestObjects:
-    return TestObjects.start()
+def make_test_objects(comm: str = OWNER_COMM) -> TestObjects:
+    return TestObjects.start(comm)
 
 
-def _serve() -> None:
+def _serve(comm: str) -> None:
     """Owner side: make the objects, describe them on stdout, then run the program on request."""
-    ctypes.CDLL(None).prctl(15, OWNER_COMM.encode(), 0, 0, 0)  # PR_SET_NAME
+    ctypes.CDLL(None).prctl(15, comm.encode(), 0, 0, 0)  # PR_SET_NAME
     prefix = 't' + uuid.uuid4().hex[:5]
     inner = map_create(MAP_HASH, f'{prefix}_inner', 4, 8, 4)  # the template of hmap's values, and one of them
     fds = [inner]
@@ -152,17 +198,76 @@ def _serve() -> None:
     program_name = f'{prefix}_prog'
     program = prog_load(PROG_SOCKET_FILTER, program_name, RETURN_ZERO)
     description = {
+        'comm': comm,
         'prefix': prefix,
         'maps': maps,
         'program': {'id': libbpf.prog_info(program).id, 'name': program_name},
     }
     print(json.dumps(description), flush=True)
+    pacer = None
+    held: dict[int, int] = {}  # map id -> fd, for maps made or opened on request
     for line in sys.stdin:
         command, _, arg = line.strip().partition(' ')
         if command == 'run':
             libbpf.prog_test_run(program, bytes(64), repeat=int(arg))
             print('ok', flush=True)
+        elif command == 'pace':
+            runs, every_ms = arg.split()
+            pacer = _Pacer(program, int(runs), float(every_ms) / 1000)
+            print('ok', flush=True)
+        elif command == 'count':
+            print(f'ok {pacer.runs if pacer else 0}', flush=True)
+        elif command == 'stop':
+            print(f'ok {pacer.stop() if pacer else 0}', flush=True)
+            pacer = None
+        elif command == 'map':
+            fd = map_create(MAP_HASH, f'{prefix}_new'[:15], 4, 8, 16)
+            held[libbpf.map_info(fd).id] = fd
+            print(f'ok {libbpf.map_info(fd).id}', flush=True)
+        elif command == 'hold':
+            held[int(arg)] = libbpf.fd_by_id('map', int(arg))
+            print('ok', flush=True)
+        elif command == 'release':
+            os.close(held.pop(int(arg)))
+            print('ok', flush=True)
+        elif command == 'fork':
+            ready_read, ready_write = os.pipe()
+            child = os.fork()
+            if child == 0:  # keeps every fd, renames itself, sleeps until killed
+                ctypes.CDLL(None).prctl(15, arg.encode(), 0, 0, 0)
+                os.write(ready_write, b'.')
+                while True:
+                    time.sleep(60)
+            os.read(ready_read, 1)  # renamed: whoever looks sees its new name
+            os.close(ready_read)
+            os.close(ready_write)
+            print(f'ok {child}', flush=True)
+
+
+class _Pacer:
+    """Runs a program a number of times per period on a fixed schedule (a steady workload), in a thread."""
+
+    def __init__(self, program: int, runs: int, period: float):
+        self.runs = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(program, runs, period), daemon=True)
+        self._thread.start()
+
+    def _loop(self, program: int, runs: int, period: float) -> None:
+        deadline = time.monotonic()
+        while not self._stopping.is_set():
+            libbpf.prog_test_run(program, bytes(64), repeat=runs)
+            self.runs += runs
+            deadline += period
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                self._stopping.wait(delay)
+
+    def stop(self) -> int:
+        self._stopping.set()
+        self._thread.join()
+        return self.runs
 
 
 if __name__ == '__main__':
-    _serve()
+    _serve(sys.argv[1] if len(sys.argv) > 1 else OWNER_COMM)

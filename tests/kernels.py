@@ -36,6 +36,11 @@ class Kernel:
     # Debian's perf_event_paranoid level 3 lets CAP_PERFMON open perf events (which tracepoints and
     # kprobes attach through) from 6.x; Debian 11's 5.10 patch lets only CAP_SYS_ADMIN.
     perfmon_opens_perf_events: bool = True
+    program_iterator: bool = True  # iter/bpf_prog (5.9+): programs read in one pass
+    # bpf_map_lookup_percpu_elem (5.19+): the program iterator sums the per-CPU run-time counters.
+    run_counters_in_iterator: bool = True
+    # bpf_link_info's missed counts for kprobe perf links and kprobe_multi links (6.7+).
+    kprobe_link_missed: bool = False
 
 
 KNOWN: dict[str, Kernel] = {
@@ -47,6 +52,7 @@ KNOWN: dict[str, Kernel] = {
         core_hooks=(TP_BTF,),
         bcc_hooks=(RAW_TP,),
         entry_counting='iterator',
+        kprobe_link_missed=True,  # in bpf_link_info, though this kernel has no kprobes to count
     ),
     # Debian 12: the full tracepoint backported in 6.1.130; kprobes; no kfunc (6.6).
     '6.1.0-56-amd64': Kernel(
@@ -79,6 +85,7 @@ KNOWN: dict[str, Kernel] = {
         maps_of_maps_counting='get_next_key',
         for_each=False,
         perfmon_opens_perf_events=False,
+        run_counters_in_iterator=False,  # no bpf_map_lookup_percpu_elem (5.19)
     ),
     # Debian 13: the full tracepoint, kprobes, and the kfunc (6.6).
     '6.12.118+deb13-amd64': Kernel(
@@ -88,6 +95,7 @@ KNOWN: dict[str, Kernel] = {
         core_hooks=(TP_BTF, KPROBE),
         bcc_hooks=(RAW_TP, KPROBE),
         entry_counting='iterator',
+        kprobe_link_missed=True,  # 6.7+: kprobe links say the runs they missed
     ),
 }
 

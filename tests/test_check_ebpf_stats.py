@@ -2,6 +2,8 @@
 # Licensed under a 3-clause BSD style license (see LICENSE)
 """The check's eBPF stats metrics for objects we made, against the kernel and bpftool."""
 
+import time
+
 import pytest
 
 from datadog_checks.base import AgentCheck
@@ -14,6 +16,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
 ME = OWNER_COMM
 INSTANCE = {'collect_oom_kill': False, 'tags': ['team:kernel']}
+# Run-time statistics on all the time: exact counts, to compare with bpftool and known numbers of runs.
+HELD = {**INSTANCE, 'program_runtime_sampling': 1}
 
 
 @pytest.fixture(scope='module')
@@ -25,6 +29,8 @@ def objects():
 
 def run_twice(dd_run_check, aggregator, check, between=None):
     dd_run_check(check)
+    # libbpf's feature probes at load leave maps the kernel frees an RCU grace period later.
+    time.sleep(0.5)
     if between:
         between()
     aggregator.reset()
@@ -32,7 +38,7 @@ def run_twice(dd_run_check, aggregator, check, between=None):
 
 
 def test_maps_and_programs_we_made_are_reported_with_bpftools_figures(dd_run_check, aggregator, objects):
-    check = EbpfProbeCheck('ebpf_probe', {}, [INSTANCE])
+    check = EbpfProbeCheck('ebpf_probe', {}, [HELD])
     try:
         run_twice(dd_run_check, aggregator, check, between=lambda: objects.run_program(1000))
         shown_maps = {m['id']: m for m in bpftool('map', 'show')}
@@ -71,9 +77,8 @@ def test_maps_and_programs_we_made_are_reported_with_bpftools_figures(dd_run_che
 
         # The check's own iterators are there too, marked as its own.
         own = [m for m in aggregator.metrics('ebpf_probe.program.instances') if 'ebpf_probe_self:true' in m.tags]
-        iterators = {'iter/bpf_map': 'map_entries', 'iter/bpf_map_elem': 'map_elements', 'iter/task_file': 'bpf_owners'}
-        assert {t for m in own for t in m.tags if t.startswith('program_name:')} >= {
-            f'program_name:{iterators[hook]}' for hook in check._ebpf_stats.probe.hooks if hook in iterators
+        assert {t for m in own for t in m.tags if t.startswith('program_name:')} == {
+            f'program_name:{program}' for program in check._ebpf_stats.probe._iters
         }
 
         # Totals count every object bpftool lists.
@@ -166,3 +171,77 @@ def test_without_the_iterators_the_rest_works_and_the_check_says_so_once(
         aggregator.assert_metric('ebpf_probe.map.entries', value=big.entries, tags=tags)
     finally:
         check.cancel()
+
+
+def paced_interval(check, dd_run_check, aggregator, objects, seconds):
+    """Two runs `seconds` apart while the fixture runs its program at a steady rate: the runs made between them."""
+    dd_run_check(check)
+    before = objects.paced_runs()
+    time.sleep(seconds)
+    aggregator.reset()
+    dd_run_check(check)
+    return objects.paced_runs() - before
+
+
+def program_series(aggregator, objects, metric):
+    tags = [f'program_name:{objects.program_name}', 'program_type:socket_filter', f'owner:{ME}', 'team:kernel']
+    return [m.value for m in aggregator.metrics(f'ebpf_probe.program.{metric}') if m.tags == tags]
+
+
+def test_run_time_at_defaults_is_there_and_matches_a_steady_workload(dd_run_check, aggregator, objects):
+    """Statistics on for 5% of the interval (the default), the figures scaled to all of it."""
+    check = EbpfProbeCheck('ebpf_probe', {}, [{**INSTANCE, 'min_collection_interval': 2}])
+    objects.start_pacing(20, 5)  # 4,000 runs a second, steadily (light enough for an emulated CPU)
+    try:
+        made = paced_interval(check, dd_run_check, aggregator, objects, 2.0)
+        probe = check._ebpf_stats.probe
+        if probe.run_time_source == 'external':
+            pytest.skip('another process turned statistics on meanwhile: the counts are raw, not sampled')
+        assert probe.run_time_source == 'sampled'
+        assert probe.statistics_windows == 1  # one window of 0.1 s, right after the first run
+        [runs] = program_series(aggregator, objects, 'run_count')
+        [run_time] = program_series(aggregator, objects, 'run_time')
+        [average] = program_series(aggregator, objects, 'average_run_time')
+        [cpu] = program_series(aggregator, objects, 'cpu_usage')
+        # A 0.1 s sample of a 2 s interval of 5 ms batches: within the sampling error of the method.
+        assert runs == pytest.approx(made, rel=0.25)
+        assert average == pytest.approx(run_time / runs, rel=0.01)
+        assert cpu == pytest.approx(100 * run_time / 2e9, rel=0.25)
+    finally:
+        objects.stop_pacing()
+        check.cancel()
+
+
+def test_collect_program_runtime_false_never_turns_statistics_on(dd_run_check, aggregator, objects):
+    check = EbpfProbeCheck('ebpf_probe', {}, [{**INSTANCE, 'collect_program_runtime': False}])
+    try:
+        dd_run_check(check)
+        before = objects.program_run_count()
+        objects.run_program(1000)
+        time.sleep(0.2)
+        dd_run_check(check)
+        if objects.program_run_count() != before and objects.statistics_on_elsewhere():
+            pytest.skip('another process holds BPF statistics on')
+        assert objects.program_run_count() == before  # the kernel never counted: no statistics, no tax
+        assert aggregator.metrics('ebpf_probe.program.run_count') == []
+        assert check._ebpf_stats.probe.statistics_windows == 0
+    finally:
+        check.cancel()
+
+
+@pytest.mark.parametrize('sampling', [0.05, 1])
+def test_the_sampling_option_reaches_the_probe(dd_run_check, sampling):
+    check = EbpfProbeCheck('ebpf_probe', {}, [{**INSTANCE, 'program_runtime_sampling': sampling}])
+    try:
+        dd_run_check(check)
+        hook = check._ebpf_stats.probe.hooks[0]
+        assert hook == ('BPF_ENABLE_STATS' if sampling == 1 else 'BPF_ENABLE_STATS 5% of the time')
+    finally:
+        check.cancel()
+
+
+@pytest.mark.parametrize('sampling', [0, 1.5, 'half'])
+def test_a_wrong_sampling_is_a_configuration_error(dd_run_check, sampling):
+    check = EbpfProbeCheck('ebpf_probe', {}, [{**INSTANCE, 'program_runtime_sampling': sampling}])
+    with pytest.raises(Exception, match='program_runtime_sampling'):
+        dd_run_check(check)

@@ -156,7 +156,8 @@ def test_json_lists_every_program_and_map_bpftool_lists(tmp_path):
     try:
         programs, maps = bpftool('prog', 'show'), bpftool('map', 'show')
         conf = tmp_path / 'conf.yaml'
-        conf.write_text('instances:\n  - collect_oom_kill: false\n')
+        # Run-time statistics held all along: the run count is exact, comparable with the runs made.
+        conf.write_text('instances:\n  - collect_oom_kill: false\n    program_runtime_sampling: 1\n')
         proc = subprocess.Popen(
             [EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', '2000', '-l', 'info', '-c', str(conf)],
             stdout=subprocess.PIPE,
@@ -168,7 +169,10 @@ def test_json_lists_every_program_and_map_bpftool_lists(tmp_path):
             [loaded] = [line for line in lines if 'Loaded the ebpf_stats probe' in line]
             kernel = kernels.current()
             if kernel is not None and kernel.entry_counting == 'iterator':
-                assert 'with BPF_ENABLE_STATS, iter/bpf_map, iter/task_file' in loaded
+                assert (
+                    'with BPF_ENABLE_STATS, iter/bpf_prog, iter/bpf_map, iter/task_file, bpf_map_sum_elem_count'
+                    in loaded
+                )
             else:
                 assert 'with BPF_ENABLE_STATS, ' in loaded and 'iter/task_file' in loaded
             objects.run_program(500)  # during the pause, between the two runs

@@ -18,6 +18,7 @@ from datadog_checks.ebpf_probe.ebpf_stats.metrics import (
     StatsMetrics,
     owner_label,
 )
+from datadog_checks.ebpf_probe.ebpf_stats.records import ALWAYS_COUNTED
 
 pytestmark = pytest.mark.unit
 
@@ -79,8 +80,9 @@ def bpf_map(id, name='map', type='hash', *, owners=(TOOL,), pinned=False, **over
     return MapRecord(**fields)
 
 
-def snapshot(t, programs=(), maps=(), run_time_stats=True) -> EbpfSnapshot:
-    return EbpfSnapshot(t, list(programs), list(maps), run_time_stats)
+def snapshot(t, programs=(), maps=(), run_time_stats=True, run_time=ALWAYS_COUNTED) -> EbpfSnapshot:
+    """run_time_stats False: statistics not collected; run_time: how much of the interval they counted."""
+    return EbpfSnapshot(t, list(programs), list(maps), run_time if run_time_stats else None)
 
 
 def stats_metrics(**options) -> StatsMetrics:

@@ -96,7 +96,11 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             max_maps=given(config.max_maps_reported),
             run_time=given(config.collect_program_runtime),
         )
-        stats_options = EbpfStatsOptions(collect_program_runtime=given(config.collect_program_runtime))
+        stats_options = EbpfStatsOptions(
+            collect_program_runtime=given(config.collect_program_runtime),
+            runtime_sampling=float(given(config.program_runtime_sampling)),
+            interval=float(config.min_collection_interval or 15),
+        )
         retry = float(given(config.load_retry_max_interval))
         self._cardinality = self._tag_cardinality()
         self._report_unknown_options()
@@ -243,10 +247,11 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
 
     def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> int:
         assert self._stats_metrics is not None
+        instance_tags = tuple(self._tags)
         points = self._stats_metrics.points(probe.snapshot())
         for point in points:
             submit = self.count if point.type == COUNT else self.gauge
-            submit(point.metric, point.value, tags=[*point.tags, *self._tags])
+            submit(point.metric, point.value, tags=point.tags + instance_tags)
         return len(points)
 
     def _submit_oom_kills(self, kills: list[OOMKill]) -> None:

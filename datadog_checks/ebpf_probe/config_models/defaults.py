@@ -49,11 +49,11 @@ def instance_max_buffered_oom_kills():
 
 
 def instance_max_maps_reported():
-    return 500
+    return 200
 
 
 def instance_max_programs_reported():
-    return 500
+    return 200
 
 
 def instance_min_collection_interval():
@@ -62,3 +62,7 @@ def instance_min_collection_interval():
 
 def instance_mount_tracefs():
     return True
+
+
+def instance_program_runtime_sampling():
+    return 0.05

@@ -52,6 +52,7 @@ class InstanceConfig(BaseModel):
     mount_tracefs: Optional[bool] = None
     program_name_exclude: Optional[tuple[str, ...]] = None
     program_name_include: Optional[tuple[str, ...]] = None
+    program_runtime_sampling: Optional[float] = Field(None, ge=0.001, le=1.0)
     service: Optional[str] = None
     tags: Optional[tuple[str, ...]] = None
 

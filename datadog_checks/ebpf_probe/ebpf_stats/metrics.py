@@ -9,14 +9,18 @@ one tool) are summed into one series, with `instances` saying how many.
 Patterns and a per-kind limit cap the rest; totals always count everything.
 Run time and run counts are submitted as counts of what happened since the
 previous run (the deltas are kept per program id, so a program that comes or
-goes between runs never makes a series jump).
+goes between runs never makes a series jump). When the kernel counted only a
+share of the interval (statistics on for a window of it), run time and run
+counts are scaled to the whole interval; recursion and kprobe misses are
+counted by the kernel all the time and never scaled.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from datadog_checks.ebpf_probe.formatting import tag
 
@@ -27,8 +31,7 @@ COUNT = 'count'
 SELF_TAG = 'ebpf_probe_self:true'
 
 
-@dataclass(frozen=True)
-class Point:
+class Point(NamedTuple):
     metric: str  # without the ebpf_probe. namespace
     type: str  # GAUGE or COUNT
     value: float
@@ -56,8 +59,8 @@ class MetricOptions:
     exclude_own_objects: bool = False
     programs: NamePatterns = NamePatterns()
     maps: NamePatterns = NamePatterns()
-    max_programs: int = 500
-    max_maps: int = 500
+    max_programs: int = 200
+    max_maps: int = 200
     run_time: bool = True
 
 
@@ -68,136 +71,193 @@ def owner_label(owners: Sequence[Owner], pinned: bool) -> str:
     return 'pinned' if pinned else 'kernel'
 
 
-@dataclass
-class _Group:
-    tags: tuple[str, ...]
-    members: list = field(default_factory=list)
+# program id -> run time (ns), run count, recursion misses, kprobe misses (None: not a kprobe)
+Counters = tuple[int, int, int, int | None]
 
 
 class StatsMetrics:
-    """Turns successive snapshots into points, keeping what it needs between runs (program counters)."""
+    """Turns successive snapshots into points, keeping what it needs between runs (program counters).
+
+    Thousands of objects come back every run: tags are made once per name (and kept while the name
+    is seen), and once per set of owners within a run.
+    """
 
     def __init__(self, options: MetricOptions):
         self.options = options
-        self._previous: dict[int, tuple[int, int, int]] = {}  # program id -> run_time_ns, run_count, misses
+        self._previous: dict[int, Counters] = {}
         self._previous_time: float | None = None
+        self._tags: dict[tuple[str, str], str] = {}  # (key, value) -> safe tag, for the names seen last run
+        self._tags_used: dict[tuple[str, str], str] = {}
+        self._owner_tags: dict[tuple[int, bool], tuple[tuple[str, ...], bool]] = {}  # within one run
+        # kind -> object id -> (what its tags depend on, totals tags, series tags or None), kept while seen
+        self._series: dict[str, dict[int, tuple]] = {}
+        self._series_used: dict[str, dict[int, tuple]] = {}
 
-    def _is_own(self, owners: Sequence[Owner]) -> bool:
-        return any(o.pid == self.options.own_pid for o in owners)
+    def _tag(self, key: str, value: str) -> str:
+        """tag(), remembered from one run to the next."""
+        cache_key = (key, value)
+        text = self._tags.get(cache_key)
+        if text is None:
+            text = tag(key, value)
+        self._tags_used[cache_key] = text
+        return text
 
-    def _base_tags(self, owners: Sequence[Owner], pinned: bool) -> list[str]:
-        tags = [tag('owner', owner_label(owners, pinned))]
-        if self._is_own(owners):
-            tags.append(SELF_TAG)
-        return tags
+    def _owner(self, owners: Sequence[Owner], pinned: bool) -> tuple[tuple[str, ...], bool]:
+        """(owner tags, whether the object is the check's own), once per tuple of owners in a run."""
+        key = (id(owners), pinned)  # the records, holding the tuples, outlive the run's cache
+        found = self._owner_tags.get(key)
+        if found is None:
+            own = any(o.pid == self.options.own_pid for o in owners)
+            owner = self._tag('owner', owner_label(owners, pinned))
+            found = self._owner_tags[key] = ((owner, SELF_TAG) if own else (owner,), own)
+        return found
 
     def points(self, snapshot: EbpfSnapshot) -> list[Point]:
         interval = None if self._previous_time is None else snapshot.timestamp - self._previous_time
         deltas = self._deltas(snapshot.programs)
         self._previous_time = snapshot.timestamp
-        points: list[Point] = []
-        points += self._totals('programs', 'program_type', snapshot.programs)
-        points += self._totals('maps', 'map_type', snapshot.maps)
-        points += self._program_points(snapshot.programs, deltas, interval, snapshot.run_time_stats)
-        points += self._map_points(snapshot.maps)
+        scale = snapshot.run_time.scale if snapshot.run_time is not None else None
+        try:
+            programs = self._groups(
+                snapshot.programs, 'programs', 'program_name', 'program_type', self.options.programs
+            )
+            maps = self._groups(snapshot.maps, 'maps', 'map_name', 'map_type', self.options.maps)
+            points = programs[0] + maps[0]
+            points += self._program_points(programs[1], deltas, interval, scale)
+            points += self._map_points(maps[1])
+        finally:
+            self._tags, self._tags_used = self._tags_used, {}
+            self._series, self._series_used = self._series_used, {}
+            self._owner_tags = {}
         return points
 
-    def _deltas(self, programs: list[ProgramRecord]) -> dict[int, tuple[int, int, int]]:
+    def _deltas(self, programs: list[ProgramRecord]) -> dict[int, Counters]:
         deltas = {}
         current = {}
+        previous = self._previous
         for p in programs:
-            now = (p.run_time_ns, p.run_count, p.recursion_misses)
+            now = (p.run_time_ns, p.run_count, p.recursion_misses, p.kprobe_misses)
             current[p.id] = now
-            before = self._previous.get(p.id)
+            before = previous.get(p.id)
             if before is not None:
                 # A counter going backwards (reset) counts as no progress, never negative.
-                deltas[p.id] = (max(0, now[0] - before[0]), max(0, now[1] - before[1]), max(0, now[2] - before[2]))
+                kprobe = None
+                if now[3] is not None and before[3] is not None:
+                    kprobe = max(0, now[3] - before[3])
+                deltas[p.id] = (
+                    max(0, now[0] - before[0]),
+                    max(0, now[1] - before[1]),
+                    max(0, now[2] - before[2]),
+                    kprobe,
+                )
         self._previous = current
         return deltas
 
-    def _totals(self, kind: str, type_key: str, records: Sequence[ProgramRecord] | Sequence[MapRecord]) -> list[Point]:
+    def _groups(self, records, kind: str, name_key: str, type_key: str, patterns: NamePatterns):
+        """(totals points, series): totals by type and owner count every object; series (name, type and
+        owner -> members) only those the patterns and exclude_own_objects let through."""
         totals: dict[tuple[str, ...], list[int]] = {}
+        groups: dict[tuple[str, ...], list] = {}
+        filtered = bool(patterns.include or patterns.exclude)
+        exclude_own = self.options.exclude_own_objects
+        seen, used = self._series.get(kind, {}), {}
         for r in records:
-            tags = (tag(type_key, r.type), *self._base_tags(r.owners, r.pinned))
-            total = totals.setdefault(tags, [0, 0])
+            # What an object's tags depend on; the same as last run for almost every object.
+            key = (r.name, r.type, r.owners, r.pinned)
+            cached = seen.get(r.id)
+            if cached is None or cached[0] != key:
+                owner_tags, own = self._owner(r.owners, r.pinned)
+                type_tag = self._tag(type_key, r.type)
+                series = None
+                if not (exclude_own and own) and not (filtered and not patterns.allows(r.name)):
+                    series = (self._tag(name_key, r.name), type_tag, *owner_tags)
+                cached = (key, (type_tag, *owner_tags), series)
+            used[r.id] = cached
+            _, total_tags, series = cached
+            total = totals.get(total_tags)
+            if total is None:
+                total = totals[total_tags] = [0, 0]
             total[0] += 1
             total[1] += r.memory_bytes or 0
+            if series is not None:
+                members = groups.get(series)
+                if members is None:
+                    groups[series] = [r]
+                else:
+                    members.append(r)
+        self._series_used[kind] = used
         points = []
         for tags, (count, memory) in sorted(totals.items()):
             points.append(Point(f'{kind}.total', GAUGE, count, tags))
             points.append(Point(f'{kind}.memory', GAUGE, memory, tags))
-        return points
+        return points, groups
 
-    def _reported(self, records, patterns: NamePatterns):
-        return [
-            r
-            for r in records
-            if patterns.allows(r.name) and not (self.options.exclude_own_objects and self._is_own(r.owners))
-        ]
-
-    def _group(self, records, name_key: str, type_key: str) -> list[_Group]:
-        groups: dict[tuple[str, ...], _Group] = {}
-        for r in records:
-            name_tag, type_tag = tag(name_key, r.name), tag(type_key, r.type)
-            tags = (name_tag, type_tag, *self._base_tags(r.owners, r.pinned))
-            groups.setdefault(tags, _Group(tags)).members.append(r)
-        return list(groups.values())
+    @staticmethod
+    def _top(groups: dict[tuple[str, ...], list], limit: int, cost) -> tuple[list, int]:
+        """(the `limit` costliest groups, how many objects the others hold); ranked only when some must go."""
+        if len(groups) <= limit:
+            return list(groups.items()), 0
+        ranked = sorted(groups.items(), key=cost)
+        return ranked[:limit], sum(len(members) for _, members in ranked[limit:])
 
     def _program_points(
         self,
-        programs: list[ProgramRecord],
-        deltas: dict[int, tuple[int, int, int]],
+        groups: dict[tuple[str, ...], list[ProgramRecord]],
+        deltas: dict[int, Counters],
         interval: float | None,
-        run_time_stats: bool,
+        scale: float | None,
     ) -> list[Point]:
-        reported = self._reported(programs, self.options.programs)
-        groups = self._group(reported, 'program_name', 'program_type')
+        def cost(item: tuple[tuple[str, ...], list[ProgramRecord]]) -> tuple:
+            tags, members = item
+            run_time = sum(deltas[p.id][0] for p in members if p.id in deltas)
+            return (-run_time, -sum(p.memory_bytes or 0 for p in members), tags)
 
-        def cost(group: _Group) -> tuple:
-            run_time = sum(deltas.get(p.id, (0, 0, 0))[0] for p in group.members)
-            return (-run_time, -sum(p.memory_bytes or 0 for p in group.members), group.tags)
-
-        groups.sort(key=cost)
-        kept = groups[: self.options.max_programs]
-        unreported = sum(len(g.members) for g in groups[self.options.max_programs :])
+        kept, unreported = self._top(groups, self.options.max_programs, cost)
         points = [Point('programs.unreported', GAUGE, unreported, ())]
-        with_run_time = self.options.run_time and run_time_stats
-        for group in kept:
-            members: list[ProgramRecord] = group.members
-            tags = group.tags
+        with_run_time = self.options.run_time and scale is not None
+        for tags, members in kept:
+            translated = jited = verified = memory = 0
+            memory_known = True
+            for p in members:
+                translated += p.translated_bytes
+                jited += p.jited_bytes
+                verified += p.verified_instructions
+                if p.memory_bytes is None:
+                    memory_known = False
+                else:
+                    memory += p.memory_bytes
             points.append(Point('program.instances', GAUGE, len(members), tags))
-            points.append(Point('program.translated_size', GAUGE, sum(p.translated_bytes for p in members), tags))
-            points.append(Point('program.jited_size', GAUGE, sum(p.jited_bytes for p in members), tags))
-            points.append(
-                Point('program.verified_instructions', GAUGE, sum(p.verified_instructions for p in members), tags)
-            )
-            if all(p.memory_bytes is not None for p in members):
-                points.append(Point('program.memory', GAUGE, sum(p.memory_bytes or 0 for p in members), tags))
-            if not with_run_time:
-                continue
+            points.append(Point('program.translated_size', GAUGE, translated, tags))
+            points.append(Point('program.jited_size', GAUGE, jited, tags))
+            points.append(Point('program.verified_instructions', GAUGE, verified, tags))
+            if memory_known:
+                points.append(Point('program.memory', GAUGE, memory, tags))
             known = [deltas[p.id] for p in members if p.id in deltas]
             if not known:
                 continue  # first sight of these programs: nothing to compare with yet
-            run_time, run_count, misses = (sum(d[i] for d in known) for i in range(3))
+            kprobe_misses = [d[3] for d in known if d[3] is not None]
+            if kprobe_misses:
+                points.append(Point('program.kprobe_misses', COUNT, sum(kprobe_misses), tags))
+            if not with_run_time:
+                continue
+            assert scale is not None
+            counted_time, counted_runs = sum(d[0] for d in known), sum(d[1] for d in known)
+            run_time = round(counted_time * scale)
             points.append(Point('program.run_time', COUNT, run_time, tags))
-            points.append(Point('program.run_count', COUNT, run_count, tags))
-            points.append(Point('program.recursion_misses', COUNT, misses, tags))
-            if run_count:
-                points.append(Point('program.average_run_time', GAUGE, run_time / run_count, tags))
+            points.append(Point('program.run_count', COUNT, round(counted_runs * scale), tags))
+            points.append(Point('program.recursion_misses', COUNT, sum(d[2] for d in known), tags))
+            if counted_runs:
+                points.append(Point('program.average_run_time', GAUGE, counted_time / counted_runs, tags))
             if interval:
-                points.append(Point('program.cpu_usage', GAUGE, 100.0 * run_time / (interval * 1e9), tags))
+                points.append(Point('program.cpu_usage', GAUGE, 100.0 * counted_time * scale / (interval * 1e9), tags))
         return points
 
-    def _map_points(self, maps: list[MapRecord]) -> list[Point]:
-        reported = self._reported(maps, self.options.maps)
-        groups = self._group(reported, 'map_name', 'map_type')
-        groups.sort(key=lambda g: (-sum(m.memory_bytes or 0 for m in g.members), g.tags))
-        kept = groups[: self.options.max_maps]
-        unreported = sum(len(g.members) for g in groups[self.options.max_maps :])
+    def _map_points(self, groups: dict[tuple[str, ...], list[MapRecord]]) -> list[Point]:
+        kept, unreported = self._top(
+            groups, self.options.max_maps, lambda item: (-sum(m.memory_bytes or 0 for m in item[1]), item[0])
+        )
         points = [Point('maps.unreported', GAUGE, unreported, ())]
-        for group in kept:
-            members: list[MapRecord] = group.members
-            tags = group.tags
+        for tags, members in kept:
             points.append(Point('map.instances', GAUGE, len(members), tags))
             points.append(Point('map.max_entries', GAUGE, sum(m.max_entries for m in members), tags))
             if all(m.memory_bytes is not None for m in members):

@@ -3,19 +3,22 @@
 """The eBPF stats probe: every program and map on the host, with owners and entry counts.
 
 Same life cycle as the OOM-kill probe: a factory loads it (its BPF iterators, CO-RE),
-snapshot() returns typed records, close() releases everything, including the
-BPF_ENABLE_STATS fd that keeps run-time statistics on.
+snapshot() returns typed records, close() releases everything, including the thread that turns
+run-time statistics on for a window of each interval.
 
-Programs and maps are enumerated the way bpftool does it (get-next-id, fd by id, info by
-fd, close at once; an object gone meanwhile is skipped). Entry counts come from one pass of
-an iter/bpf_map program calling the bpf_map_sum_elem_count kfunc (6.6+): the cost grows
-with the number of maps, not with their entries. Without it, each hash-family map is
-counted on its own (entries.py).
+What a run costs, and why it stays small on busy hosts:
+- the inventory: one pass of an iter/bpf_prog and of an iter/bpf_map program gives every
+  object's fields and the hash maps' entry counts (bpf_map_sum_elem_count, 6.6+), with no file
+  descriptor per object; object by object (bpftool's way) only where the kernel lacks them
+  (inventory.py, entries.py);
+- owners: the walk of every file descriptor of every process is made only when an object is new,
+  a holder exited or references to an object changed (owners.py);
+- run time: statistics are on for a share of each interval only, and the figures scaled
+  (runtime.py); links are read for kprobe misses (links.py).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
@@ -25,39 +28,64 @@ from dataclasses import dataclass
 
 from datadog_checks.ebpf_probe.kernel import libbpf, requirements
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
+from datadog_checks.ebpf_probe.kernel.features import kprobe_support
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
-from datadog_checks.ebpf_probe.kernel.uapi import BPF_OBJ_NAME_LEN
 from datadog_checks.ebpf_probe.resources import bpf_file
 
-from .entries import COUNTED_MAP_TYPES, ELEMENT_ITERATOR, FOR_EACH, EntryCounter, Walk
+from .entries import ELEMENT_ITERATOR, FOR_EACH, EntryCounter, Walk
+from .inventory import Inventory
+from .links import Links, kernel_counts_kprobe_misses
 from .owners import (
     OWNED_LINK,
     OWNED_MAP,
     OWNED_PROG,
+    OwnerTracker,
     PinnedObjects,
-    fdinfo,
     owner_records_from_iterator,
     owner_records_from_proc,
 )
-from .records import EbpfSnapshot, MapRecord, Owner, ProgramRecord
+from .records import EbpfSnapshot, MapRecord, Owner, ProgramRecord, RunTimeCoverage
+from .runtime import Counters, HeldStats, RunTimeSampler
 
 STATS_OBJECT = 'ebpf_stats.bpf.o'
 MAP_COUNT_OBJECT = 'map_count.bpf.o'
-# The programs of STATS_OBJECT, and the names the probe shows them by.
-ITERATORS = {'map_entries': 'iter/bpf_map', 'map_elements': 'iter/bpf_map_elem', 'bpf_owners': 'iter/task_file'}
-MAP_ENTRIES_RECORD = struct.Struct('<IIq')  # struct map_entries_record (bpf/ebpf_stats.h)
+# The programs of STATS_OBJECT, and the hooks the probe shows them by.
+ITERATORS = {
+    'list_programs': 'iter/bpf_prog',
+    'program_stats': 'iter/bpf_prog',
+    'list_maps_count': 'iter/bpf_map',
+    'list_maps': 'iter/bpf_map',
+    'map_elements': 'iter/bpf_map_elem',
+    'bpf_owners': 'iter/task_file',
+}
+# Loaded only if the whole object cannot be: the inventory iterators are the newest part.
+INVENTORY_PROGRAMS = ('list_programs', 'program_stats', 'list_maps_count', 'list_maps')
+MAX_CPUS = 1024  # bpf/ebpf_stats.bpf.c: the CPUs whose run-time counters the iterator sums
+DEFAULT_SAMPLED_FRACTION = 0.05
+DEFAULT_INTERVAL = 15.0
 
 
 @dataclass(frozen=True)
 class EbpfStatsOptions:
     collect_program_runtime: bool = True
-    # Tests only: leave out some counting programs (of ITERATORS, and 'map_count') to exercise the fallbacks.
+    # Share of each interval run-time statistics are on (the rest is scaled); 1: always on, exact.
+    runtime_sampling: float = DEFAULT_SAMPLED_FRACTION
+    interval: float = DEFAULT_INTERVAL  # seconds between snapshots expected (the check's min_collection_interval)
+    # Tests only: leave out some programs (of ITERATORS, and 'map_count') to exercise the fallbacks.
     disabled_iterators: frozenset[str] = frozenset()
 
 
-def _memlock(fd: int) -> int | None:
-    value = fdinfo(fd).get('memlock')
-    return int(value) if value and value.isdigit() else None
+def contiguous_possible_cpus(path: str = '/sys/devices/system/cpu/possible') -> int | None:
+    """n when the possible CPUs are 0..n-1 (the iterator sums counters over those), else None."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    low, _, high = text.partition('-')
+    if ',' in text or not low.isdigit() or int(low) != 0:
+        return None
+    return int(high or low) + 1
 
 
 class EbpfStatsProbe:
@@ -66,20 +94,25 @@ class EbpfStatsProbe:
     variant = 'co-re'
     core_error: str | None = None
 
-    def __init__(self, options: EbpfStatsOptions):
+    def __init__(self, options: EbpfStatsOptions, log: logging.Logger | logging.LoggerAdapter):
         self._options = options
+        self._log = log
         self._lock = threading.Lock()
         self._obj: libbpf.BpfObject | None = None
-        self._map_iter: libbpf.Link | None = None
-        self._owner_iter: libbpf.Link | None = None
-        self._stats_fd: int | None = None
-        self._names: dict[tuple[int, str], str] = {}  # (id, tag) -> full name
+        self._iters: dict[str, libbpf.Link] = {}
+        self._run_time: HeldStats | RunTimeSampler | None = None
         self.hooks: list[str] = []
         self.rejected_hooks: dict[str, str] = {}
         # What works in a degraded way, said once by the check (some are learnt while running).
         self.limitations: list[str] = []
         self._counter = EntryCounter({}, {})
         self._for_each_unavailable = ''  # why bpf_for_each_map_elem cannot count here
+        self._nr_cpus = 0  # CPUs whose run-time counters the program iterator sums; 0: read per program
+        self._inventory = Inventory(self._counter)
+        self._links = Links(count_misses=False)
+        self._owners = OwnerTracker(self._scan_owners, os.getpid(), log)
+        self._run_time_error_said = False
+        self._run_time_source: str | None = None  # how the last snapshot's run time was counted (RunTimeCoverage)
 
     @classmethod
     def load(cls, options: EbpfStatsOptions, log: logging.Logger | logging.LoggerAdapter) -> EbpfStatsProbe:
@@ -89,57 +122,104 @@ class EbpfStatsProbe:
                 'missing capability CAP_SYS_ADMIN: listing every eBPF program and map on the host needs it '
                 '(the kernel allows BPF_*_GET_NEXT_ID only with CAP_SYS_ADMIN)'
             )
-        probe = cls(options)
+        probe = cls(options, log)
         try:
-            probe._load(log)
+            probe._load()
         except BaseException:
             probe.close()
             raise
         return probe
 
-    def _load(self, log: logging.Logger | logging.LoggerAdapter) -> None:
-        if self._options.collect_program_runtime:
-            try:
-                self._stats_fd = libbpf.enable_stats()
-                self.hooks.append('BPF_ENABLE_STATS')
-            except libbpf.LibbpfError as e:
-                self.limitations.append(f'program run time is not collected: BPF_ENABLE_STATS failed: {e}')
+    def _load(self) -> None:
         wanted = self._iterator_plan()
         path = bpf_file(STATS_OBJECT)
         if any(wanted.values()) and not path.exists():
             self.limitations.append(f'the BPF iterators are not loaded: {path} is missing (build it with make bpf)')
             wanted = dict.fromkeys(wanted, False)
         if any(wanted.values()):
-            try:
-                obj = libbpf.BpfObject(str(path))
-                self._obj = obj
-                for program, want in wanted.items():
-                    obj.set_autoload(program, want)
-                obj.load()
-                if wanted['map_entries']:
-                    self._map_iter = obj.attach_iter('map_entries')
-                if wanted['bpf_owners']:
-                    self._owner_iter = obj.attach_iter('bpf_owners')
-                self.hooks += [ITERATORS[program] for program, want in wanted.items() if want]
-            except (libbpf.LibbpfError, OSError) as e:
-                log.debug('eBPF stats iterators failed to load', exc_info=True)
-                self._close_object()
-                wanted = dict.fromkeys(wanted, False)
-                self.limitations.append(
-                    f'the BPF iterators could not be loaded ({e}): map entries are counted map by map and owners '
-                    'read from /proc'
-                )
+            wanted = self._load_iterators(wanted)
         walks: dict[str, Walk] = {}
         unavailable: dict[str, str] = {}
         if wanted['map_elements']:
             walks[ELEMENT_ITERATOR] = self._walk_elements
-        else:
+        elif not wanted['list_maps_count']:  # with the kfunc, no map needs walking
             unavailable[ELEMENT_ITERATOR] = self.rejected_hooks.get(ITERATORS['map_elements'], 'not loaded')
         if self._for_each_unavailable:
             unavailable[FOR_EACH] = self._for_each_unavailable
         else:
             walks[FOR_EACH] = self._walk_for_each
         self._counter = EntryCounter(walks, unavailable)
+        iters = self._iters
+        self._inventory = Inventory(
+            self._counter,
+            iters.get('list_programs'),
+            iters.get('list_maps_count') or iters.get('list_maps'),
+            iters.get('program_stats') if self._nr_cpus else None,
+            run_counters=self._options.collect_program_runtime,
+        )
+        if self._options.collect_program_runtime:
+            self._start_run_time()
+
+    def _load_iterators(self, wanted: dict[str, bool]) -> dict[str, bool]:
+        """Load what is wanted; if that fails, the same without the inventory iterators, then nothing."""
+        attempts = [wanted]
+        if any(wanted[p] for p in INVENTORY_PROGRAMS):
+            attempts.append({p: want and p not in INVENTORY_PROGRAMS for p, want in wanted.items()})
+        errors = []
+        for attempt in attempts:
+            if not any(attempt.values()):
+                break
+            try:
+                obj = libbpf.BpfObject(str(bpf_file(STATS_OBJECT)))
+                self._obj = obj
+                for program, want in attempt.items():
+                    obj.set_autoload(program, want)
+                obj.set_rodata({'nr_cpus': struct.pack('<I', self._nr_cpus)})
+                obj.load()
+                # map_elements is attached to one map at a time, when counting it.
+                self._iters = {
+                    program: obj.attach_iter(program)
+                    for program, want in attempt.items()
+                    if want and program != 'map_elements'
+                }
+            except (libbpf.LibbpfError, OSError) as e:
+                self._log.debug('eBPF stats iterators failed to load', exc_info=True)
+                self._close_object()
+                errors.append(str(e))
+                continue
+            if attempt is not wanted:
+                for program in INVENTORY_PROGRAMS:
+                    self.rejected_hooks[ITERATORS[program]] = f'could not be loaded: {errors[0]}'
+                self.limitations.append(
+                    f'the iter/bpf_prog and iter/bpf_map iterators could not be loaded ({errors[0]}): programs and '
+                    'maps are read object by object'
+                )
+            self.hooks += sorted(
+                {ITERATORS[p] for p, want in attempt.items() if want}, key=list(ITERATORS.values()).index
+            )
+            if attempt.get('list_maps_count'):
+                self.hooks.append('bpf_map_sum_elem_count')
+            return attempt
+        self.limitations.append(
+            f'the BPF iterators could not be loaded ({"; ".join(errors)}): programs and maps are read object by '
+            'object, map entries counted map by map and owners read from /proc'
+        )
+        return dict.fromkeys(wanted, False)
+
+    def _start_run_time(self) -> None:
+        fraction = self._options.runtime_sampling
+        try:
+            if fraction >= 1:
+                self._run_time = HeldStats()
+                self.hooks.insert(0, 'BPF_ENABLE_STATS')
+            else:
+                os.close(libbpf.enable_stats())  # refused now rather than in the thread, later
+                self._run_time = RunTimeSampler(
+                    fraction, self._options.interval, self._inventory.run_counters, self._log
+                )
+                self.hooks.insert(0, f'BPF_ENABLE_STATS {fraction * 100:g}% of the time')
+        except libbpf.LibbpfError as e:
+            self.limitations.append(f'program run time is not collected: BPF_ENABLE_STATS failed: {e}')
 
     def _walk_elements(self, fd: int) -> int:
         assert self._obj is not None
@@ -157,47 +237,38 @@ class EbpfStatsProbe:
             obj.close()
 
     def _iterator_plan(self) -> dict[str, bool]:
-        """Which iterator programs to load: program -> wanted."""
+        """Which iterator programs to load: program -> wanted. Also what the kernel lacks, said once."""
         wanted = dict.fromkeys(ITERATORS, False)
         disabled = self._options.disabled_iterators
 
-        def reject(program: str, why: str) -> None:
-            self.rejected_hooks[ITERATORS[program]] = why
+        def reject(hook: str, why: str) -> None:
+            self.rejected_hooks.setdefault(hook, why)
 
         if not has_vmlinux_btf():
             self._for_each_unavailable = 'the kernel has no BTF to tell whether it has bpf_for_each_map_elem'
-            for program in ITERATORS:
-                reject(program, 'the kernel has no BTF')
+            for hook in ITERATORS.values():
+                reject(hook, 'the kernel has no BTF')
             self.limitations.append(
-                'the kernel has no BTF: map entries are counted map by map and owners read from /proc'
+                'the kernel has no BTF: programs and maps are read object by object, map entries counted map by '
+                'map and owners read from /proc'
             )
             return wanted
         try:
             btf = Btf.open()
         except (OSError, ValueError) as e:
             self._for_each_unavailable = f'unreadable BTF: {e}'
-            for program in ITERATORS:
-                reject(program, f'unreadable BTF: {e}')
+            for hook in ITERATORS.values():
+                reject(hook, f'unreadable BTF: {e}')
             self.limitations.append(f'the kernel BTF is unreadable ({e}): maps are counted map by map')
             return wanted
         with btf:
-            if 'map_entries' in disabled:
-                reject('map_entries', 'disabled by the probe options')
-            elif not btf.has_function('bpf_map_sum_elem_count'):
-                reject('map_entries', 'the kernel has no bpf_map_sum_elem_count kfunc (6.6+)')
-                self.limitations.append(
-                    'the kernel has no bpf_map_sum_elem_count kfunc (6.6+): hash maps are counted map by map'
-                )
-            elif not btf.has_struct('bpf_iter__bpf_map'):
-                reject('map_entries', 'the kernel has no bpf_map iterator (5.8+)')
-            else:
-                wanted['map_entries'] = True
-            if wanted['map_entries']:
-                reject('map_elements', 'not needed: the kernel counts every map in one pass')
+            self._plan_inventory(btf, wanted, disabled, reject)
+            if wanted['list_maps_count']:
+                reject(ITERATORS['map_elements'], 'not needed: the kernel counts every map in one pass')
             elif 'map_elements' in disabled:
-                reject('map_elements', 'disabled by the probe options')
+                reject(ITERATORS['map_elements'], 'disabled by the probe options')
             elif not btf.has_struct('bpf_iter__bpf_map_elem'):
-                reject('map_elements', 'the kernel has no map element iterator (5.9+)')
+                reject(ITERATORS['map_elements'], 'the kernel has no map element iterator (5.9+)')
             else:
                 wanted['map_elements'] = True
             if not btf.has_function('bpf_for_each_map_elem'):
@@ -207,163 +278,183 @@ class EbpfStatsProbe:
             elif not bpf_file(MAP_COUNT_OBJECT).exists():
                 self._for_each_unavailable = f'{bpf_file(MAP_COUNT_OBJECT)} is missing (build it with make bpf)'
             if 'bpf_owners' in disabled:
-                reject('bpf_owners', 'disabled by the probe options')
+                reject(ITERATORS['bpf_owners'], 'disabled by the probe options')
             elif not btf.has_struct('bpf_iter__task_file'):
-                reject('bpf_owners', 'the kernel has no task_file iterator (5.8+)')
+                reject(ITERATORS['bpf_owners'], 'the kernel has no task_file iterator (5.8+)')
                 self.limitations.append('the kernel has no task_file iterator (5.8+): owners are read from /proc')
             else:
                 wanted['bpf_owners'] = True
+            self._plan_kprobe_misses(btf)
         return wanted
+
+    def _plan_inventory(self, btf: Btf, wanted: dict[str, bool], disabled: frozenset[str], reject) -> None:
+        has_map_iterator = btf.has_struct('bpf_iter__bpf_map')
+        if 'list_maps_count' in disabled:
+            reject('bpf_map_sum_elem_count', 'disabled by the probe options')
+        elif not btf.has_function('bpf_map_sum_elem_count'):
+            reject('bpf_map_sum_elem_count', 'the kernel has no bpf_map_sum_elem_count kfunc (6.6+)')
+            self.limitations.append(
+                'the kernel has no bpf_map_sum_elem_count kfunc (6.6+): hash maps are counted map by map'
+            )
+        elif has_map_iterator:
+            wanted['list_maps_count'] = True
+        if not has_map_iterator:
+            reject(ITERATORS['list_maps'], 'the kernel has no bpf_map iterator (5.8+)')
+        elif 'list_maps' in disabled:
+            reject(ITERATORS['list_maps'], 'disabled by the probe options')
+        elif not wanted['list_maps_count']:
+            wanted['list_maps'] = True
+        if 'list_maps' in disabled:  # the object-by-object way, for tests: no map iterator at all
+            wanted['list_maps_count'] = wanted['list_maps'] = False
+        if not btf.has_struct('bpf_iter__bpf_prog'):
+            reject(ITERATORS['list_programs'], 'the kernel has no bpf_prog iterator (5.9+)')
+            self.limitations.append('the kernel has no bpf_prog iterator (5.9+): programs are read one by one')
+            return
+        if 'list_programs' in disabled:
+            reject(ITERATORS['list_programs'], 'disabled by the probe options')
+            return
+        wanted['list_programs'] = True
+        cpus = contiguous_possible_cpus()
+        if not btf.has_function('bpf_map_lookup_percpu_elem'):
+            reject('iter/bpf_prog run-time counters', 'the kernel has no bpf_map_lookup_percpu_elem (5.19+)')
+        elif cpus is None or cpus > MAX_CPUS:
+            reject('iter/bpf_prog run-time counters', f'possible CPUs not 0 to n-1 with n <= {MAX_CPUS}')
+        else:
+            self._nr_cpus = cpus
+            wanted['program_stats'] = True
+        if not self._nr_cpus and self._options.collect_program_runtime:
+            self.limitations.append(
+                'the program iterator cannot read run-time counters here: they are read program by program'
+            )
+
+    def _plan_kprobe_misses(self, btf: Btf) -> None:
+        has_kprobes, why_not = kprobe_support()
+        if not has_kprobes:
+            self.rejected_hooks['kprobe misses'] = why_not
+        elif not kernel_counts_kprobe_misses(btf):
+            self.rejected_hooks['kprobe misses'] = "the kernel's bpf_link_info has no missed counts (6.7+)"
+            self.limitations.append(
+                "kprobe misses are not reported: the kernel's bpf_link_info has no missed counts (6.7+)"
+            )
+        else:
+            self._links.count_misses = True
+            self.hooks.append('bpf_link_info (kprobe misses)')
 
     @property
     def run_time_stats(self) -> bool:
-        return self._stats_fd is not None
+        """Whether run time is collected (statistics held on, or sampled)."""
+        return self._run_time is not None
+
+    @property
+    def owner_scans(self) -> int:
+        """How many times the probe walked every process's file descriptors (tests, benchmarks)."""
+        return self._owners.scans
+
+    @property
+    def statistics_windows(self) -> int:
+        """How many times the probe turned run-time statistics on for a window (tests, benchmarks)."""
+        return self._run_time.windows if isinstance(self._run_time, RunTimeSampler) else 0
+
+    @property
+    def run_time_source(self) -> str | None:
+        """How the last snapshot's run time was counted: held, sampled, sysctl, external (logs, benchmarks)."""
+        return self._run_time_source
+
+    @property
+    def statistics_seconds(self) -> float:
+        """How long those windows were open, in all (tests, benchmarks)."""
+        return self._run_time.seconds_on if isinstance(self._run_time, RunTimeSampler) else 0.0
 
     # --- collection -------------------------------------------------------------
 
     def snapshot(self) -> EbpfSnapshot:
         """Every program and map in the kernel now, with owners and entry counts."""
         with self._lock:
-            owners, link_programs = self._owners()
-            entries = self._iterator_entries()
-            pinned = PinnedObjects()  # walks bpffs only if some object has no holder
-            programs = self._programs(owners, link_programs, pinned)
-            maps = self._maps(owners, entries, pinned, programs)
+            # Links first: counting a map without the kfunc attaches a link to it for a moment, and a
+            # link's id lingers until the kernel's deferred free: listed now, it would look new.
+            link_ids, kprobe_misses = self._links.scan()
+            programs, program_refcounts, timestamp, run_time = self._read_programs()
+            maps, map_refcounts = self._inventory.maps()
+            objects = {OWNED_PROG: {p.id for p in programs}, OWNED_MAP: {m.id for m in maps}, OWNED_LINK: link_ids}
+            refcounts = {}
+            if program_refcounts is not None and map_refcounts is not None:
+                refcounts = {OWNED_PROG: program_refcounts, OWNED_MAP: map_refcounts}
+            holders, pinned = self._owners.owners(objects, refcounts)
+            self._attach_owners(programs, maps, holders, pinned, kprobe_misses)
             for limitation in self._counter.unavailable():
                 if limitation not in self.limitations:
                     self.limitations.append(limitation)
-            return EbpfSnapshot(time.monotonic(), programs, maps, self.run_time_stats)
+            self._say_run_time_error()
+            if run_time is not None and run_time.source != self._run_time_source:
+                self._log.debug('Program run time counted: %s', run_time.source)
+                self._run_time_source = run_time.source
+            return EbpfSnapshot(timestamp, programs, maps, run_time)
 
-    def _iterator_entries(self) -> dict[int, int]:
-        if self._map_iter is None:
-            return {}
-        data = libbpf.read_iterator(self._map_iter)
-        return {
-            map_id: count
-            for map_id, _, count in (MAP_ENTRIES_RECORD.unpack_from(data, i) for i in range(0, len(data), 16))
-        }
+    def _read_programs(self) -> tuple[list[ProgramRecord], dict[int, int] | None, float, RunTimeCoverage | None]:
+        """The programs, read in order with the statistics windows; and how much of the interval they counted."""
 
-    def _owners(self) -> tuple[dict[tuple[int, int], set[Owner]], dict[int, set[Owner]]]:
-        """(kind, id) -> processes holding an fd to it, and program id -> holders of links to it."""
-        if self._owner_iter is not None:
-            records = owner_records_from_iterator(libbpf.read_iterator(self._owner_iter))
-        else:
-            records = owner_records_from_proc()
-        owners: dict[tuple[int, int], set[Owner]] = {}
-        link_programs: dict[int, set[Owner]] = {}
-        for tgid, kind, object_id, link_prog_id, comm in records:
-            owner = Owner(tgid, comm)
-            owners.setdefault((kind, object_id), set()).add(owner)
-            if kind == OWNED_LINK and link_prog_id:
-                link_programs.setdefault(link_prog_id, set()).add(owner)
-        return owners, link_programs
+        def read() -> tuple[tuple[list[ProgramRecord], dict[int, int] | None, float], Counters]:
+            programs, refcounts = self._inventory.programs()
+            counters = {p.id: (p.run_time_ns, p.run_count) for p in programs}
+            return (programs, refcounts, time.monotonic()), counters
 
-    def _programs(
-        self,
-        owners: dict[tuple[int, int], set[Owner]],
-        link_programs: dict[int, set[Owner]],
-        pinned: PinnedObjects,
-    ) -> list[ProgramRecord]:
-        records = []
-        seen_names = set()
-        for prog_id, fd in libbpf.open_objects('prog'):
-            try:
-                info = libbpf.prog_info(fd)
-                tag = bytes(info.tag).hex()
-                name = info.name.decode('utf-8', 'backslashreplace')
-                if len(info.name) >= BPF_OBJ_NAME_LEN - 1:
-                    key = (prog_id, tag)
-                    if key not in self._names:
-                        self._names[key] = libbpf.prog_btf_func_name(fd, info) or name
-                    name = self._names[key]
-                    seen_names.add(key)
-                map_ids = tuple(libbpf.prog_map_ids(fd, info.nr_map_ids))
-                memory = _memlock(fd)
-            except libbpf.LibbpfError as e:
-                if e.errno == errno.ENOENT:
-                    continue  # gone meanwhile
-                raise
-            holders = owners.get((OWNED_PROG, prog_id), set()) | link_programs.get(prog_id, set())
-            records.append(
-                ProgramRecord(
-                    id=prog_id,
-                    name=name,
-                    type=libbpf.prog_type_name(info.type),
-                    tag=tag,
-                    translated_bytes=info.xlated_prog_len,
-                    jited_bytes=info.jited_prog_len,
-                    verified_instructions=info.verified_insns,
-                    memory_bytes=memory,
-                    run_time_ns=info.run_time_ns,
-                    run_count=info.run_cnt,
-                    recursion_misses=info.recursion_misses,
-                    map_ids=map_ids,
-                    owners=tuple(sorted(holders)),
-                    pinned=not holders and (OWNED_PROG, prog_id) in pinned,
-                )
-            )
-        for key in set(self._names) - seen_names:
-            del self._names[key]
-        return records
+        if self._run_time is None:
+            (programs, refcounts, timestamp), _ = read()
+            return programs, refcounts, timestamp, None
+        (programs, refcounts, timestamp), coverage = self._run_time.observe(read)
+        return programs, refcounts, timestamp, coverage
 
-    def _maps(
-        self,
-        owners: dict[tuple[int, int], set[Owner]],
-        entries: dict[int, int],
-        pinned: PinnedObjects,
+    def _say_run_time_error(self) -> None:
+        error = getattr(self._run_time, 'error', None)
+        if error and not self._run_time_error_said:
+            self._run_time_error_said = True
+            self.limitations.append(f'program run time stopped: {error}')
+
+    @staticmethod
+    def _attach_owners(
         programs: list[ProgramRecord],
-    ) -> list[MapRecord]:
-        # A map nobody holds an fd to belongs to whoever holds the programs that use it.
-        users: dict[int, set[Owner]] = {}
+        maps: list[MapRecord],
+        holders: dict[int, dict[int, tuple[Owner, ...]]],
+        pinned: PinnedObjects,
+        kprobe_misses: dict[int, int],
+    ) -> None:
+        program_holders, map_holders = holders.get(OWNED_PROG, {}), holders.get(OWNED_MAP, {})
         for program in programs:
-            for map_id in program.map_ids:
-                users.setdefault(map_id, set()).update(program.owners)
-        records = []
-        for map_id, fd in libbpf.open_objects('map'):
-            try:
-                info = libbpf.map_info(fd)
-                memory = _memlock(fd)
-                count, method = None, None
-                if info.type in COUNTED_MAP_TYPES:
-                    if map_id in entries:
-                        count, method = entries[map_id], 'iterator'
-                    else:
-                        count, method = self._counter.count(fd, info)
-            except libbpf.LibbpfError as e:
-                if e.errno == errno.ENOENT:
-                    continue  # gone meanwhile
-                raise
-            holders = owners.get((OWNED_MAP, map_id)) or users.get(map_id, set())
-            records.append(
-                MapRecord(
-                    id=map_id,
-                    name=info.name.decode('utf-8', 'backslashreplace'),
-                    type=libbpf.map_type_name(info.type),
-                    type_id=info.type,
-                    key_size=info.key_size,
-                    value_size=info.value_size,
-                    max_entries=info.max_entries,
-                    flags=info.map_flags,
-                    memory_bytes=memory,
-                    entries=count,
-                    entries_method=method,
-                    owners=tuple(sorted(holders)),
-                    pinned=not holders and (OWNED_MAP, map_id) in pinned,
-                )
-            )
-        return records
+            program.owners = program_holders.get(program.id, ())
+            program.pinned = not program.owners and (OWNED_PROG, program.id) in pinned
+            program.kprobe_misses = kprobe_misses.get(program.id)
+        users: dict[int, set[Owner]] | None = None
+        for bpf_map in maps:
+            owners = map_holders.get(bpf_map.id, ())
+            if not owners:
+                # A map nobody holds an fd to belongs to whoever holds the programs that use it.
+                if users is None:
+                    users = {}
+                    for program in programs:
+                        for map_id in program.map_ids:
+                            users.setdefault(map_id, set()).update(program.owners)
+                owners = tuple(sorted(users.get(bpf_map.id, ())))
+            bpf_map.owners = owners
+            bpf_map.pinned = not owners and (OWNED_MAP, bpf_map.id) in pinned
+
+    def _scan_owners(self):
+        owner_iter = self._iters.get('bpf_owners')
+        if owner_iter is not None:
+            return owner_records_from_iterator(libbpf.read_iterator(owner_iter))
+        return owner_records_from_proc()
 
     # --- life cycle ------------------------------------------------------------
 
     def _close_object(self) -> None:
-        self._map_iter = self._owner_iter = None
+        self._iters = {}
         if self._obj is not None:
             self._obj.close()  # destroys the iterator links too
             self._obj = None
 
     def close(self) -> None:
+        run_time, self._run_time = self._run_time, None
+        if run_time is not None:
+            run_time.close()  # stops the sampler's thread first: it reads through the iterators
         with self._lock:
             self._close_object()
-            if self._stats_fd is not None:
-                os.close(self._stats_fd)  # run-time statistics go off with the last such fd
-                self._stats_fd = None
+            self._owners.close()

@@ -13,7 +13,8 @@ class Owner:
     comm: str
 
 
-@dataclass(frozen=True)
+# Records are made by the thousand every run: slots, not frozen (frozen dataclasses are slow to build).
+@dataclass(slots=True)
 class ProgramRecord:
     id: int
     name: str  # full name (from BTF when the kernel's 15-character name is cut)
@@ -22,16 +23,18 @@ class ProgramRecord:
     translated_bytes: int
     jited_bytes: int
     verified_instructions: int
-    memory_bytes: int | None  # memlock, from /proc/self/fdinfo
+    memory_bytes: int | None  # memlock
     run_time_ns: int
     run_count: int
     recursion_misses: int
     map_ids: tuple[int, ...]
     owners: tuple[Owner, ...]
     pinned: bool  # held by a pin in bpffs; looked up only for objects no process holds
+    # Runs its kprobe links skipped (the kernel's missed count, 6.7+); None: no kprobe link, or not known here.
+    kprobe_misses: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MapRecord:
     id: int
     name: str
@@ -54,9 +57,35 @@ class MapRecord:
         return self.entries / self.max_entries
 
 
+@dataclass(frozen=True)
+class RunTimeCoverage:
+    """How much of the interval that ends with a snapshot the kernel counted program run time in.
+
+    fraction: the share of the interval statistics were on (the counters' deltas are that share of
+    what ran); None when they were on all along (held by the probe, or turned on by the sysctl or
+    by someone else, which the probe noticed): the deltas are the interval's own.
+    """
+
+    fraction: float | None
+    source: str  # 'held', 'sampled', 'sysctl' or 'external'
+
+    @property
+    def scale(self) -> float | None:
+        """What to multiply run time and run counts by for the whole interval; None: nothing was counted."""
+        if self.fraction is None:
+            return 1.0
+        if self.fraction <= 0:
+            return None
+        return 1.0 / min(self.fraction, 1.0)
+
+
+ALWAYS_COUNTED = RunTimeCoverage(None, 'held')
+
+
 @dataclass
 class EbpfSnapshot:
     timestamp: float  # time.monotonic() of the collection
     programs: list[ProgramRecord] = field(default_factory=list)
     maps: list[MapRecord] = field(default_factory=list)
-    run_time_stats: bool = False  # BPF_ENABLE_STATS is held: run_time_ns/run_count advance
+    # When run time and run counts advanced since the previous snapshot; None: run-time statistics are not collected.
+    run_time: RunTimeCoverage | None = None

@@ -244,6 +244,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     'bpf_map_get_next_id': (_I, [_U32, ctypes.POINTER(_U32)]),
     'bpf_prog_get_fd_by_id': (_I, [_U32]),
     'bpf_map_get_fd_by_id': (_I, [_U32]),
+    'bpf_link_get_next_id': (_I, [_U32, ctypes.POINTER(_U32)]),
+    'bpf_link_get_fd_by_id': (_I, [_U32]),
     'bpf_btf_get_fd_by_id': (_I, [_U32]),
     'bpf_obj_get_info_by_fd': (_I, [_I, _P, ctypes.POINTER(_U32)]),
     'bpf_obj_get': (_I, [_S]),
@@ -359,12 +361,17 @@ def call_int(call: str, func: Any, *args: Any) -> int:
 
 # --- Objects already in the kernel: enumerate, open by id, describe ------------
 
-_NEXT_ID = {'prog': 'bpf_prog_get_next_id', 'map': 'bpf_map_get_next_id'}
-_FD_BY_ID = {'prog': 'bpf_prog_get_fd_by_id', 'map': 'bpf_map_get_fd_by_id', 'btf': 'bpf_btf_get_fd_by_id'}
+_NEXT_ID = {'prog': 'bpf_prog_get_next_id', 'map': 'bpf_map_get_next_id', 'link': 'bpf_link_get_next_id'}
+_FD_BY_ID = {
+    'prog': 'bpf_prog_get_fd_by_id',
+    'map': 'bpf_map_get_fd_by_id',
+    'btf': 'bpf_btf_get_fd_by_id',
+    'link': 'bpf_link_get_fd_by_id',
+}
 
 
 def object_ids(kind: str) -> Iterator[int]:
-    """Ids of every program or map in the kernel, in increasing order."""
+    """Ids of every program, map or link in the kernel, in increasing order."""
     func = getattr(lib(), _NEXT_ID[kind])
     current = ctypes.c_uint32(0)
     while True:
@@ -461,6 +468,38 @@ def map_info(fd: int) -> BpfMapInfo:
     info = BpfMapInfo()
     _info(fd, info)
     return info
+
+
+class BpfLinkInfo(ctypes.Structure):
+    """struct bpf_link_info: the part every link has, then its type's part as bytes (decoded by the caller).
+
+    The kernel fills what it knows and requires the rest of a longer buffer to be zero.
+    """
+
+    _fields_ = [
+        ('type', ctypes.c_uint32),
+        ('id', ctypes.c_uint32),
+        ('prog_id', ctypes.c_uint32),
+        ('_pad', ctypes.c_uint32),
+        ('union', ctypes.c_uint8 * 112),
+    ]
+
+
+def link_info(fd: int, name_at: int | None = None, name_size: int = 512) -> bytes:
+    """A link's bpf_link_info as bytes.
+
+    name_at: the offset in the structure of a (buffer address, length) pair to fill in first, for
+    the link types that return a name there (perf_event links fail or stay silent without one).
+    """
+    info = BpfLinkInfo()
+    name = None
+    if name_at is not None:
+        name = ctypes.create_string_buffer(name_size)
+        raw = (ctypes.c_uint8 * ctypes.sizeof(info)).from_buffer(info)
+        ctypes.c_uint64.from_buffer(raw, name_at).value = ctypes.addressof(name)
+        ctypes.c_uint32.from_buffer(raw, name_at + 8).value = name_size
+    _info(fd, info)
+    return bytes(info)
 
 
 def prog_type_name(prog_type: int) -> str:
