@@ -178,8 +178,10 @@ int list_programs(struct bpf_iter__bpf_prog *ctx)
 	rec.jited_len = prog->jited_len;
 	rec.func_cnt = aux->func_cnt;
 	rec.pages = prog->pages;
-	if (bpf_core_field_exists(aux->verified_insns))
+	if (bpf_core_field_exists(aux->verified_insns)) {
 		rec.verified_insns = aux->verified_insns;
+		rec.flags |= PROG_VERIFIED_INSNS;
+	}
 	rec.refcnt = aux->refcnt.counter;
 	if (aux->offload || (bpf_core_field_exists(aux->dev_bound) && aux->dev_bound))
 		rec.flags |= PROG_DEVICE;

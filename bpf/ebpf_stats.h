@@ -47,6 +47,7 @@ struct prog_record {
 #define PROG_RUN_STATS 1	/* run_time_ns, run_cnt and recursion_misses were read */
 #define PROG_DEVICE 2	/* offloaded or bound to a device: its JIT size is the device's */
 #define PROG_MAPS_CUT 4	/* it uses more maps than MAX_MAP_IDS */
+#define PROG_VERIFIED_INSNS 8	/* verified_insns was read (5.16+) */
 
 #define MAX_MAP_IDS 64	/* the kernel's MAX_USED_MAPS */
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
-from datadog_checks.ebpf_probe.kernel.libbpf import call_int, lib, map_update_elem
+from datadog_checks.ebpf_probe.kernel.libbpf import ENOTSUPP, call_int, lib, map_update_elem
 
 
 class _MapCreateOpts(ctypes.Structure):
@@ -55,9 +55,6 @@ def map_create(
     bpf = _declare()
     return call_int(f'bpf_map_create({name})', bpf.bpf_map_create, map_type, name.encode(), key_size, value_size,
                     max_entries, ctypes.byref(opts))  # fmt: skip
-
-
-ENOTSUPP = 524  # the kernel's "operation not supported" for a map type without batch ops
 
 
 def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> int:

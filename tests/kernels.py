@@ -37,6 +37,7 @@ class Kernel:
     # kprobes attach through) from 6.x; Debian 11's 5.10 patch lets only CAP_SYS_ADMIN.
     perfmon_opens_perf_events: bool = True
     program_iterator: bool = True  # iter/bpf_prog (5.9+): programs read in one pass
+    verified_instructions: bool = True  # bpf_prog_info.verified_insns (5.16+)
     # bpf_map_lookup_percpu_elem (5.19+): the program iterator sums the per-CPU run-time counters.
     run_counters_in_iterator: bool = True
     # bpf_link_info's missed counts for kprobe perf links and kprobe_multi links (6.7+).
@@ -86,6 +87,7 @@ KNOWN: dict[str, Kernel] = {
         for_each=False,
         perfmon_opens_perf_events=False,
         run_counters_in_iterator=False,  # no bpf_map_lookup_percpu_elem (5.19)
+        verified_instructions=False,
     ),
     # Debian 13: the full tracepoint, kprobes, and the kfunc (6.6).
     '6.12.118+deb13-amd64': Kernel(

@@ -269,6 +269,13 @@ def test_programs_with_the_same_name_type_and_owner_are_one_series():
     }
 
 
+def test_verified_instructions_only_where_the_kernel_counts_them():
+    programs = [program(1, 'old', verified_instructions=None), program(2, 'old', verified_instructions=None)]
+    points = by_key(stats_metrics().points(snapshot(1.0, programs)))
+    assert ('program.verified_instructions', prog_tags('old')) not in points
+    assert points[('program.instances', prog_tags('old'))] == 2
+
+
 def test_maps_with_the_same_name_type_and_owner_are_one_series():
     maps = [
         bpf_map(1, '.rodata', 'hash', max_entries=100, entries=10, memory_bytes=1000),

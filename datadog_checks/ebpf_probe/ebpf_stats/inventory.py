@@ -33,7 +33,7 @@ from .records import MapRecord, ProgramRecord
 PROG_RECORD = struct.Struct('<II8s16sIIIIIIQQQQII')  # struct prog_record
 MAP_RECORD = struct.Struct('<IIIIII16sQq')  # struct map_record
 PROG_RUN_RECORD = struct.Struct('<IIQQ')  # struct prog_run_record
-PROG_RUN_STATS, PROG_DEVICE, PROG_MAPS_CUT = 1, 2, 4
+PROG_RUN_STATS, PROG_DEVICE, PROG_MAPS_CUT, PROG_VERIFIED_INSNS = 1, 2, 4, 8
 NOT_COUNTED = -1
 PAGE_SIZE = os.sysconf('SC_PAGE_SIZE')
 
@@ -257,7 +257,7 @@ class Inventory:
                     tag.hex(),
                     insns * 8,
                     jited_len,
-                    verified,
+                    verified if flags & PROG_VERIFIED_INSNS else None,
                     pages * PAGE_SIZE,
                     run_time_ns,
                     run_cnt,
@@ -313,7 +313,7 @@ class Inventory:
                     tag.hex(),
                     info.xlated_prog_len,
                     info.jited_prog_len,
-                    info.verified_insns,
+                    info.verified_insns if info.knows('verified_insns') else None,
                     self._program_memory[prog_id],
                     info.run_time_ns,
                     info.run_cnt,

@@ -217,11 +217,14 @@ class StatsMetrics:
         with_run_time = self.options.run_time and scale is not None
         for tags, members in kept:
             translated = jited = verified = memory = 0
-            memory_known = True
+            memory_known = verified_known = True
             for p in members:
                 translated += p.translated_bytes
                 jited += p.jited_bytes
-                verified += p.verified_instructions
+                if p.verified_instructions is None:
+                    verified_known = False
+                else:
+                    verified += p.verified_instructions
                 if p.memory_bytes is None:
                     memory_known = False
                 else:
@@ -229,7 +232,8 @@ class StatsMetrics:
             points.append(Point('program.instances', GAUGE, len(members), tags))
             points.append(Point('program.translated_size', GAUGE, translated, tags))
             points.append(Point('program.jited_size', GAUGE, jited, tags))
-            points.append(Point('program.verified_instructions', GAUGE, verified, tags))
+            if verified_known:
+                points.append(Point('program.verified_instructions', GAUGE, verified, tags))
             if memory_known:
                 points.append(Point('program.memory', GAUGE, memory, tags))
             known = [deltas[p.id] for p in members if p.id in deltas]

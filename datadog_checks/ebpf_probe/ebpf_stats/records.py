@@ -22,7 +22,7 @@ class ProgramRecord:
     tag: str
     translated_bytes: int
     jited_bytes: int
-    verified_instructions: int
+    verified_instructions: int | None  # None: the kernel does not count them (before 5.16)
     memory_bytes: int | None  # memlock
     run_time_ns: int
     run_count: int

@@ -43,13 +43,18 @@ LIBBPF_DEBUG = 2
 _LOG_LINES_KEPT = 40
 
 
+ENOTSUPP = 524
+
+
 class LibbpfError(OSError):
     """A libbpf call failed. `errno` is set; `log` holds libbpf's messages during the call."""
 
     def __init__(self, call: str, err: int, log: list[str] | None = None):
         self.call = call
         self.log = list(log or [])
-        message = f'{call} failed: {os.strerror(err)} (errno {err})'
+        # 524 is the kernel's own ENOTSUPP, which libc does not name.
+        reason = 'Operation not supported by this kernel' if err == ENOTSUPP else os.strerror(err)
+        message = f'{call} failed: {reason} (errno {err})'
         details = _useful_log_lines(self.log)
         if details:
             message += '; libbpf: ' + ' | '.join(details)
@@ -91,6 +96,13 @@ class _BpfObjectOpenOpts(ctypes.Structure):
 
 class BpfProgInfo(ctypes.Structure):
     """struct bpf_prog_info (include/uapi/linux/bpf.h); the kernel fills as much as it knows."""
+
+    filled = 0  # bytes the kernel filled (prog_info())
+
+    def knows(self, field: str) -> bool:
+        """Whether the kernel filled this field (0 in a field it does not have means unknown)."""
+        member = getattr(BpfProgInfo, field)
+        return self.filled >= member.offset + member.size
 
     _fields_ = [
         ('type', ctypes.c_uint32),
@@ -408,16 +420,18 @@ def open_objects(kind: str) -> Iterator[tuple[int, int]]:
             os.close(fd)
 
 
-def _info(fd: int, info: ctypes.Structure) -> None:
+def _info(fd: int, info: ctypes.Structure) -> int:
+    """Fill info; returns how many bytes of it the kernel knows (an older kernel's struct is shorter)."""
     size = ctypes.c_uint32(ctypes.sizeof(info))
     ret = lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
     if ret < 0:
         raise LibbpfError('bpf_obj_get_info_by_fd', -ret)
+    return size.value
 
 
 def prog_info(fd: int) -> BpfProgInfo:
     info = BpfProgInfo()
-    _info(fd, info)
+    info.filled = _info(fd, info)
     return info
 
 
