@@ -31,6 +31,8 @@ MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_LRU_HASH, MAP_HASH_OF_MAPS, MAP_RINGBU
 PROG_SOCKET_FILTER = 1
 # r0 = 0; exit
 RETURN_ZERO = bytes.fromhex('b700000000000000') + bytes.fromhex('9500000000000000')
+# Calls a second function (a bpf-to-bpf call, 4.16+), which returns 0: two functions, JIT-compiled apart.
+CALL_AND_RETURN_ZERO = bytes.fromhex('8510000001000000') + bytes.fromhex('9500000000000000') + RETURN_ZERO
 OWNER_COMM = 'bpf-fixture'
 
 

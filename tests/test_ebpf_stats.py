@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, Owner
+from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, Owner, links
 from datadog_checks.ebpf_probe.ebpf_stats.entries import LARGE_MAP, EntryCounter
 from datadog_checks.ebpf_probe.ebpf_stats.owners import (
     bpffs_mounts,
@@ -26,8 +26,17 @@ from datadog_checks.ebpf_probe.oom_kill.core import CORE_OBJECT
 from datadog_checks.ebpf_probe.resources import bpf_file
 
 from . import kernels
-from .bpf_objects import MAP_HASH, MAP_HASH_OF_MAPS, MAP_RINGBUF, OWNER_COMM, bpftool, make_test_objects
-from .bpf_syscalls import map_create, map_update_batch, obj_pin
+from .bpf_objects import (
+    CALL_AND_RETURN_ZERO,
+    MAP_HASH,
+    MAP_HASH_OF_MAPS,
+    MAP_RINGBUF,
+    OWNER_COMM,
+    PROG_SOCKET_FILTER,
+    bpftool,
+    make_test_objects,
+)
+from .bpf_syscalls import map_create, map_update_batch, obj_pin, prog_load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -539,26 +548,27 @@ def test_object_by_object_gives_what_the_iterators_give(objects, held_probe):
 
 def test_a_program_of_several_functions_has_bpftools_jit_size(held_probe):
     """Subprograms are JIT-compiled one by one: their sizes add up (asked once through an fd)."""
-    with Btf.open() as btf:
-        if not btf.has_function('bpf_for_each_map_elem'):
-            pytest.skip('no bpf_for_each_map_elem (5.13+): the program with a callback cannot load')
-    fd = map_create(MAP_HASH, 'several_funcs', 4, 8, 8)
-    obj = libbpf.BpfObject(str(bpf_file('map_count.bpf.o')))
+    fd = prog_load(PROG_SOCKET_FILTER, 'two_functions', CALL_AND_RETURN_ZERO)
     try:
-        obj.map('count_target').reuse_fd(fd)
-        obj.load()
-        prog_id = libbpf.prog_info(obj.program_fd('count_with_for_each')).id
+        prog_id = libbpf.prog_info(fd).id
+        assert libbpf.prog_info(fd).nr_jited_func_lens == 2
         [program] = [p for p in held_probe.snapshot().programs if p.id == prog_id]
         [shown] = [p for p in bpftool('prog', 'show') if p['id'] == prog_id]
         assert program.jited_bytes == shown['bytes_jited'] > 0
         assert program.translated_bytes == shown['bytes_xlated']
-        assert program.name == 'count_with_for_each'
+        assert program.name == 'two_functions'
     finally:
-        obj.close()
         os.close(fd)
 
 
 # --- kprobe misses ----------------------------------------------------------------------------------------
+
+
+def test_this_kernels_btf_has_the_missed_counts_where_the_code_reads_them():
+    with Btf.open() as btf:
+        counts = links.kernel_counts_kprobe_misses(btf)
+    if KERNEL is not None:
+        assert counts is KERNEL.kprobe_link_missed
 
 
 def test_kprobe_misses_where_the_kernel_counts_them(probe):

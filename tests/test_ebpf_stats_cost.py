@@ -482,19 +482,6 @@ def test_the_missed_fields_are_looked_for_in_the_kernels_btf():
     assert not links.kernel_counts_kprobe_misses(FakeBtf(moved))  # not where this code reads it
 
 
-def test_this_kernels_btf_has_the_fields_where_the_code_reads_them():
-    from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
-
-    if not has_vmlinux_btf():
-        pytest.skip('no kernel BTF')
-    with Btf.open() as btf:
-        try:
-            btf.member_path('bpf_link_info', 'kprobe_multi.missed')
-        except LookupError:
-            pytest.skip('a kernel before 6.7')
-        assert links.kernel_counts_kprobe_misses(btf)
-
-
 # --- The iterators' records ----------------------------------------------------------------------------------
 
 
