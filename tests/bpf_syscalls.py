@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
-from datadog_checks.ebpf_probe.kernel.libbpf import ENOTSUPP, call_int, lib, map_update_elem
+from datadog_checks.ebpf_probe.kernel.libbpf import ENOTSUPP, call_int, lib, map_update_elem, prog_test_run_result
 
 
 class _MapCreateOpts(ctypes.Structure):
@@ -95,31 +95,7 @@ def libbpf_version() -> str:
     return f'{bpf.libbpf_major_version()}.{bpf.libbpf_minor_version()}'
 
 
-class _TestRunOpts(ctypes.Structure):
-    # struct bpf_test_run_opts up to duration
-    _fields_ = [
-        ('sz', ctypes.c_size_t),
-        ('data_in', ctypes.c_void_p),
-        ('data_out', ctypes.c_void_p),
-        ('data_size_in', ctypes.c_uint32),
-        ('data_size_out', ctypes.c_uint32),
-        ('ctx_in', ctypes.c_void_p),
-        ('ctx_out', ctypes.c_void_p),
-        ('ctx_size_in', ctypes.c_uint32),
-        ('ctx_size_out', ctypes.c_uint32),
-        ('retval', ctypes.c_uint32),
-        ('repeat', ctypes.c_int),
-        ('duration', ctypes.c_uint32),
-    ]
-
-
 def prog_test_run_timed(fd: int, data: bytes, repeat: int) -> int:
     """BPF_PROG_TEST_RUN `repeat` times: the kernel's average time per run, in ns (clock reads of
     run-time statistics included when they are on)."""
-    buf = ctypes.create_string_buffer(data, len(data))
-    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(buf), data_size_in=len(data),
-                        repeat=repeat)  # fmt: skip
-    bpf = lib()
-    bpf.bpf_prog_test_run_opts.restype = ctypes.c_int
-    call_int('bpf_prog_test_run_opts', bpf.bpf_prog_test_run_opts, fd, ctypes.byref(opts))
-    return opts.duration
+    return prog_test_run_result(fd, data, repeat).duration

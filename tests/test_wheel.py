@@ -4,13 +4,12 @@
 
 import json
 import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from .package import REPO, build_wheel
+
 SYSTEM_PYTHON = '/usr/bin/python3'  # the Python BCC's module is installed for
 
 # python -m build, and a venv of Debian 12's Python that sees its BCC.
@@ -19,12 +18,7 @@ pytestmark = [pytest.mark.build, pytest.mark.kernel, pytest.mark.slow, pytest.ma
 
 @pytest.fixture(scope='module')
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp('dist')
-    subprocess.run(
-        [sys.executable, '-m', 'build', '--wheel', '--outdir', str(out), str(REPO)], check=True, capture_output=True
-    )
-    [path] = out.glob('datadog_ebpf_probe-*.whl')
-    return path
+    return build_wheel(tmp_path_factory.mktemp('dist'))
 
 
 @pytest.fixture(scope='module')

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.package import build_wheel
 from tests.processes import read_until
 
 from .root import (
@@ -96,12 +95,7 @@ def readme_container_capabilities() -> set[str]:
 
 @pytest.fixture(scope='module')
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp('dist')
-    subprocess.run(
-        [sys.executable, '-m', 'build', '--wheel', '--outdir', str(out), str(REPO)], check=True, capture_output=True
-    )
-    [path] = out.glob('datadog_ebpf_probe-*.whl')
-    return path
+    return build_wheel(tmp_path_factory.mktemp('dist'))
 
 
 @pytest.fixture(scope='module')

@@ -120,7 +120,8 @@ class EbpfStatsProbe:
         if not caps & (1 << requirements.CAP_SYS_ADMIN):
             raise RequirementError(
                 'missing capability CAP_SYS_ADMIN: listing every eBPF program and map on the host needs it '
-                '(the kernel allows BPF_*_GET_NEXT_ID only with CAP_SYS_ADMIN)'
+                '(the kernel allows BPF_*_GET_NEXT_ID only with CAP_SYS_ADMIN): grant it, or set '
+                'collect_ebpf_stats: false to collect OOM kills only'
             )
         probe = cls(options, log)
         try:

@@ -591,6 +591,11 @@ def map_get_next_key(fd: int, key: Any, next_key: Any) -> bool:
 
 def prog_test_run(fd: int, data: bytes = b'', repeat: int = 1) -> int:
     """BPF_PROG_TEST_RUN: run the program `repeat` times; its return value."""
+    return prog_test_run_result(fd, data, repeat).retval
+
+
+def prog_test_run_result(fd: int, data: bytes = b'', repeat: int = 1) -> _TestRunOpts:
+    """BPF_PROG_TEST_RUN: what the kernel says of the runs (retval, duration: average ns per run)."""
     buf = ctypes.create_string_buffer(data, len(data)) if data else None
     # repeat 0 means once; raw tracepoint programs refuse any other value.
     opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), repeat=repeat if repeat > 1 else 0)
@@ -598,7 +603,7 @@ def prog_test_run(fd: int, data: bytes = b'', repeat: int = 1) -> int:
         opts.data_in = ctypes.addressof(buf)
         opts.data_size_in = len(data)
     call_int('bpf_prog_test_run_opts', lib().bpf_prog_test_run_opts, fd, ctypes.byref(opts))
-    return opts.retval
+    return opts
 
 
 # --- BPF objects (ELF files) we load ---------------------------------------------
