@@ -99,7 +99,8 @@ test-agent: venv bpf bundle kernel-headers agent-root
 # mode): every test but those that build the package with this machine's tools (build), drive the
 # root from outside (agent), boot a VM (vm) or need what only a VM row has (pyproject.toml's addopts).
 # BCC tests use Debian 13's BCC and Debian 12's headers.
-PY313_MARKERS := not build and not agent and not vm and not cgroup_v2 and not system_oom and not container_runtime
+PY313_MARKERS := not build and not agent and not vm and not cgroup_v2 and not system_oom and not container_runtime \
+	and not kernel_headers
 test-py313: venv bpf bundle kernel-headers agent-root
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
 	tests/agent/in_root.sh -l $(AGENT_ROOT)/base -l $(AGENT_ROOT)/tools -u "$$scratch/upper" \

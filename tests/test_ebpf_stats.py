@@ -502,12 +502,15 @@ def test_statistics_are_on_only_for_a_window_after_a_snapshot(objects):
 
 def test_with_someone_else_holding_statistics_the_counts_are_raw(objects):
     """bpftop (here, this test) keeps statistics on: the counters are not scaled, whatever our windows."""
-    # A first window of 0.1 s, the next one somewhere in 90 s: not while this test holds its own.
+    # One window of 0.1 s right after the first snapshot, and no other before the second.
     probe = EbpfStatsProbe.load(EbpfStatsOptions(interval=100.0, runtime_sampling=0.001), log)
     try:
-        probe.snapshot()
-        time.sleep(0.3)  # our first window is over
         first = probe.snapshot()
+        deadline = time.monotonic() + 30
+        while probe.statistics_seconds == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert probe.statistics_windows == 1
+        time.sleep(0.3)  # our window is over and settled (its last runs counted)
         other = libbpf.enable_stats()
         try:
             objects.run_program(5000)

@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.oom, pytest.mark.usefixtures('root
 
 log = logging.getLogger('test')
 PAGE_KB = os.sysconf('SC_PAGE_SIZE') // 1024
+# The most a CPU keeps charged ahead for a memory cgroup (MEMCG_CHARGE_BATCH: 32 before 6.1, 64 since).
+CHARGE_CACHE_PAGES = 64
 
 
 @pytest.fixture(params=['co-re', pytest.param('bcc', marks=pytest.mark.bcc)])
@@ -69,8 +71,12 @@ def test_the_cgroup_that_ran_out_is_named_with_its_usage_and_limit(probe):
         assert kill.cgroup_path == report.task_memcg
         assert kill.domain is not None
         assert kill.domain.cgroup_path == report.oom_memcg
-        assert (kill.domain.usage_kb, kill.domain.limit_kb) == (report.usage_kb, report.limit_kb)
-        assert kill.domain.limit_kb == 48 * 1024
+        assert kill.domain.limit_kb == report.limit_kb == 48 * 1024
+        # Usage is read as the victim is chosen, the kernel prints it moments later: meanwhile the
+        # pages CPUs had charged ahead (their per-CPU charge caches) may be given back by the
+        # drain the OOM path started (seen on 5.10: 49,152 kB read, 49,028 kB printed).
+        assert kill.domain.usage_kb <= kill.domain.limit_kb
+        assert abs(kill.domain.usage_kb - report.usage_kb) <= CHARGE_CACHE_PAGES * os.cpu_count() * PAGE_KB
         assert kill.memcg_oom is True and kill.trigger_type == 'cgroup'
         assert cgroup.kernel_oom_kills() == 1  # counted in the victim's own cgroup
     finally:

@@ -5,10 +5,13 @@ compared with the kernel's own report of them."""
 
 import json
 import logging
+import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,6 +36,7 @@ from . import kernels
 from .bpf_objects import bpftool_struct
 from .cgroups import MemoryCgroup
 from .kernel_report import KernelLog, KernelOomReport
+from .processes import read_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -356,7 +360,7 @@ def test_bcc_kprobe_variant_compiles_and_loads():
 def test_bcc_variant_compiles_with_offsets_from_kernel_headers():
     """Without BTF, offsets come from the kernel headers BCC compiles with. Here those are
     Debian's 6.1 headers, not this kernel's, so only compiling and loading can be checked;
-    the 5.10 VM row runs this path for real."""
+    the 5.10 VM row runs this path for real (test_without_btf_bcc_compiles_against_...)."""
     defines = bcc_offsets(None)
     assert defines == {'OFFSETS_FROM_HEADERS': '1'}
     defines.update(PAGE_SIZE_KB='4', USE_RINGBUF='1', RINGBUF_PAGES='16', HOOK_RAW_TP='1', HOOK_KPROBE='1')
@@ -388,6 +392,53 @@ def test_bcc_offsets_from_btf_are_what_bpftool_reads():
     assert int(defines['OFF_SIGNAL_PENDING']) == signal['shared_pending'] + pending['signal']
     oc = bpftool_member_offsets('oom_control')
     assert int(defines['OFF_OC_CHOSEN_POINTS']) == oc['chosen_points']
+
+
+# The probe in a process of its own, in a mount namespace where the kernel's BTF is an empty file.
+HIDDEN_BTF = 'mount --bind /dev/null /sys/kernel/btf/vmlinux && exec "$@"'
+PROBE_PROCESS = """
+import dataclasses, json, logging, sys
+from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, load_oom_kill_probe
+probe = load_oom_kill_probe(OOMKillProbeOptions(), logging.getLogger('probe'))
+print(json.dumps({'variant': probe.variant, 'hooks': probe.hooks, 'core_error': probe.core_error}), flush=True)
+sys.stdin.readline()
+kills = probe.get_and_flush().kills
+print(json.dumps([{**dataclasses.asdict(k), 'trigger_type': k.trigger_type} for k in kills]), flush=True)
+probe.close()
+"""
+
+
+@pytest.mark.oom
+@pytest.mark.bcc
+@pytest.mark.kernel_headers
+def test_without_btf_bcc_compiles_against_this_kernels_headers_and_reports_a_kill_as_the_kernel_does(memory_cgroup):
+    """The fallback for real (the 5.10 row): CO-RE fails for want of BTF, BCC takes the struct
+    layout from the running kernel's own headers, and the kill matches the kernel's report."""
+    release = os.uname().release
+    assert kernel_bcc.find_kernel_headers() == f'/lib/modules/{release}/build'  # this kernel's, not others'
+    proc = subprocess.Popen(
+        ['unshare', '--mount', '--propagation', 'private', 'sh', '-c', HIDDEN_BTF, 'sh', sys.executable, '-c',
+         PROBE_PROCESS],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        loaded = json.loads(read_until(proc.stdout, '{').splitlines()[-1])
+        assert loaded['variant'] == 'bcc'
+        assert 'BTF' in loaded['core_error']
+        if KERNEL is not None:
+            assert tuple(loaded['hooks']) == KERNEL.bcc_hooks
+        with KernelLog(full=True) as kernel_log:
+            memory_cgroup.oom_kill(comm='headers-victim', oom_score_adj=42)
+        proc.stdin.write('\n')
+        proc.stdin.flush()
+        kills, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    [report] = kernel_log.oom_reports()
+    [kill] = json.loads(kills)
+    kill = SimpleNamespace(**{**kill, 'memory': SimpleNamespace(**kill['memory'])})
+    assert_equals_the_kernel_report(kill, report, memory_cgroup)
 
 
 class TestFallback:

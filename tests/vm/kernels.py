@@ -31,7 +31,7 @@ KERNEL_TESTS = (
     'tests/test_reliability.py',
 )
 # Markers of tests that need what not every row has; a row lists those it runs (Row.runs).
-NEEDS = ('bcc', 'system_oom', 'container_runtime')
+NEEDS = ('bcc', 'kernel_headers', 'system_oom', 'container_runtime')
 # Long tests (hundreds of cycles, 16-thread victims) run on the host only: emulated CPUs are slow.
 ALWAYS_LEFT_OUT = ('slow', 'unit', 'vm')
 
@@ -94,7 +94,7 @@ ROWS = (
         'linux-image-5.10.0-32-amd64',
         'bullseye',
         layers=('headers', 'bcc'),
-        runs=('bcc',),
+        runs=('bcc', 'kernel_headers'),
         notes='mark_victim passes only the pid (the fields came with 5.10.235); BCC with this kernel headers',
     ),
     Row(
