@@ -102,6 +102,16 @@ def new_check(instance: dict | None = None) -> EbpfProbeCheck:
     return check
 
 
+def runs_of_a_new_check(runs: int, instance: dict | None = None) -> Runs:
+    """`runs` runs of a check of their own (beside the bench's), cancelled after."""
+    check = new_check(instance)
+    try:
+        return Runs(check, runs)
+    finally:
+        check.cancel()
+        aggregator.reset()
+
+
 # --- 7. Owners --------------------------------------------------------------------------------------
 
 
@@ -380,21 +390,11 @@ def bench_many_objects(results: Results, maps: int, programs: int, runs: int) ->
         results.add(Row(section, 'metric submissions per run (series limits 200 + 200, the defaults)', '',
                         value=statistics.median(steady.submissions)))  # fmt: skip
         # The check's own work, submissions left out: what a run costs beside what it submits.
-        bare = new_check({'max_programs_reported': 0, 'max_maps_reported': 0})
-        try:
-            bare_runs = Runs(bare, runs)
-        finally:
-            bare.cancel()
-            aggregator.reset()
+        bare_runs = runs_of_a_new_check(runs, {'max_programs_reported': 0, 'max_maps_reported': 0})
         results.add(Row(section, f'check run, {label}, no per-object series (totals only): CPU', 'ms', bare_runs.cpu,
                         note=f'{statistics.median(bare_runs.submissions):,.0f} submissions'))  # fmt: skip
         # With the previous series limits, and object by object (bpftool's way, the previous design).
-        wide = new_check({'max_programs_reported': 500, 'max_maps_reported': 500})
-        try:
-            wide_runs = Runs(wide, runs)
-        finally:
-            wide.cancel()
-            aggregator.reset()
+        wide_runs = runs_of_a_new_check(runs, {'max_programs_reported': 500, 'max_maps_reported': 500})
         wide_submissions = statistics.median(wide_runs.submissions)
         results.add(Row(section, f'check run, {label}, series limits 500 + 500 (the previous defaults): CPU', 'ms',
                         wide_runs.cpu, note=f'{wide_submissions:,.0f} submissions'))  # fmt: skip
@@ -404,14 +404,9 @@ def bench_many_objects(results: Results, maps: int, programs: int, runs: int) ->
         original = check_module.EbpfStatsOptions
         check_module.EbpfStatsOptions = per_object_options  # type: ignore[misc]
         try:
-            slow = new_check()
+            slow_runs = runs_of_a_new_check(max(3, runs // 3))
         finally:
             check_module.EbpfStatsOptions = original  # type: ignore[misc]
-        try:
-            slow_runs = Runs(slow, max(3, runs // 3))
-        finally:
-            slow.cancel()
-            aggregator.reset()
         results.add(Row(section, f'check run, {label}, object by object (get-next-id, fd, info, fdinfo): CPU', 'ms',
                         slow_runs.cpu))  # fmt: skip
         results.add(Row(section, 'object by object / ours, CPU', 'x',

@@ -92,62 +92,45 @@ struct mem_cgroup;
 #define PAGE_KB PAGE_SIZE_KB
 
 #define READ_AT(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
+/* The value of a field of this type at base + off; 0 when the read fails. */
+#define READ_VALUE(type, base, off) ({ type __value = 0; READ_AT(__value, base, off); __value; })
 
 /* --- How this variant reads the kernel (see oom_kill_fill.h) -------------- */
 
 static inline u32 read_task_tgid(struct task_struct *task)
 {
-	int tgid = 0;
-
-	READ_AT(tgid, task, OFF_TASK_TGID);
-	return tgid;
+	return READ_VALUE(int, task, OFF_TASK_TGID);
 }
 
 static inline u32 read_task_tid(struct task_struct *task)
 {
-	int pid = 0;
-
-	READ_AT(pid, task, OFF_TASK_PID);
-	return pid;
+	return READ_VALUE(int, task, OFF_TASK_PID);
 }
 
 static inline u32 read_task_uid(struct task_struct *task)
 {
-	void *cred = NULL;
-	u32 uid = 0;
+	void *cred = READ_VALUE(void *, task, OFF_TASK_REAL_CRED);
 
-	READ_AT(cred, task, OFF_TASK_REAL_CRED);
-	if (cred)
-		READ_AT(uid, cred, OFF_CRED_UID);
-	return uid;
+	return cred ? READ_VALUE(u32, cred, OFF_CRED_UID) : 0;
 }
 
 static inline void *read_task_signal(struct task_struct *task)
 {
-	void *signal = NULL;
-
-	READ_AT(signal, task, OFF_TASK_SIGNAL);
-	return signal;
+	return READ_VALUE(void *, task, OFF_TASK_SIGNAL);
 }
 
 static inline short read_task_oom_score_adj(struct task_struct *task)
 {
 	void *signal = read_task_signal(task);
-	short adj = 0;
 
-	if (signal)
-		READ_AT(adj, signal, OFF_SIGNAL_OOM_SCORE_ADJ);
-	return adj;
+	return signal ? READ_VALUE(short, signal, OFF_SIGNAL_OOM_SCORE_ADJ) : 0;
 }
 
 static inline bool read_task_sigkill_pending(struct task_struct *task)
 {
 	void *signal = read_task_signal(task);
-	unsigned long pending = 0;
 
-	if (signal)
-		READ_AT(pending, signal, OFF_SIGNAL_PENDING);
-	return pending & SIGKILL_BIT;
+	return signal && READ_VALUE(unsigned long, signal, OFF_SIGNAL_PENDING) & SIGKILL_BIT;
 }
 
 static inline void read_task_comm(struct task_struct *task, char *buf)
@@ -157,74 +140,47 @@ static inline void read_task_comm(struct task_struct *task, char *buf)
 
 static inline struct mm_struct *read_task_mm(struct task_struct *task)
 {
-	void *mm = NULL;
-
-	READ_AT(mm, task, OFF_TASK_MM);
-	return mm;
+	return READ_VALUE(void *, task, OFF_TASK_MM);
 }
 
 static inline u64 read_mm_total_vm_pages(struct mm_struct *mm)
 {
-	unsigned long total_vm = 0;
-
-	READ_AT(total_vm, mm, OFF_MM_TOTAL_VM);
-	return total_vm;
+	return READ_VALUE(unsigned long, mm, OFF_MM_TOTAL_VM);
 }
 
 static inline long read_mm_rss_pages(struct mm_struct *mm, int counter)
 {
-	long pages = 0;
-
-	READ_AT(pages, mm, OFF_MM_RSS_STAT + counter * RSS_STAT_STRIDE + OFF_RSS_COUNT);
-	return pages;
+	return READ_VALUE(long, mm, OFF_MM_RSS_STAT + counter * RSS_STAT_STRIDE + OFF_RSS_COUNT);
 }
 
 static inline long read_mm_pgtables_bytes(struct mm_struct *mm)
 {
-	long bytes = 0;
-
-	READ_AT(bytes, mm, OFF_MM_PGTABLES);
-	return bytes;
+	return READ_VALUE(long, mm, OFF_MM_PGTABLES);
 }
 
 static inline struct kernfs_node *read_kn_parent(struct kernfs_node *kn)
 {
-	void *parent = NULL;
-
-	READ_AT(parent, kn, OFF_KN_PARENT);
-	return parent;
+	return READ_VALUE(void *, kn, OFF_KN_PARENT);
 }
 
 static inline const char *read_kn_name(struct kernfs_node *kn)
 {
-	const char *name = NULL;
-
-	READ_AT(name, kn, OFF_KN_NAME);
-	return name;
+	return READ_VALUE(const char *, kn, OFF_KN_NAME);
 }
 
 static inline u64 read_kn_id(struct kernfs_node *kn)
 {
-	u64 id = 0;
-
-	READ_AT(id, kn, OFF_KN_ID);
-	return id;
+	return READ_VALUE(u64, kn, OFF_KN_ID);
 }
 
 static inline struct task_struct *read_task_group_leader(struct task_struct *task)
 {
-	void *leader = NULL;
-
-	READ_AT(leader, task, OFF_TASK_GROUP_LEADER);
-	return leader;
+	return READ_VALUE(void *, task, OFF_TASK_GROUP_LEADER);
 }
 
 static inline u64 read_task_start_time(struct task_struct *task)
 {
-	u64 start = 0;
-
-	READ_AT(start, task, OFF_TASK_START_TIME);
-	return start;
+	return READ_VALUE(u64, task, OFF_TASK_START_TIME);
 }
 
 static inline bool read_task_ns_pid(struct task_struct *task, u32 *nr, u8 *level)
@@ -244,72 +200,55 @@ static inline bool read_task_ns_pid(struct task_struct *task, u32 *nr, u8 *level
 
 static inline struct mem_cgroup *read_task_memcg(struct task_struct *task)
 {
-	void *cgroups = NULL, *css = NULL;
+	void *cgroups = READ_VALUE(void *, task, OFF_TASK_CGROUPS), *css;
 
-	READ_AT(cgroups, task, OFF_TASK_CGROUPS);
 	if (!cgroups || MEMORY_CGRP_ID < 0)	/* no memory controller in this kernel */
 		return NULL;
-	READ_AT(css, cgroups, OFF_CSS_SET_SUBSYS + MEMORY_CGRP_ID * sizeof(void *));
+	css = READ_VALUE(void *, cgroups, OFF_CSS_SET_SUBSYS + MEMORY_CGRP_ID * sizeof(void *));
 	return css ? css - OFF_MEMCG_CSS : NULL;
 }
 
 static inline struct mem_cgroup *read_memcg_parent(struct mem_cgroup *memcg)
 {
-	void *parent = NULL;
+	void *parent = READ_VALUE(void *, memcg, OFF_MEMCG_CSS + OFF_CSS_PARENT);
 
-	READ_AT(parent, memcg, OFF_MEMCG_CSS + OFF_CSS_PARENT);
 	return parent ? parent - OFF_MEMCG_CSS : NULL;
 }
 
 static inline void *read_memcg_cgroup(struct mem_cgroup *memcg)
 {
-	void *cgroup = NULL;
-
-	READ_AT(cgroup, memcg, OFF_MEMCG_CSS + OFF_CSS_CGROUP);
-	return cgroup;
+	return READ_VALUE(void *, memcg, OFF_MEMCG_CSS + OFF_CSS_CGROUP);
 }
 
 static inline struct kernfs_node *read_memcg_kn(struct mem_cgroup *memcg)
 {
-	void *cgroup = read_memcg_cgroup(memcg), *kn = NULL;
+	void *cgroup = read_memcg_cgroup(memcg);
 
-	if (cgroup)
-		READ_AT(kn, cgroup, OFF_CGROUP_KN);
-	return kn;
+	return cgroup ? READ_VALUE(void *, cgroup, OFF_CGROUP_KN) : NULL;
 }
 
 static inline u32 read_memcg_level(struct mem_cgroup *memcg)
 {
 	void *cgroup = read_memcg_cgroup(memcg);
-	int level = 0;
 
-	if (cgroup)
-		READ_AT(level, cgroup, OFF_CGROUP_LEVEL);
-	return level;
+	return cgroup ? READ_VALUE(int, cgroup, OFF_CGROUP_LEVEL) : 0;
 }
 
 static inline u64 read_memcg_usage(struct mem_cgroup *memcg)
 {
-	long pages = 0;
+	long pages = READ_VALUE(long, memcg, OFF_MEMCG_USAGE);
 
-	READ_AT(pages, memcg, OFF_MEMCG_USAGE);
 	return pages > 0 ? pages : 0;
 }
 
 static inline u64 read_memcg_max(struct mem_cgroup *memcg)
 {
-	unsigned long max = 0;
-
-	READ_AT(max, memcg, OFF_MEMCG_MAX);
-	return max;
+	return READ_VALUE(unsigned long, memcg, OFF_MEMCG_MAX);
 }
 
 static inline bool read_memcg_oom_group(struct mem_cgroup *memcg)
 {
-	bool group = false;
-
-	READ_AT(group, memcg, OFF_MEMCG_OOM_GROUP);
-	return group;
+	return READ_VALUE(bool, memcg, OFF_MEMCG_OOM_GROUP);
 }
 
 /* --- Maps ------------------------------------------------------------------ */
@@ -428,19 +367,13 @@ int oom_kill_victim_kprobe(struct pt_regs *ctx)
 int oom_kill_process_kprobe(struct pt_regs *ctx)
 {
 	void *oc = (void *)PT_REGS_PARM1(ctx);
-	struct task_struct *victim = NULL;
+	struct task_struct *victim = READ_VALUE(void *, oc, OFF_OC_CHOSEN);
 	struct oom_control_info info = {};
-	void *memcg = NULL;
-	unsigned long totalpages = 0;
-	long points = 0;
 
-	READ_AT(victim, oc, OFF_OC_CHOSEN);
 	if (!victim)
 		return 0;
-	READ_AT(memcg, oc, OFF_OC_MEMCG);
-	READ_AT(totalpages, oc, OFF_OC_TOTALPAGES);
-	READ_AT(points, oc, OFF_OC_CHOSEN_POINTS);
-	read_oom_control(&info, memcg, totalpages, points, read_task_tgid(victim));
+	read_oom_control(&info, READ_VALUE(void *, oc, OFF_OC_MEMCG), READ_VALUE(unsigned long, oc, OFF_OC_TOTALPAGES),
+			 READ_VALUE(long, oc, OFF_OC_CHOSEN_POINTS), read_task_tgid(victim));
 #ifdef KPROBE_WRITES_RECORDS
 	if (first_kill_of(victim, false))
 		report_kill(ctx, victim, OOM_HOOK_KPROBE, &info);

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import ctypes
 
-from datadog_checks.ebpf_probe.kernel.libbpf import ENOTSUPP, call_int, lib, map_update_elem, prog_test_run_result
+from datadog_checks.ebpf_probe.kernel.libbpf import (
+    ENOTSUPP,
+    MapBatchOpts,
+    call_int,
+    lib,
+    map_update_elem,
+    prog_test_run_result,
+)
 
 
 class _MapCreateOpts(ctypes.Structure):
@@ -24,10 +31,6 @@ class _MapCreateOpts(ctypes.Structure):
         ('inner_map_fd', ctypes.c_uint32),
         ('map_flags', ctypes.c_uint32),
     ]
-
-
-class _MapBatchOpts(ctypes.Structure):
-    _fields_ = [('sz', ctypes.c_size_t), ('elem_flags', ctypes.c_uint64), ('flags', ctypes.c_uint64)]
 
 
 def _declare() -> ctypes.CDLL:
@@ -61,7 +64,7 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> int:
     """Update `count` elements (keys and values packed back to back): in one call, or one by one
     where the kernel has no batch update for the map type (hash-of-maps before 5.13)."""
     n = ctypes.c_uint32(count)
-    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
+    opts = MapBatchOpts(sz=ctypes.sizeof(MapBatchOpts))
     bpf = _declare()
     try:
         call_int('bpf_map_update_batch', bpf.bpf_map_update_batch, fd, keys, values, ctypes.byref(n),

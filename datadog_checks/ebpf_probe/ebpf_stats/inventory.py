@@ -355,27 +355,22 @@ class Inventory:
         records: list[MapRecord] = []
         refcounts: dict[int, int] = {}
         map_type = self._types.map
-        fixed_memory = self._map_memory
-        seen = set()
         for map_id, type_id, key_size, value_size, max_entries, flags, raw_name, refcnt, entries in parse_maps(
             libbpf.read_iterator(self._maps_iter)
         ):
             count, method = None, None
-            fixed = memory_is_fixed(type_id, flags)
-            memory = fixed_memory.get(map_id) if fixed else None
-            needs_fd = memory is None or (type_id in COUNTED_MAP_TYPES and entries == NOT_COUNTED)
-            if type_id in COUNTED_MAP_TYPES and entries != NOT_COUNTED:
+            memory = self._known_map_memory(map_id, type_id, flags)
+            counted = type_id in COUNTED_MAP_TYPES
+            if counted and entries != NOT_COUNTED:
                 count, method = entries, ITERATOR
-            if needs_fd:
+            if memory is None or (counted and entries == NOT_COUNTED):
                 fd = libbpf.fd_by_id('map', map_id)
                 if fd is None:
                     continue  # gone meanwhile
                 try:
                     if memory is None:
-                        memory = memlock(fd)
-                        if fixed:
-                            fixed_memory[map_id] = memory
-                    if type_id in COUNTED_MAP_TYPES and entries == NOT_COUNTED:
+                        memory = self._read_map_memory(map_id, fd, type_id, flags)
+                    if counted and entries == NOT_COUNTED:
                         count, method = self._counter.count(fd, libbpf.map_info(fd))
                 except libbpf.LibbpfError as e:
                     if e.errno == errno.ENOENT:
@@ -383,7 +378,6 @@ class Inventory:
                     raise
                 finally:
                     os.close(fd)
-            seen.add(map_id)
             refcounts[map_id] = refcnt
             records.append(
                 MapRecord(
@@ -398,27 +392,19 @@ class Inventory:
                     memory,
                     count,
                     method,
-                    (),
-                    False,
                 )
             )
-        for map_id in fixed_memory.keys() - seen:
-            del fixed_memory[map_id]
+        self._forget_map_memory(records)
         return records, refcounts
 
     def _maps_by_fd(self) -> list[MapRecord]:
         records = []
-        fixed_memory = self._map_memory
-        seen = set()
         for map_id, fd in libbpf.open_objects('map'):
             try:
                 info = libbpf.map_info(fd)
-                fixed = memory_is_fixed(info.type, info.map_flags)
-                memory = fixed_memory.get(map_id) if fixed else None
+                memory = self._known_map_memory(map_id, info.type, info.map_flags)
                 if memory is None:
-                    memory = memlock(fd)
-                    if fixed:
-                        fixed_memory[map_id] = memory
+                    memory = self._read_map_memory(map_id, fd, info.type, info.map_flags)
                 count, method = None, None
                 if info.type in COUNTED_MAP_TYPES:
                     count, method = self._counter.count(fd, info)
@@ -426,7 +412,6 @@ class Inventory:
                 if e.errno == errno.ENOENT:
                     continue  # gone meanwhile
                 raise
-            seen.add(map_id)
             records.append(
                 MapRecord(
                     map_id,
@@ -440,10 +425,22 @@ class Inventory:
                     memory,
                     count,
                     method,
-                    (),
-                    False,
                 )
             )
-        for map_id in fixed_memory.keys() - seen:
-            del fixed_memory[map_id]
+        self._forget_map_memory(records)
         return records
+
+    def _known_map_memory(self, map_id: int, type_id: int, flags: int) -> int | None:
+        """A map's memory read before, if it cannot have changed since (None: read it from an fd)."""
+        return self._map_memory.get(map_id) if memory_is_fixed(type_id, flags) else None
+
+    def _read_map_memory(self, map_id: int, fd: int, type_id: int, flags: int) -> int | None:
+        memory = memlock(fd)
+        if memory_is_fixed(type_id, flags):
+            self._map_memory[map_id] = memory
+        return memory
+
+    def _forget_map_memory(self, records: list[MapRecord]) -> None:
+        """Drop what was kept for maps that are gone (an id is not reused before the id space wraps)."""
+        for map_id in self._map_memory.keys() - {r.id for r in records}:
+            del self._map_memory[map_id]

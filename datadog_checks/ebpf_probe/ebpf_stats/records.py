@@ -47,8 +47,8 @@ class MapRecord:
     memory_bytes: int | None
     entries: int | None  # None where a count would not be true (arrays, ring buffers...) or was not possible
     entries_method: str | None  # 'iterator', 'for_each', 'batch', 'get_next_key'
-    owners: tuple[Owner, ...]
-    pinned: bool  # held by a pin in bpffs; looked up only for objects no process holds
+    owners: tuple[Owner, ...] = ()  # filled in by the owners' pass
+    pinned: bool = False  # held by a pin in bpffs; looked up only for objects no process holds
 
     @property
     def occupancy(self) -> float | None:

@@ -185,7 +185,9 @@ class _IterAttachOpts(ctypes.Structure):
     _fields_ = [('sz', ctypes.c_size_t), ('link_info', ctypes.c_void_p), ('link_info_len', ctypes.c_uint32)]
 
 
-class _MapBatchOpts(ctypes.Structure):
+class MapBatchOpts(ctypes.Structure):
+    """struct bpf_map_batch_opts (libbpf's bpf.h), for the batch calls here and in the tests."""
+
     _fields_ = [('sz', ctypes.c_size_t), ('elem_flags', ctypes.c_uint64), ('flags', ctypes.c_uint64)]
 
 
@@ -570,7 +572,7 @@ def map_delete_elem(fd: int, key: bytes) -> None:
 def map_lookup_batch(fd: int, in_batch: Any, out_batch: Any, keys: Any, values: Any, count: int) -> tuple[int, bool]:
     """One BPF_MAP_LOOKUP_BATCH step: (elements returned, whether the walk is complete)."""
     n = ctypes.c_uint32(count)
-    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
+    opts = MapBatchOpts(sz=ctypes.sizeof(MapBatchOpts))
     ret = lib().bpf_map_lookup_batch(fd, in_batch, out_batch, keys, values, ctypes.byref(n), ctypes.byref(opts))
     if ret == -errno.ENOENT:
         return n.value, True
