@@ -42,6 +42,9 @@ class Kernel:
     run_counters_in_iterator: bool = True
     # bpf_link_info's missed counts for kprobe perf links and kprobe_multi links (6.7+).
     kprobe_link_missed: bool = False
+    # Before 6.2 (SPLIT_RSS_COUNTING) each thread keeps up to 64 page faults' worth of its RSS
+    # changes to itself and hands them to the process's counters every 64 faults or when it exits.
+    rss_cached_per_thread: bool = False
 
 
 KNOWN: dict[str, Kernel] = {
@@ -63,6 +66,7 @@ KNOWN: dict[str, Kernel] = {
         core_hooks=(TP_BTF, KPROBE),
         bcc_hooks=(RAW_TP, KPROBE),
         entry_counting='element_iterator',
+        rss_cached_per_thread=True,
     ),
     # The same on arm64.
     '6.1.0-56-arm64': Kernel(
@@ -72,6 +76,7 @@ KNOWN: dict[str, Kernel] = {
         core_hooks=(TP_BTF, KPROBE),
         bcc_hooks=(RAW_TP, KPROBE),
         entry_counting='element_iterator',
+        rss_cached_per_thread=True,
     ),
     # Debian 11's first 5.10: mark_victim passes only a pid (the fields came in 5.10.235), so the
     # kprobe on __oom_kill_process (a function of its own there) sees each victim; no
@@ -88,6 +93,7 @@ KNOWN: dict[str, Kernel] = {
         perfmon_opens_perf_events=False,
         run_counters_in_iterator=False,  # no bpf_map_lookup_percpu_elem (5.19)
         verified_instructions=False,
+        rss_cached_per_thread=True,
     ),
     # Debian 13: the full tracepoint, kprobes, and the kfunc (6.6).
     '6.12.118+deb13-amd64': Kernel(

@@ -45,6 +45,10 @@ CORE_ONLY = OOMKillProbeOptions(enable_core=True, allow_runtime_compiled_fallbac
 BCC_ONLY = OOMKillProbeOptions(enable_core=False, allow_runtime_compiled_fallback=True)
 KERNEL = kernels.current()
 PAGE_SIZE = __import__('resource').getpagesize()
+# What a thread may keep of its anonymous RSS before 6.2: it hands its changes over when a fault
+# starts after more than 64 (TASK_RSS_EVENTS_THRESH), one page each.
+RSS_THREAD_CACHE_PAGES = 65
+RSS_THREAD_CACHE_KB = RSS_THREAD_CACHE_PAGES * PAGE_SIZE // 1024
 
 
 def program_ids(name: str) -> set[int]:
@@ -229,7 +233,11 @@ def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(mem
         assert mine.cgroup_path is None  # the tracepoint gives no task: no cgroup
         if KERNEL is None or KERNEL.task_tracepoint:
             assert mine.victim_comm == 'oomtest-tp' and mine.oom_score_adj == 7
-            assert mine.memory is not None and mine.memory.anon_rss_kb == reports[0].anon_rss_kb
+            assert mine.memory is not None
+            if KERNEL is not None and not KERNEL.rss_cached_per_thread:
+                assert mine.memory.anon_rss_kb == reports[0].anon_rss_kb
+            else:  # the main thread, killed, may hand over its cached RSS between the tracepoint and the print
+                assert abs(mine.memory.anon_rss_kb - reports[0].anon_rss_kb) <= RSS_THREAD_CACHE_KB
 
         assert other.victim_pid is None and other.victim_tid == bystander.pid
         assert other.trigger_pid == allocator.pid
