@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from . import kernels
-from .processes import read_until
+from .processes import UNTIL_TOLD, next_run_now, read_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -41,7 +41,7 @@ def test_an_oom_kill_during_the_pause_is_in_the_next_run(tmp_path, memory_cgroup
     conf = tmp_path / 'conf.yaml'
     conf.write_text(config)
     proc = subprocess.Popen(
-        [EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', '3000', '-l', 'info', '-c', str(conf)],
+        [EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', UNTIL_TOLD, '-l', 'info', '-c', str(conf)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -51,6 +51,7 @@ def test_an_oom_kill_during_the_pause_is_in_the_next_run(tmp_path, memory_cgroup
         first_run = read_until(proc.stderr, 'run 1 of 2 finished')
         assert f'Loaded the oom_kill probe ({variant})' in first_run
         victim = memory_cgroup.oom_kill(comm='cli-victim', oom_score_adj=42)
+        next_run_now(proc)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -159,7 +160,7 @@ def test_json_lists_every_program_and_map_bpftool_lists(tmp_path):
         # Run-time statistics held all along: the run count is exact, comparable with the runs made.
         conf.write_text('instances:\n  - collect_oom_kill: false\n    program_runtime_sampling: 1\n')
         proc = subprocess.Popen(
-            [EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', '2000', '-l', 'info', '-c', str(conf)],
+            [EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', UNTIL_TOLD, '-l', 'info', '-c', str(conf)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -175,6 +176,7 @@ def test_json_lists_every_program_and_map_bpftool_lists(tmp_path):
             else:
                 assert 'with BPF_ENABLE_STATS, ' in loaded and 'iter/task_file' in loaded
             objects.run_program(500)  # during the pause, between the two runs
+            next_run_now(proc)
             stdout, _ = proc.communicate(timeout=60)
         finally:
             proc.kill()

@@ -20,6 +20,7 @@ from datadog_checks.ebpf_probe.ebpf_stats.owners import (
     owner_records_from_iterator,
     owner_records_from_proc,
 )
+from datadog_checks.ebpf_probe.ebpf_stats.probe import ITERATORS, REFUSAL_COSTS
 from datadog_checks.ebpf_probe.kernel import libbpf
 from datadog_checks.ebpf_probe.kernel.btf import Btf
 from datadog_checks.ebpf_probe.oom_kill.core import CORE_OBJECT
@@ -63,6 +64,21 @@ def expected_method(made) -> str:
     if made.max_entries >= LARGE_MAP and KERNEL.for_each:
         return 'for_each'  # a large map: a walk 4x faster is worth a load
     return KERNEL.entry_counting
+
+
+def refused_by_the_kernel(probe, hook: str, program: str) -> bool:
+    """Whether the kernel refused the program of `hook`: as the kernel table says, or where the table
+    has not measured this build, as the probe found; a refusal is always said, with its errno."""
+    said = probe.rejected_hooks.get(hook, '').startswith('refused by the kernel: ')
+    expected = KERNEL.refuses(hook) if KERNEL is not None else None
+    if expected is not None:
+        assert said is expected, probe.rejected_hooks
+    if said:
+        [limitation] = [
+            line for line in probe.limitations if f'the kernel refused the {hook} program {program}' in line
+        ]
+        assert '(errno ' in limitation, limitation
+    return said
 
 
 def no_batch_for_maps_of_maps() -> bool:
@@ -230,6 +246,12 @@ def test_full_program_names_come_from_btf():
 def test_each_way_of_counting_counts_exactly(objects, method):
     probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'list_maps_count'})), log)
     try:
+        if method == 'element_iterator' and refused_by_the_kernel(probe, 'iter/bpf_map_elem', 'map_elements'):
+            # The probe counts by the other ways (tested by the other cases) and says why not this one.
+            assert 'iter/bpf_map_elem' not in probe.hooks
+            assert any(line.startswith('element_iterator counting is unavailable: refused by the kernel: ')
+                       for line in probe._counter.unavailable())  # fmt: skip
+            return
         for kind in HASH_KINDS:
             made = objects.maps[kind]
             fd = made.open()
@@ -274,7 +296,9 @@ def counting_programs() -> set[int]:
 def test_without_the_counting_kfunc_each_map_is_walked_in_the_kernel_by_one_loaded_program(objects):
     probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'list_maps_count'})), log)
     try:
-        assert 'bpf_map_sum_elem_count' not in probe.hooks and 'iter/bpf_map_elem' in probe.hooks
+        assert 'bpf_map_sum_elem_count' not in probe.hooks
+        element_iterator = not refused_by_the_kernel(probe, 'iter/bpf_map_elem', 'map_elements')
+        assert ('iter/bpf_map_elem' in probe.hooks) is element_iterator
         programs_before = counting_programs()
         for _ in range(2):
             maps = {m.id: m for m in probe.snapshot().maps}
@@ -287,8 +311,10 @@ def test_without_the_counting_kfunc_each_map_is_walked_in_the_kernel_by_one_load
                 elif made.max_entries >= LARGE_MAP:  # a walk 4x faster, where the kernel has it, is worth a load
                     allowed = {'for_each'} if KERNEL is None or KERNEL.for_each else {'element_iterator'}
                     assert maps[made.id].entries_method in (allowed if KERNEL else {'for_each', 'element_iterator'})
-                else:
+                elif element_iterator:
                     assert maps[made.id].entries_method == 'element_iterator', kind
+                else:  # refused: counted exactly all the same, without a walk in the kernel
+                    assert maps[made.id].entries_method in ('batch', 'get_next_key'), kind
             assert maps[objects.maps['array'].id].entries is None
         # Counting left nothing loaded: one program attached to each small map in turn, and the
         # bpf_for_each_map_elem program for the large one freed after use (the kernel frees it a
@@ -298,7 +324,8 @@ def test_without_the_counting_kfunc_each_map_is_walked_in_the_kernel_by_one_load
             time.sleep(0.1)
         assert counting_programs() == programs_before
         said = {limit.split(': ', 1)[0] for limit in probe.limitations if 'hash_of_maps' in limit}
-        assert 'element_iterator counting is unavailable for map type hash_of_maps' in said
+        if element_iterator:  # else unavailable for every map type, said once (checked above)
+            assert 'element_iterator counting is unavailable for map type hash_of_maps' in said
         if KERNEL is not None:
             assert ('batch counting is unavailable for map type hash_of_maps' in said) is no_batch_for_maps_of_maps()
     finally:
@@ -597,3 +624,60 @@ def test_kprobe_misses_where_the_kernel_counts_them(probe):
         assert program.kprobe_misses is not None and program.kprobe_misses >= 0
     finally:
         obj.close()
+
+
+# --- A program the kernel refuses -----------------------------------------------------------------
+
+
+def loaded_by_me() -> set[str]:
+    """Names of the programs this process holds in the kernel now, as bpftool sees them."""
+    return {p['name'] for p in bpftool('prog', 'show') if any(h['pid'] == os.getpid() for h in p.get('pids', ()))}
+
+
+@pytest.mark.parametrize('program', ['list_programs', 'program_stats', 'list_maps_count', 'list_maps', 'bpf_owners'])
+def test_a_program_the_kernel_refuses_costs_only_what_needs_it(objects, monkeypatch, program):
+    """As a security policy that refuses one program type would: the others load, counts stay exact."""
+    # The map iterator is the kfunc's stand-in: refused without the kfunc's counting, as before 6.6.
+    options = EbpfStatsOptions(
+        collect_program_runtime=False,
+        disabled_iterators=frozenset({'list_maps_count'} if program == 'list_maps' else ()),
+    )
+    plain = EbpfStatsProbe.load(options, log)
+    try:
+        loaded = loaded_by_me()
+    finally:
+        plain.close()
+    real_set_autoload, real_load = libbpf.BpfObject.set_autoload, libbpf.BpfObject.load
+
+    def set_autoload(self, name, autoload):
+        if autoload:
+            self.__dict__.setdefault('autoloaded', set()).add(name)
+        real_set_autoload(self, name, autoload)
+
+    def load(self):
+        if program in self.__dict__.get('autoloaded', ()):
+            raise libbpf.LibbpfError(f'bpf_object__load({os.path.basename(self.path)})', errno.EPERM)
+        real_load(self)
+
+    monkeypatch.setattr(libbpf.BpfObject, 'set_autoload', set_autoload)
+    monkeypatch.setattr(libbpf.BpfObject, 'load', load)
+    probe = EbpfStatsProbe.load(options, log)
+    try:
+        hook = ITERATORS[program]
+        assert probe.rejected_hooks[hook].startswith('refused by the kernel: bpf_object__load(ebpf_stats.bpf.o) ')
+        assert '(errno 1)' in probe.rejected_hooks[hook]
+        [said] = [line for line in probe.limitations if f'the kernel refused the {hook} program {program}' in line]
+        assert said.endswith(REFUSAL_COSTS[program])
+        now = loaded_by_me()
+        # Every other program still loads; the kfunc's counting gives way to the map iterator and walks.
+        stand_ins = {'list_maps', 'map_elements'} if program == 'list_maps_count' else set()
+        assert now - stand_ins == loaded - {program}, probe.rejected_hooks
+        snapshot = probe.snapshot()
+        maps = {m.id: m for m in snapshot.maps}
+        for kind in HASH_KINDS:
+            assert maps[objects.maps[kind].id].entries == objects.maps[kind].entries, kind
+        assert {m['id'] for m in bpftool('map', 'show')} <= set(maps)
+        [made] = [p for p in snapshot.programs if p.id == objects.program_id]
+        assert made.owners == fixture_owner(objects)
+    finally:
+        probe.close()

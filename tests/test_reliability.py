@@ -26,7 +26,7 @@ from datadog_checks.ebpf_probe.kernel import btf as kernel
 from . import kernels
 from .bpf_objects import bpftool
 from .cgroups import MemoryCgroup
-from .processes import read_until
+from .processes import UNTIL_TOLD, next_run_now, read_until
 
 KERNEL = kernels.current()
 
@@ -197,7 +197,7 @@ def test_with_only_cap_bpf_and_cap_perfmon_oom_kills_work_and_accounting_says_wh
     conf.write_text('instances:\n  - {}\n')
     proc = subprocess.Popen(
         ['setpriv', '--inh-caps=-all', '--bounding-set=-all,+bpf,+perfmon', EBPF_PROBE, 'check', '--json', '-t', '2',
-         '--pause', '2000', '-l', 'info', '-c', str(conf)],
+         '--pause', UNTIL_TOLD, '-l', 'info', '-c', str(conf)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -205,6 +205,7 @@ def test_with_only_cap_bpf_and_cap_perfmon_oom_kills_work_and_accounting_says_wh
     try:
         read_until(proc.stderr, 'run 1 of 2 finished')
         victim = memory_cgroup.oom_kill(comm='capbpf-victim')
+        next_run_now(proc)
         stdout, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()

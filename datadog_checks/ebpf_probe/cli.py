@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,6 +161,15 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+# Set by SIGUSR1: the pause in progress (or the next one) ends at once, so that a script can have
+# the next run made right after something it caused (`kill -USR1`), however long that took.
+_next_run_now = threading.Event()
+
+
+def _end_pause(_signum: int, _frame: FrameType | None) -> None:
+    _next_run_now.set()
+
+
 def run_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     init_config, instances = load_config(args.config)
 
@@ -177,10 +187,12 @@ def run_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     runs: list[dict] = []
     problems: list[str] = []
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGUSR1, _end_pause)
     try:
         for n in range(args.check_times):
             if n:
-                time.sleep(args.pause / 1000)
+                _next_run_now.wait(args.pause / 1000)
+                _next_run_now.clear()
             for index, check in enumerate(checks):
                 aggregator.reset()
                 started = time.monotonic()
@@ -234,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument('-c', '--config', help='conf.yaml with init_config and instances (default: the example)')
     check.add_argument('-t', '--check-times', type=int, default=1, help='number of runs (default 1)')
-    check.add_argument('--pause', type=int, default=0, metavar='MS', help='milliseconds between runs')
+    check.add_argument(
+        '--pause', type=int, default=0, metavar='MS', help='milliseconds between runs (SIGUSR1 ends a pause at once)'
+    )
     check.add_argument('--json', action='store_true', help='print a JSON list with one entry per run')
     check.add_argument(
         '--cache-file',

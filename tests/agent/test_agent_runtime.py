@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.package import build_wheel
-from tests.processes import read_until
+from tests.processes import UNTIL_TOLD, next_run_now, read_until
 
 from .root import (
     BASE,
@@ -142,11 +142,12 @@ def check_with_an_oom_kill(
 ) -> tuple[list[dict], str, int, int]:
     """`ebpf-probe check --json` twice in the root, a process OOM-killed between the two runs:
     (runs, stderr, exit status, the victim's pid)."""
-    argv = [*command, EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', '3000', '-l', 'info', '-c', conf]
+    argv = [*command, EBPF_PROBE, 'check', '--json', '-t', '2', '--pause', UNTIL_TOLD, '-l', 'info', '-c', conf]
     proc = root.popen(argv, **kwargs)
     try:
         first = read_until(proc.stderr, 'run 1 of 2 finished')
         victim = memory_cgroup.oom_kill(comm=comm, oom_score_adj=42)
+        next_run_now(proc)
         stdout, rest = proc.communicate(timeout=90)
     finally:
         proc.kill()

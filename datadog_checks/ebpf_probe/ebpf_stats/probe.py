@@ -58,8 +58,15 @@ ITERATORS = {
     'map_elements': 'iter/bpf_map_elem',
     'bpf_owners': 'iter/task_file',
 }
-# Loaded only if the whole object cannot be: the inventory iterators are the newest part.
-INVENTORY_PROGRAMS = ('list_programs', 'program_stats', 'list_maps_count', 'list_maps')
+# What a program the kernel refuses costs (the probe falls back to what the kernel still allows).
+REFUSAL_COSTS = {
+    'list_programs': 'programs are read object by object',
+    'program_stats': 'run-time counters are read program by program',
+    'list_maps_count': 'hash maps are counted map by map',
+    'list_maps': 'maps are read object by object',
+    'map_elements': 'hash maps are counted by batch lookups or one by one',
+    'bpf_owners': 'owners are read from /proc',
+}
 MAX_CPUS = 1024  # bpf/ebpf_stats.bpf.c: the CPUs whose run-time counters the iterator sums
 DEFAULT_SAMPLED_FRACTION = 0.05
 DEFAULT_INTERVAL = 15.0
@@ -132,13 +139,12 @@ class EbpfStatsProbe:
         return probe
 
     def _load(self) -> None:
-        wanted = self._iterator_plan()
+        available = self._iterator_plan()
         path = bpf_file(STATS_OBJECT)
-        if any(wanted.values()) and not path.exists():
+        if any(available.values()) and not path.exists():
             self.limitations.append(f'the BPF iterators are not loaded: {path} is missing (build it with make bpf)')
-            wanted = dict.fromkeys(wanted, False)
-        if any(wanted.values()):
-            wanted = self._load_iterators(wanted)
+            available = dict.fromkeys(available, False)
+        wanted = self._load_iterators(available)
         walks: dict[str, Walk] = {}
         unavailable: dict[str, str] = {}
         if wanted['map_elements']:
@@ -161,51 +167,84 @@ class EbpfStatsProbe:
         if self._options.collect_program_runtime:
             self._start_run_time()
 
-    def _load_iterators(self, wanted: dict[str, bool]) -> dict[str, bool]:
-        """Load what is wanted; if that fails, the same without the inventory iterators, then nothing."""
-        attempts = [wanted]
-        if any(wanted[p] for p in INVENTORY_PROGRAMS):
-            attempts.append({p: want and p not in INVENTORY_PROGRAMS for p, want in wanted.items()})
-        errors = []
-        for attempt in attempts:
-            if not any(attempt.values()):
+    @staticmethod
+    def _chosen(available: dict[str, bool]) -> dict[str, bool]:
+        """The programs to load of those available: with the counting kfunc, no other way to count maps."""
+        wanted = dict(available)
+        if wanted['list_maps_count']:
+            wanted['list_maps'] = wanted['map_elements'] = False
+        return wanted
+
+    def _load_iterators(self, available: dict[str, bool]) -> dict[str, bool]:
+        """Load the iterator programs chosen; one the kernel refuses costs only what needs it.
+
+        The whole object is loaded at once; only if the kernel refuses it is each program tried
+        alone, to learn which ones it refuses (a security policy or a hardened build may refuse one
+        program type), and the object loaded again without them and with their stand-ins.
+        """
+        refused: dict[str, str] = {}
+        while True:
+            wanted = self._chosen({p: ok and p not in refused for p, ok in available.items()})
+            programs = [p for p, want in wanted.items() if want]
+            if not programs:
                 break
             try:
-                obj = libbpf.BpfObject(str(bpf_file(STATS_OBJECT)))
-                self._obj = obj
-                for program, want in attempt.items():
-                    obj.set_autoload(program, want)
-                obj.set_rodata({'nr_cpus': struct.pack('<I', self._nr_cpus)})
-                obj.load()
-                # map_elements is attached to one map at a time, when counting it.
-                self._iters = {
-                    program: obj.attach_iter(program)
-                    for program, want in attempt.items()
-                    if want and program != 'map_elements'
-                }
+                self._load_object(programs)
+                break
             except (libbpf.LibbpfError, OSError) as e:
                 self._log.debug('eBPF stats iterators failed to load', exc_info=True)
                 self._close_object()
-                errors.append(str(e))
-                continue
-            if attempt is not wanted:
-                for program in INVENTORY_PROGRAMS:
-                    self.rejected_hooks[ITERATORS[program]] = f'could not be loaded: {errors[0]}'
-                self.limitations.append(
-                    f'the iter/bpf_prog and iter/bpf_map iterators could not be loaded ({errors[0]}): programs and '
-                    'maps are read object by object'
-                )
-            self.hooks += sorted(
-                {ITERATORS[p] for p, want in attempt.items() if want}, key=list(ITERATORS.values()).index
+                # Refused together but not alone (memory, say): none of them, for that reason.
+                refused.update(self._refused_alone(programs) or dict.fromkeys(programs, str(e)))
+        if available['list_maps_count'] and 'list_maps_count' not in refused:
+            self.rejected_hooks.setdefault(
+                ITERATORS['map_elements'], 'not needed: the kernel counts every map in one pass'
             )
-            if attempt.get('list_maps_count'):
-                self.hooks.append('bpf_map_sum_elem_count')
-            return attempt
-        self.limitations.append(
-            f'the BPF iterators could not be loaded ({"; ".join(errors)}): programs and maps are read object by '
-            'object, map entries counted map by map and owners read from /proc'
-        )
-        return dict.fromkeys(wanted, False)
+        self._say_refused(refused, wanted)
+        self.hooks += sorted({ITERATORS[p] for p, want in wanted.items() if want}, key=list(ITERATORS.values()).index)
+        if wanted['list_maps_count']:
+            self.hooks.append('bpf_map_sum_elem_count')
+        return wanted
+
+    def _load_object(self, programs: list[str]) -> None:
+        """Load STATS_OBJECT with these programs only and attach its iterators (map_elements: per map)."""
+        obj = libbpf.BpfObject(str(bpf_file(STATS_OBJECT)))
+        self._obj = obj
+        for program in ITERATORS:
+            obj.set_autoload(program, program in programs)
+        obj.set_rodata({'nr_cpus': struct.pack('<I', self._nr_cpus)})
+        obj.load()
+        self._iters = {program: obj.attach_iter(program) for program in programs if program != 'map_elements'}
+
+    def _refused_alone(self, programs: list[str]) -> dict[str, str]:
+        """program -> the kernel's refusal, for those of `programs` that do not load even alone."""
+        refused = {}
+        for program in programs:
+            try:
+                self._load_object([program])
+            except (libbpf.LibbpfError, OSError) as e:
+                refused[program] = str(e)
+            finally:
+                self._close_object()
+        return refused
+
+    def _say_refused(self, refused: dict[str, str], loaded: dict[str, bool]) -> None:
+        """Each refusal, named with the kernel's errno and what it costs."""
+        if refused and not any(loaded.values()):
+            errors = sorted(set(refused.values()))
+            self.limitations.append(
+                f'the BPF iterators could not be loaded ({"; ".join(errors)}): programs and maps are read object by '
+                'object, map entries counted map by map and owners read from /proc'
+            )
+        for program, error in refused.items():
+            hook = ITERATORS[program]
+            self.rejected_hooks[hook] = f'refused by the kernel: {error}'
+            if program == 'list_maps_count':
+                self.rejected_hooks['bpf_map_sum_elem_count'] = f'refused by the kernel: {error}'
+            if any(loaded.values()):
+                self.limitations.append(
+                    f'the kernel refused the {hook} program {program} ({error}): {REFUSAL_COSTS[program]}'
+                )
 
     def _start_run_time(self) -> None:
         fraction = self._options.runtime_sampling
@@ -264,9 +303,7 @@ class EbpfStatsProbe:
             return wanted
         with btf:
             self._plan_inventory(btf, wanted, disabled, reject)
-            if wanted['list_maps_count']:
-                reject(ITERATORS['map_elements'], 'not needed: the kernel counts every map in one pass')
-            elif 'map_elements' in disabled:
+            if 'map_elements' in disabled:
                 reject(ITERATORS['map_elements'], 'disabled by the probe options')
             elif not btf.has_struct('bpf_iter__bpf_map_elem'):
                 reject(ITERATORS['map_elements'], 'the kernel has no map element iterator (5.9+)')
@@ -303,7 +340,7 @@ class EbpfStatsProbe:
             reject(ITERATORS['list_maps'], 'the kernel has no bpf_map iterator (5.8+)')
         elif 'list_maps' in disabled:
             reject(ITERATORS['list_maps'], 'disabled by the probe options')
-        elif not wanted['list_maps_count']:
+        else:
             wanted['list_maps'] = True
         if 'list_maps' in disabled:  # the object-by-object way, for tests: no map iterator at all
             wanted['list_maps_count'] = wanted['list_maps'] = False
