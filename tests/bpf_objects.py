@@ -154,16 +154,6 @@ class TestObjects:
         finally:
             os.close(fd)
 
-    def statistics_on_elsewhere(self) -> bool:
-        """Whether the kernel counts runs now though this process holds no BPF_ENABLE_STATS fd.
-
-        Other processes on a shared machine (bpftop, other checks under test) turn statistics on:
-        a test that needs them off skips when this says so, rather than fail.
-        """
-        before = self.program_run_count()
-        self.run_program(10)
-        return self.program_run_count() != before
-
     def close(self) -> None:
         if self._proc.poll() is None:
             self._proc.stdin.close()
@@ -273,3 +263,34 @@ class _Pacer:
 
 if __name__ == '__main__':
     _serve(sys.argv[1] if len(sys.argv) > 1 else OWNER_COMM)
+
+
+def statistics_holders() -> dict[int, int]:
+    """pid -> BPF_ENABLE_STATS file descriptors it holds (the kernel names them anon_inode:bpf-stats)."""
+    holders: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            fds = os.listdir(f'/proc/{pid}/fd')
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f'/proc/{pid}/fd/{fd}') == 'anon_inode:bpf-stats':
+                    holders[int(pid)] = holders.get(int(pid), 0) + 1
+            except OSError:
+                continue
+    return holders
+
+
+def counted_with_statistics_off() -> None:
+    """The kernel counted runs while this process had statistics off: a skip if another process (or
+    the sysctl) keeps them on, as on a shared machine; a failure if this process still holds them."""
+    import pytest
+
+    holders = statistics_holders()
+    mine = holders.pop(os.getpid(), 0)
+    assert not mine, f'this process still holds {mine} BPF_ENABLE_STATS fd(s): statistics left on'
+    with open('/proc/sys/kernel/bpf_stats_enabled') as f:
+        sysctl = f.read().strip() == '1'
+    assert holders or sysctl, 'the kernel counted runs with statistics off, and no one holds them on'
+    pytest.skip(f'BPF statistics are kept on elsewhere: processes {sorted(holders)}, sysctl {int(sysctl)}')

@@ -35,7 +35,9 @@ from .bpf_objects import (
     OWNER_COMM,
     PROG_SOCKET_FILTER,
     bpftool,
+    counted_with_statistics_off,
     make_test_objects,
+    statistics_holders,
 )
 from .bpf_syscalls import map_create, map_update_batch, obj_pin, prog_load
 
@@ -195,8 +197,8 @@ def test_stats_are_off_again_after_close(objects):
     objects.run_program(10)
     off = objects.program_run_count()
     assert on == before + 10
-    if off != on and objects.statistics_on_elsewhere():
-        pytest.skip('another process holds BPF statistics on')
+    if off != on:
+        counted_with_statistics_off()
     assert off == on  # nothing counted once the probe let go of BPF_ENABLE_STATS
     assert stats_enabled_by_sysctl() == '0'  # and the sysctl was never touched
     probe.close()  # idempotent
@@ -207,8 +209,8 @@ def test_without_collect_program_runtime_stats_stay_off(objects):
     try:
         before = objects.program_run_count()
         objects.run_program(10)
-        if objects.program_run_count() != before and objects.statistics_on_elsewhere():
-            pytest.skip('another process holds BPF statistics on')
+        if objects.program_run_count() != before:
+            counted_with_statistics_off()
         assert objects.program_run_count() == before
         assert not [hook for hook in probe.hooks if hook.startswith('BPF_ENABLE_STATS')]
         assert probe.snapshot().run_time is None
@@ -430,34 +432,43 @@ def map_record(probe, map_id):
     return record
 
 
-def test_owners_are_not_looked_for_again_on_a_steady_host(objects, probe):
-    def steady_snapshot():
-        # Runs are an interval apart: the kernel has freed what the previous run's counting attached
-        # (without the kfunc), which holds references to the maps until then.
-        time.sleep(0.2)
-        snapshot = probe.snapshot()
-        return {m.id for m in snapshot.maps} | {p.id for p in snapshot.programs}
+def object_ids(snapshot) -> set[tuple[str, int]]:
+    return {('map', m.id) for m in snapshot.maps} | {('prog', p.id) for p in snapshot.programs}
 
-    steady_snapshot()
-    scans = probe.owner_scans
-    ids = steady_snapshot()
-    assert probe.owner_scans == scans or ids != steady_snapshot(), 'a scan without any object coming or going'
+
+def without_counting_programs(before: set[int]) -> None:
+    """Wait until the kernel freed the programs a run's counting loaded (it frees them a moment later)."""
+    deadline = time.monotonic() + 60
+    while counting_programs() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_owners_are_not_looked_for_again_on_a_steady_host(objects, probe):
+    """Two runs that see the same objects with the same holders: the second walks no file descriptors."""
+    baseline = counting_programs()
+    without_counting_programs(baseline)
+    previous = object_ids(probe.snapshot())
+    for _ in range(20):  # until the host is steady: objects of earlier tests may still be going
+        without_counting_programs(baseline)
+        scans = probe.owner_scans
+        now = object_ids(probe.snapshot())
+        if now == previous and probe.owner_scans == scans:
+            return
+        previous = now
+    raise AssertionError(f'every run walked the file descriptors again ({probe.owner_scans} walks)')
 
 
 def test_counting_maps_one_by_one_does_not_make_owners_looked_for_again(objects):
     """Without the kfunc, counting attaches links and loads programs for a moment: not new objects."""
     probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'list_maps_count'})), log)
     try:
+        baseline = counting_programs()
         probe.snapshot()
-        time.sleep(0.2)  # the kernel frees the counting's links and programs a moment later
-        ids, scans = None, probe.owner_scans
+        without_counting_programs(baseline)
+        ids, scans = object_ids(probe.snapshot()), probe.owner_scans
         for _ in range(3):
-            snapshot = probe.snapshot()
-            now = {p.id for p in snapshot.programs} | {m.id for m in snapshot.maps}
-            if ids is not None and now != ids:
-                pytest.skip('objects came or went meanwhile (another process on this machine)')
-            ids = now
-            time.sleep(0.2)
+            without_counting_programs(baseline)
+            assert object_ids(probe.snapshot()) == ids  # nothing else runs here
         assert probe.owner_scans == scans
     finally:
         probe.close()
@@ -515,11 +526,12 @@ def test_statistics_are_on_only_for_a_window_after_a_snapshot(objects):
         deadline = time.monotonic() + 5
         while probe.statistics_windows < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.3)  # closed by now
+        while statistics_holders().get(os.getpid()) and time.monotonic() < deadline + 60:
+            time.sleep(0.01)  # until the window closed, as the kernel shows it
         before = objects.program_run_count()
         objects.run_program(100)
-        if objects.program_run_count() != before and objects.statistics_on_elsewhere():
-            pytest.skip('another process holds BPF statistics on')
+        if objects.program_run_count() != before:
+            counted_with_statistics_off()
         assert objects.program_run_count() == before  # off between windows: no tax
         assert probe.statistics_windows == 1  # one window per interval, none without a snapshot
     finally:
