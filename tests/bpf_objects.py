@@ -40,6 +40,19 @@ def bpftool(*args: str) -> list[dict]:
     return json.loads(subprocess.run(['bpftool', '-j', *args], capture_output=True, check=True, text=True).stdout)
 
 
+def held_by_me() -> dict[int, str]:
+    """id -> name (the kernel's 15 characters) of each program this process holds a file descriptor
+    of, as the kernel shows them: /proc/self/fdinfo's prog_id, bpftool's names."""
+    ids = set()
+    for fd in os.listdir('/proc/self/fdinfo'):
+        try:
+            with open(f'/proc/self/fdinfo/{fd}') as f:
+                ids.update(int(line.split()[1]) for line in f if line.startswith('prog_id:'))
+        except OSError:
+            continue  # closed meanwhile (the listing's own fd)
+    return {p['id']: p['name'] for p in bpftool('prog', 'show') if p['id'] in ids}
+
+
 def bpftool_struct(name: str) -> list[tuple[str, int]]:
     """(member, byte offset) of a kernel struct as bpftool reads the kernel's BTF ('' for anonymous ones)."""
     raw = subprocess.run(

@@ -10,8 +10,10 @@ asserts the exact expectation on a known kernel and only the invariants elsewher
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 
 TP_BTF = 'tp_btf/mark_victim'
@@ -152,3 +154,27 @@ def lookup(release: str) -> Kernel | None:
 def current() -> Kernel | None:
     """The running kernel's expectations, or None on a kernel not in the table (assert invariants only)."""
     return lookup(os.uname().release)
+
+
+# --- Facts of a kernel not in the table, from the kernel itself (never from the code under test) ---
+
+
+def has_kprobes() -> bool | None:
+    """CONFIG_KPROBES: as the table says, else as the kernel's own config says; None if neither tells."""
+    kernel = current()
+    if kernel is not None:
+        return kernel.kprobes
+    try:
+        with gzip.open('/proc/config.gz', 'rt') as f:
+            return any(line.strip() == 'CONFIG_KPROBES=y' for line in f)
+    except OSError:
+        return None
+
+
+def offers_ring_buffer() -> bool:
+    """BPF ring buffers: as the table says, else as bpftool's probe of the kernel finds."""
+    kernel = current()
+    if kernel is not None:
+        return kernel.ring_buffer
+    shown = subprocess.run(['bpftool', 'feature', 'probe', 'kernel'], capture_output=True, text=True).stdout
+    return 'eBPF map_type ringbuf is available' in shown
