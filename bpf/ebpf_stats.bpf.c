@@ -25,6 +25,10 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+/* Never read: they put the records' layout in the object's BTF, which the user side's is tested against. */
+struct prog_record prog_record_layout;
+struct map_record map_record_layout;
+
 extern s64 bpf_map_sum_elem_count(const struct bpf_map *map) __ksym __weak;
 
 /* Set before load. nr_cpus: possible CPUs (0..nr_cpus-1), 0 where run-time

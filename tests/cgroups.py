@@ -222,3 +222,10 @@ class MemoryCgroup:
             except OSError:
                 time.sleep(0.05)  # the killed tasks are still leaving
         raise RuntimeError(f'could not remove {folder}')
+
+
+def vmstat_oom_kills() -> int:
+    """The host's count of OOM kills, read where the kernel keeps it (/proc/vmstat's oom_kill)."""
+    with open('/proc/vmstat') as f:
+        [count] = [int(line.split()[1]) for line in f if line.startswith('oom_kill ')]
+    return count

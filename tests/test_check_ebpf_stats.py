@@ -7,7 +7,7 @@ import time
 import pytest
 
 from datadog_checks.base import AgentCheck
-from datadog_checks.dev.utils import get_metadata_metrics
+from datadog_checks.dev.utils import get_metadata_metrics, get_service_checks
 from datadog_checks.ebpf_probe import EbpfProbeCheck
 
 from . import kernels
@@ -71,6 +71,13 @@ def test_maps_and_programs_we_made_are_reported_with_bpftools_figures(dd_run_che
         assert average.value == pytest.approx(run_time.value / 1000)
         [cpu] = [m for m in aggregator.metrics('ebpf_probe.program.cpu_usage') if m.tags == tags]
         assert 0 < cpu.value < 100
+        for metric, value in (
+            ('run_time', run_time.value),
+            ('average_run_time', average.value),
+            ('cpu_usage', cpu.value),
+        ):
+            aggregator.assert_metric(f'ebpf_probe.program.{metric}', value=value, count=1, tags=tags)
+        aggregator.assert_metric('ebpf_probe.program.instances', value=1, count=1, tags=tags)
         aggregator.assert_metric('ebpf_probe.program.recursion_misses', value=0, count=1, tags=tags)
         aggregator.assert_metric('ebpf_probe.program.translated_size', value=shown['bytes_xlated'], tags=tags)
         aggregator.assert_metric('ebpf_probe.program.jited_size', value=shown['bytes_jited'], tags=tags)
@@ -94,11 +101,23 @@ def test_maps_and_programs_we_made_are_reported_with_bpftools_figures(dd_run_che
         assert sum(m.value for m in totals) == len(bpftool('prog', 'show'))
         assert sum(m.value for m in aggregator.metrics('ebpf_probe.maps.total')) == len(bpftool('map', 'show'))
         aggregator.assert_metric('ebpf_probe.maps.total', value=3, tags=['map_type:hash', f'owner:{ME}', 'team:kernel'])
+        # Memory in all, as bpftool adds it up; every object within the series limits.
+        for kind, listed in (('program', bpftool('prog', 'show')), ('map', bpftool('map', 'show'))):
+            submitted = aggregator.metrics(f'ebpf_probe.{kind}s.memory')
+            assert sum(m.value for m in submitted) == sum(o['bytes_memlock'] for o in listed), kind
+            for point in submitted:
+                aggregator.assert_metric(f'ebpf_probe.{kind}s.memory', value=point.value, tags=point.tags)
+            aggregator.assert_metric(f'ebpf_probe.{kind}s.unreported', value=0, count=1, tags=['team:kernel'])
+        aggregator.assert_metric(
+            'ebpf_probe.programs.total', value=1, tags=['program_type:socket_filter', f'owner:{ME}', 'team:kernel']
+        )
         aggregator.assert_service_check(
             'ebpf_probe.probe.can_load', AgentCheck.OK, tags=['probe:ebpf_stats', 'team:kernel']
         )
-        aggregator.assert_metrics_using_metadata(get_metadata_metrics())
+        aggregator.assert_service_checks(get_service_checks())
+        aggregator.assert_metrics_using_metadata(get_metadata_metrics(), check_submission_type=True)
         aggregator.assert_no_duplicate_metrics()
+        aggregator.assert_all_metrics_covered()
     finally:
         check.cancel()
 

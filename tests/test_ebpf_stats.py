@@ -5,6 +5,7 @@
 import errno
 import logging
 import os
+import re
 import signal
 import struct
 import threading
@@ -13,14 +14,14 @@ import uuid
 
 import pytest
 
-from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, Owner, links
+from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, Owner, inventory, links
 from datadog_checks.ebpf_probe.ebpf_stats.entries import LARGE_MAP, EntryCounter
 from datadog_checks.ebpf_probe.ebpf_stats.owners import (
     bpffs_mounts,
     owner_records_from_iterator,
     owner_records_from_proc,
 )
-from datadog_checks.ebpf_probe.ebpf_stats.probe import ITERATORS, REFUSAL_COSTS
+from datadog_checks.ebpf_probe.ebpf_stats.probe import ITERATORS, REFUSAL_COSTS, STATS_OBJECT
 from datadog_checks.ebpf_probe.kernel import libbpf
 from datadog_checks.ebpf_probe.kernel.btf import Btf
 from datadog_checks.ebpf_probe.oom_kill.core import CORE_OBJECT
@@ -695,3 +696,21 @@ def test_a_program_the_kernel_refuses_costs_only_what_needs_it(objects, monkeypa
         assert made.owners == fixture_owner(objects)
     finally:
         probe.close()
+
+
+# --- What the iterators write, as the compiled object lays it out -----------------------------------
+
+
+@pytest.mark.parametrize('name, layout', [('prog_record', inventory.PROG_RECORD), ('map_record', inventory.MAP_RECORD)])
+def test_the_iterator_records_match_the_compiled_object_field_by_field(name, layout):
+    obj = libbpf.BpfObject(str(bpf_file(STATS_OBJECT)))
+    try:
+        btf = obj.btf()
+        record = btf.find(name, 4)
+        assert btf.size(record) == layout.size
+        in_btf = [(offset_bits // 8, btf.size(member_type)) for _name, member_type, offset_bits in btf.members(record)]
+    finally:
+        obj.close()
+    items = re.findall(r'\d*[a-zA-Z]', layout.format[1:])
+    ours = [(struct.calcsize('<' + ''.join(items[:i])), struct.calcsize('<' + item)) for i, item in enumerate(items)]
+    assert in_btf == ours
