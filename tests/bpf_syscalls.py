@@ -9,6 +9,8 @@ check itself calls; these use the same loaded library.
 from __future__ import annotations
 
 import ctypes
+import os
+import struct
 
 from datadog_checks.ebpf_probe.kernel.libbpf import (
     ENOTSUPP,
@@ -102,3 +104,54 @@ def prog_test_run_timed(fd: int, data: bytes, repeat: int) -> int:
     """BPF_PROG_TEST_RUN `repeat` times: the kernel's average time per run, in ns (clock reads of
     run-time statistics included when they are on)."""
     return prog_test_run_result(fd, data, repeat).duration
+
+
+# --- kprobes through perf event links (tests of kprobe misses) --------------------------------------
+
+PROG_KPROBE = 2
+BPF_PERF_EVENT = 41  # enum bpf_attach_type
+_PERF_EVENT_OPEN = {'x86_64': 298, 'aarch64': 241}  # syscall numbers
+_PERF_ATTR_SIZE = 112  # PERF_ATTR_SIZE_VER5
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack('<BBhi', code, dst | src << 4, off, imm)
+
+
+# A kprobe program that calls the helper bpf_get_current_comm() (never inlined) and returns 0.
+CALLS_GET_CURRENT_COMM = b''.join(
+    (
+        _insn(0xBF, dst=1, src=10),  # r1 = r10
+        _insn(0x07, dst=1, imm=-16),  # r1 += -16: a 16-byte buffer on the stack
+        _insn(0xB7, dst=2, imm=16),  # r2 = 16
+        _insn(0x85, imm=16),  # call bpf_get_current_comm
+        _insn(0xB7, dst=0, imm=0),  # r0 = 0
+        _insn(0x95),  # exit
+    )
+)
+RETURNS_ZERO = _insn(0xB7, dst=0, imm=0) + _insn(0x95)
+
+
+def attach_kprobe(prog_fd: int, function: str) -> tuple[int, int]:
+    """Attach a kprobe program to `function` through a perf event link: (link fd, perf event fd)."""
+    with open('/sys/bus/event_source/devices/kprobe/type') as f:
+        pmu_type = int(f.read())
+    name = ctypes.create_string_buffer(function.encode())
+    attr = bytearray(_PERF_ATTR_SIZE)
+    struct.pack_into('<II', attr, 0, pmu_type, _PERF_ATTR_SIZE)
+    struct.pack_into('<QQ', attr, 56, ctypes.addressof(name), 0)  # config1: the function's name, config2: offset 0
+    buffer = (ctypes.c_char * _PERF_ATTR_SIZE).from_buffer(attr)
+    libc = ctypes.CDLL(None, use_errno=True)
+    perf_fd = libc.syscall(_PERF_EVENT_OPEN[os.uname().machine], buffer, -1, 0, -1, 8)  # pid -1, CPU 0, CLOEXEC
+    if perf_fd < 0:
+        raise OSError(ctypes.get_errno(), f'perf_event_open(kprobe {function}) failed')
+    bpf = lib()
+    bpf.bpf_link_create.restype = ctypes.c_int
+    bpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    try:
+        link_fd = call_int(f'bpf_link_create(kprobe {function})', bpf.bpf_link_create, prog_fd, perf_fd,
+                           BPF_PERF_EVENT, None)  # fmt: skip
+    except OSError:
+        os.close(perf_fd)
+        raise
+    return link_fd, perf_fd

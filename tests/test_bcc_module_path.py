@@ -7,6 +7,8 @@ The Agent's embedded Python sees only its own packages; Debian's python3-bpfcc p
 neighbours (they would shadow the Agent's own packages). tests/agent runs it with the real one.
 """
 
+import importlib.util
+import os
 import sys
 
 import pytest
@@ -124,8 +126,11 @@ def test_the_option_reaches_the_fallback(dd_run_check, aggregator, root, tmp_pat
 
 
 @pytest.mark.kernel
-def test_debians_bcc_through_the_option_loads_the_fallback(dd_run_check, aggregator, root):
-    """The host's python3-bpfcc, given by its path (this venv would see it anyway)."""
+def test_debians_bcc_through_the_option_loads_the_fallback(dd_run_check, aggregator, root, no_bcc, monkeypatch):
+    """The host's python3-bpfcc, given by its path, to a Python that does not see it otherwise."""
+    parent = os.path.dirname(kernel_bcc.DEBIAN_BCC_MODULE)
+    monkeypatch.setattr(sys, 'path', [p for p in sys.path if os.path.realpath(p) != os.path.realpath(parent)])
+    assert importlib.util.find_spec('bcc') is None  # as in the Agent's embedded Python
     check = EbpfProbeCheck(
         'ebpf_probe',
         {},
@@ -134,5 +139,6 @@ def test_debians_bcc_through_the_option_loads_the_fallback(dd_run_check, aggrega
     try:
         dd_run_check(check)
         aggregator.assert_service_check(CAN_LOAD, AgentCheck.OK, tags=['probe:oom_kill'])
+        assert sys.modules['bcc'].__file__ == os.path.join(kernel_bcc.DEBIAN_BCC_MODULE, '__init__.py')
     finally:
         check.cancel()

@@ -41,7 +41,16 @@ from .bpf_objects import (
     make_test_objects,
     statistics_holders,
 )
-from .bpf_syscalls import map_create, map_update_batch, obj_pin, prog_load
+from .bpf_syscalls import (
+    CALLS_GET_CURRENT_COMM,
+    PROG_KPROBE,
+    RETURNS_ZERO,
+    attach_kprobe,
+    map_create,
+    map_update_batch,
+    obj_pin,
+    prog_load,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -627,17 +636,22 @@ def test_kprobe_misses_where_the_kernel_counts_them(probe):
         assert 'no missed counts (6.7+)' in probe.rejected_hooks['kprobe misses']
         return
     assert 'bpf_link_info (kprobe misses)' in probe.hooks
-    obj = libbpf.BpfObject(str(bpf_file(CORE_OBJECT)))
+    # A kprobe hit while another kprobe's program runs on the CPU is missed (kprobes do not nest):
+    # one on the helper that a program on every open() calls misses once per open(), at least.
+    outer = prog_load(PROG_KPROBE, 'on_open', CALLS_GET_CURRENT_COMM)
+    inner = prog_load(PROG_KPROBE, 'in_a_kprobe', RETURNS_ZERO)
+    fds = [outer, inner]
     try:
-        for program in ('mark_victim_btf', 'mark_victim_tracepoint', 'oom_kill_victim'):
-            obj.set_autoload(program, False)
-        obj.load()
-        obj.attach('oom_kill_process')  # a kprobe through a perf event link (libbpf 1.x)
-        prog_id = libbpf.prog_info(obj.program_fd('oom_kill_process')).id
-        [program] = [p for p in probe.snapshot().programs if p.id == prog_id]
-        assert program.kprobe_misses is not None and program.kprobe_misses >= 0
+        fds += attach_kprobe(inner, 'bpf_get_current_comm')
+        [before] = [p.kprobe_misses for p in probe.snapshot().programs if p.id == libbpf.prog_info(inner).id]
+        fds += attach_kprobe(outer, 'do_sys_openat2')
+        for _ in range(100):
+            open('/proc/self/stat').close()
+        [program] = [p for p in probe.snapshot().programs if p.id == libbpf.prog_info(inner).id]
+        assert before == 0 and program.kprobe_misses >= 100
     finally:
-        obj.close()
+        for fd in fds:
+            os.close(fd)
 
 
 # --- A program the kernel refuses -----------------------------------------------------------------
