@@ -362,3 +362,34 @@ def test_two_instances_never_report_a_kill_twice(dd_run_check, aggregator, memor
     finally:
         first.cancel()
         second.cancel()
+
+
+@pytest.mark.oom
+def test_a_kill_storm_is_bounded_events_and_one_summary_every_kill_counted(
+    dd_run_check, aggregator, instance, memory_cgroup
+):
+    """A crash loop's kills beyond max_oom_kill_events: one summary event, the count exact."""
+    check = make_check({**instance, 'collect_ebpf_stats': False, 'max_oom_kill_events': 2})
+    try:
+        dd_run_check(check)
+        aggregator.reset()
+        victims = [memory_cgroup.oom_kill(comm=f'storm-{i % 2}') for i in range(6)]
+        dd_run_check(check)
+
+        assert memory_cgroup.kernel_oom_kills() == len(victims)  # the kernel's own count, the reference
+        counted = sum(m.value for m in aggregator.metrics('ebpf_probe.oom_kill.count'))
+        assert counted == len(victims)
+        aggregator.assert_metric('ebpf_probe.oom_kill.unaccounted', value=0, count=1, tags=instance['tags'])
+        *kills, storm = aggregator.events
+        assert [e['msg_title'] for e in kills] == [f'OOM kill: storm-{i % 2} (pid {v.pid})' for i, v in
+                                                   enumerate(victims[:2])]  # fmt: skip
+        assert storm['msg_title'] == 'OOM kill storm: 4 more processes killed since the last run'
+        assert storm['alert_type'] == 'error' and storm['aggregation_key'] == 'oom_kill_storm'
+        assert sorted(storm['tags']) == sorted(['oom_kill_storm:true', *instance['tags']])
+        assert victims[-1].started - 1 <= storm['timestamp'] <= victims[-1].ended + 1
+        text = storm['msg_text']
+        assert 'killed 4 more processes (4 kills) since the last run than the 2 described' in text
+        where = f'cgroup /{memory_cgroup.name.replace("-", chr(92) + "-")}'
+        assert f'| {where} | **storm\\-0** | 2 |' in text and f'| {where} | **storm\\-1** | 2 |' in text
+    finally:
+        check.cancel()

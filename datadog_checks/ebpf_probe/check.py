@@ -58,6 +58,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._close_requested = False
         self._tags: list[str] = []
         self._cardinality = report.LOW
+        self._max_events = 0
         self._oom_kill: ProbeSlot[OOMKillProbe] | None = None
         self._ebpf_stats: ProbeSlot[EbpfStatsProbe] | None = None
         self._stats_metrics: StatsMetrics | None = None
@@ -102,6 +103,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             interval=float(config.min_collection_interval or 15),
         )
         retry = float(given(config.load_retry_max_interval))
+        self._max_events = given(config.max_oom_kill_events)
         self._cardinality = self._tag_cardinality()
         self._report_unknown_options()
 
@@ -233,8 +235,16 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         """Submit the kills drained from the probe; how many the kernel counted of them, dropped ones included."""
         result = probe.get_and_flush()
         occurrences = report.occurrences(result.kills)
-        for occurrence in occurrences:
-            self._submit_oom_kills(occurrence)
+        for kills in occurrences:
+            self._count_oom_kills(kills)
+        # An event each, up to max_oom_kill_events; the rest of a kill storm in one summary event.
+        described, rest = occurrences[: self._max_events], occurrences[self._max_events :]
+        for kills in described:
+            self._oom_kill_event(kills)
+        if rest:
+            last = max(kill.timestamp for kills in rest for kill in kills)
+            title, text = report.storm_title(rest), report.storm_text(rest, len(described))
+            self._oom_event(int(last), title, text, 'oom_kill_storm', ['oom_kill_storm:true'])
         self.count('oom_kill.dropped', result.dropped, tags=self._tags)
         if result.dropped:
             self.log.warning(
@@ -254,33 +264,43 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             submit(point.metric, point.value, tags=point.tags + instance_tags)
         return len(points)
 
-    def _submit_oom_kills(self, kills: list[OOMKill]) -> None:
-        """A point per process killed, and one event for them: a kill, or the members of a group kill."""
-        kill = next((k for k in kills if k.chosen), kills[0])
-        container = parse_cgroup_path(kill.cgroup_path)
-        # The metric is a count users pay per series for: its tags follow the cardinality asked for.
-        # The event is one document per occurrence: it carries everything known (pod and container).
+    def _count_oom_kills(self, kills: list[OOMKill]) -> None:
+        """A point per process killed. The metric is a count users pay per series for: its tags
+        follow the cardinality asked for."""
         for member in kills:
             member_container = parse_cgroup_path(member.cgroup_path)
             metric_tags = report.oom_kill_tags(member, member_container, self._cardinality)
             metric_tags += self._container_tags(member_container, self._cardinality) + self._tags
             self.count('oom_kill.count', 1, tags=list(dict.fromkeys(metric_tags)))
+
+    def _oom_kill_event(self, kills: list[OOMKill]) -> None:
+        """One event for an occurrence: a kill, or the members of a group kill. The event is one
+        document per occurrence: it carries everything known (pod and container)."""
+        kill = next((k for k in kills if k.chosen), kills[0])
+        container = parse_cgroup_path(kill.cgroup_path)
         event_tags = report.oom_kill_tags(kill, container, report.HIGH)
         event_tags += self._container_tags(container, report.ORCHESTRATOR) + self._tags
         group = len(kills) > 1
+        self._oom_event(
+            int(kill.timestamp),
+            report.group_kill_title(kills) if group else report.oom_kill_title(kill),
+            report.group_kill_text(kills, container) if group else report.oom_kill_text(kill, container),
+            report.aggregation_key(kill, container),
+            event_tags,
+        )
+
+    def _oom_event(self, timestamp: int, title: str, text: str, aggregation_key: str, tags: list[str]) -> None:
         self.event(
             {
-                'timestamp': int(kill.timestamp),
+                'timestamp': timestamp,
                 'event_type': 'oom_kill',
-                'msg_title': report.group_kill_title(kills) if group else report.oom_kill_title(kill),
-                'msg_text': report.group_kill_text(kills, container)
-                if group
-                else report.oom_kill_text(kill, container),
+                'msg_title': title,
+                'msg_text': text,
                 'alert_type': 'error',
                 'priority': 'normal',
                 'source_type_name': self.__NAMESPACE__,
-                'aggregation_key': report.aggregation_key(kill, container),
-                'tags': list(dict.fromkeys(event_tags)),
+                'aggregation_key': aggregation_key,
+                'tags': list(dict.fromkeys(tags + self._tags)),
             }
         )
 

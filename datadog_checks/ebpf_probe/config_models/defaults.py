@@ -52,6 +52,10 @@ def instance_max_maps_reported():
     return 200
 
 
+def instance_max_oom_kill_events():
+    return 25
+
+
 def instance_max_programs_reported():
     return 200
 

@@ -46,6 +46,7 @@ class InstanceConfig(BaseModel):
     map_name_include: Optional[tuple[str, ...]] = None
     max_buffered_oom_kills: Optional[int] = Field(None, ge=1, le=65536)
     max_maps_reported: Optional[int] = Field(None, ge=0)
+    max_oom_kill_events: Optional[int] = Field(None, ge=0)
     max_programs_reported: Optional[int] = Field(None, ge=0)
     metric_patterns: Optional[MetricPatterns] = None
     min_collection_interval: Optional[float] = None

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from datadog_checks.ebpf_probe.formatting import kb, markdown_text, plain_text, tag
 
-from .containers import Container
+from .containers import Container, parse_cgroup_path
 from .record import OOMKill
 
 # The Agent's tag cardinalities, from fewest series to most.
@@ -170,6 +172,47 @@ def group_kill_text(kills: list[OOMKill], container: Container | None) -> str:
     lines += _domain_rows(chosen)
     lines += _container_rows(chosen, container)
     lines.append(f'| Seen by | {chosen.hook} |')
+    lines.append('%%%')
+    return '\n'.join(lines)
+
+
+def _where(kill: OOMKill) -> str:
+    container = parse_cgroup_path(kill.cgroup_path)
+    if container is not None and container.id:
+        return f'container {markdown_text(container.id[:12])}'
+    if kill.cgroup_path is not None:
+        return f'cgroup {markdown_text(kill.cgroup_path)}'
+    return 'cgroup unknown'
+
+
+def _clock(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime('%H:%M:%S UTC')
+
+
+def storm_title(rest: list[list[OOMKill]]) -> str:
+    killed = sum(len(kills) for kills in rest)
+    return f'OOM kill storm: {killed} more processes killed since the last run'
+
+
+def storm_text(rest: list[list[OOMKill]], described: int) -> str:
+    """The kills of a run beyond its events: how many, where and which, first and last time."""
+    rows: dict[tuple[str, str], list[float]] = {}  # (where, process) -> first, last, count
+    for kills in rest:
+        for kill in kills:
+            row = rows.setdefault((_where(kill), _name(kill)), [kill.timestamp, kill.timestamp, 0])
+            row[0], row[1], row[2] = min(row[0], kill.timestamp), max(row[1], kill.timestamp), row[2] + 1
+    killed = sum(len(kills) for kills in rest)
+    lines = [
+        '%%%',
+        f"The kernel's OOM killer killed {killed} more processes ({len(rest)} kills) since the last run than the "
+        f'{described} described in events of their own (max_oom_kill_events: {described}); '
+        'ebpf_probe.oom_kill.count counts every one.',
+        '',
+        '| Where | Process | Kills | First | Last |',
+        '|---|---|---|---|---|',
+    ]
+    for (where, process), (first, last, count) in sorted(rows.items(), key=lambda item: (-item[1][2], item[0])):
+        lines.append(f'| {where} | {process} | {count} | {_clock(first)} | {_clock(last)} |')
     lines.append('%%%')
     return '\n'.join(lines)
 
