@@ -393,3 +393,30 @@ def test_a_kill_storm_is_bounded_events_and_one_summary_every_kill_counted(
         assert f'| {where} | **storm\\-0** | 2 |' in text and f'| {where} | **storm\\-1** | 2 |' in text
     finally:
         check.cancel()
+
+
+@pytest.mark.oom
+def test_a_record_that_cannot_be_decoded_costs_only_itself(dd_run_check, aggregator, instance, memory_cgroup, caplog):
+    check = make_check({**instance, 'collect_ebpf_stats': False})
+    try:
+        dd_run_check(check)
+        probe = check._oom_kill.probe
+        consume = probe._consume
+
+        def with_a_broken_copy():  # the records drained, and one cut short among them
+            consume()
+            probe._pending[:0] = [bytes(raw)[:10] for raw in probe._pending[:1]]
+
+        probe._consume = with_a_broken_copy
+        aggregator.reset()
+        victim = memory_cgroup.oom_kill(comm='decode-victim')
+        with caplog.at_level(logging.WARNING):
+            dd_run_check(check)
+        [event] = aggregator.events
+        assert event['msg_title'] == f'OOM kill: decode-victim (pid {victim.pid})'
+        aggregator.assert_metric('ebpf_probe.oom_kill.count', value=1, count=1)
+        aggregator.assert_metric('ebpf_probe.oom_kill.dropped', value=1, count=1, tags=instance['tags'])
+        said = [r.getMessage() for r in caplog.records if 'could not be decoded' in r.getMessage()]
+        assert len(said) == 1 and '(10 bytes)' in said[0]
+    finally:
+        check.cancel()

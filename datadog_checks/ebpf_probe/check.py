@@ -245,15 +245,22 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             last = max(kill.timestamp for kills in rest for kill in kills)
             title, text = report.storm_title(rest), report.storm_text(rest, len(described))
             self._oom_event(int(last), title, text, 'oom_kill_storm', ['oom_kill_storm:true'])
-        self.count('oom_kill.dropped', result.dropped, tags=self._tags)
+        self.count('oom_kill.dropped', result.dropped + result.undecodable, tags=self._tags)
         if result.dropped:
             self.log.warning(
                 '%d OOM kills were dropped in the kernel: raise max_buffered_oom_kills or run the check more often',
                 result.dropped,
             )
+        if result.undecodable and 'undecodable' not in self._ledger_said:
+            self._ledger_said.add('undecodable')
+            self.log.warning(
+                '%d OOM kill records could not be decoded (counted in ebpf_probe.oom_kill.dropped; said once): %s',
+                result.undecodable,
+                result.decode_error,
+            )
         # The kernel kills, and counts, the chosen victim of a group kill again with its group.
         group_kills = sum(1 for kills in occurrences if kills[0].group_cgroup_path and any(k.chosen for k in kills))
-        return len(result.kills) + result.dropped + group_kills
+        return len(result.kills) + result.dropped + result.undecodable + group_kills
 
     def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> int:
         assert self._stats_metrics is not None

@@ -13,7 +13,7 @@ from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_ARRAY, BTF_KIND_STRUCT
 from datadog_checks.ebpf_probe.resources import bpf_file
 
-from . import hooks
+from . import hooks, record
 from .probe import Logger, OOMKillProbe, OOMKillProbeOptions, perf_buffer_pages, ring_buffer_size
 
 BCC_SOURCE = 'oom_kill_bcc.c'
@@ -124,7 +124,7 @@ class BccOOMKillProbe(OOMKillProbe):
         finally:
             if btf is not None:
                 btf.close()
-        defines['PAGE_SIZE_KB'] = str(max(1, resource.getpagesize() // 1024))
+        defines['PAGE_SIZE_KB'] = str(record.PAGE_KB)
         perf_pages = 0
         if features.has_ring_buffer() and not options.force_perf_buffer:
             defines['USE_RINGBUF'] = '1'

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import struct
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.kernel.uapi import BPF_MAP_TYPE_PERF_EVENT_ARRAY
 from datadog_checks.ebpf_probe.resources import bpf_file
 
-from . import hooks
+from . import hooks, record
 from .probe import Logger, OOMKillProbe, OOMKillProbeOptions, perf_buffer_pages, ring_buffer_size
 
 CORE_OBJECT = 'oom_kill.bpf.o'
@@ -78,7 +77,7 @@ class CoreOOMKillProbe(OOMKillProbe):
                 obj.set_autoload(hook.program, autoload)
             obj.set_rodata(
                 {
-                    'page_size_kb': struct.pack('<Q', max(1, resource.getpagesize() // 1024)),
+                    'page_size_kb': struct.pack('<Q', record.PAGE_KB),
                     'kprobe_writes_records': struct.pack('<?', plan.kprobe_writes_records),
                     'use_ringbuf': struct.pack('<?', use_ringbuf),
                 }

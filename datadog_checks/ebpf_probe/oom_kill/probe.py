@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -108,9 +109,15 @@ class OOMKillProbe:
             dropped_total = self._dropped_total()
             dropped, self._dropped_seen = dropped_total - self._dropped_seen, dropped_total
         offset = record.monotonic_to_unix()
-        kills = [record.decode_record(raw, offset, self._symbols, hooks.HOOK_NAMES) for raw in raws]
+        kills, undecodable, decode_error = [], 0, None
+        for raw in raws:  # drained already: a record that does not decode must cost only itself
+            try:
+                kills.append(record.decode_record(raw, offset, self._symbols, hooks.HOOK_NAMES))
+            except (struct.error, ValueError, LookupError) as e:
+                undecodable += 1
+                decode_error = decode_error or f'{type(e).__name__}: {e} ({len(raw)} bytes)'
         kills.sort(key=lambda kill: kill.timestamp)  # perf buffers are per CPU: drained CPU by CPU
-        return FlushResult(kills, dropped)
+        return FlushResult(kills, dropped, undecodable, decode_error)
 
     def close(self) -> None:
         with self._flush_lock:

@@ -8,12 +8,15 @@ table, to tell from the trigger's stack whether a memory cgroup or the system ra
 
 from __future__ import annotations
 
+import resource
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 COMM_LEN = 16
+# The kernel's page size in kB: 4 on x86-64, 4, 16 or 64 on arm64 (the kernel's build chooses).
+PAGE_KB = max(1, resource.getpagesize() // 1024)
 CGROUP_MAX_DEPTH = 8
 CGROUP_NAME_LEN = 128
 STACK_DEPTH = 20
@@ -185,6 +188,9 @@ class OOMKill:
 class FlushResult:
     kills: list[OOMKill] = field(default_factory=list)
     dropped: int = 0  # kills the kernel side had no room for since the last flush
+    # Records that could not be decoded (each costs only itself), and the first one's error.
+    undecodable: int = 0
+    decode_error: str | None = None
 
 
 def _text(raw: bytes) -> str:
@@ -226,8 +232,9 @@ def ancestor_path(names: bytes, depth: int, victim_level: int, level: int) -> st
 
 
 def decode_record(
-    raw: bytes, boot_to_unix: float, symbols: SymbolTable, hook_names: dict[int, str], page_kb: int = 4
+    raw: bytes, boot_to_unix: float, symbols: SymbolTable, hook_names: dict[int, str], page_kb: int | None = None
 ) -> OOMKill:
+    page_kb = page_kb or PAGE_KB
     values = RECORD.unpack_from(raw)
     # Every field is one value but the last two: the stack (STACK_DEPTH values) and the names.
     scalars = len(RECORD_FIELDS) - 2
