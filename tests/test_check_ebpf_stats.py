@@ -260,6 +260,13 @@ def test_collect_program_runtime_false_never_turns_statistics_on(dd_run_check, a
         assert objects.program_run_count() == before  # the kernel never counted: no statistics, no tax
         assert aggregator.metrics('ebpf_probe.program.run_count') == []
         assert check._ebpf_stats.probe.statistics_windows == 0
+        # Recursion misses the kernel counts all the time: reported all the same, where the program
+        # iterator reads them (5.19+; before, only with run time, which pays an fd per program).
+        tags = [f'program_name:{objects.program_name}', 'program_type:socket_filter', f'owner:{ME}', 'team:kernel']
+        if KERNEL is None or KERNEL.run_counters_in_iterator:
+            aggregator.assert_metric('ebpf_probe.program.recursion_misses', value=0, count=1, tags=tags)
+        else:
+            aggregator.assert_metric('ebpf_probe.program.recursion_misses', count=0, tags=tags)
     finally:
         check.cancel()
 

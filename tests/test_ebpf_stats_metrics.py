@@ -512,8 +512,16 @@ def test_no_run_time_points_without_statistics(run_time_stats, run_time_option):
     first = [program(1, run_time_ns=1_000, run_count=1)]
     second = [program(1, run_time_ns=9_000, run_count=9)]
     points = two_runs(first, second, run_time_stats=run_time_stats, run_time=run_time_option)
-    assert metric_names(points) & RUN_TIME_METRICS == set()
+    assert metric_names(points) & RUN_TIME_METRICS == {'program.recursion_misses'}
+    assert metric(points, 'program.recursion_misses') == {prog_tags(): 0}  # counted by the kernel all the time
     assert metric(points, 'program.instances') == {prog_tags(): 1}
+
+
+def test_recursion_misses_not_read_are_not_reported():
+    first = [program(1, run_time_ns=1_000, run_count=1, recursion_misses=None)]
+    second = [program(1, run_time_ns=9_000, run_count=9, recursion_misses=None)]
+    points = two_runs(first, second, run_time_stats=False, run_time=False)
+    assert metric_names(points) & RUN_TIME_METRICS == set()
 
 
 def test_run_time_points_come_back_when_statistics_come_back():

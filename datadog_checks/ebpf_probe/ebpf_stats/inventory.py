@@ -248,6 +248,8 @@ class Inventory:
                 if info is None:
                     continue
                 run_time_ns, run_cnt, misses = info.run_time_ns, info.run_cnt, info.recursion_misses  # type: ignore[attr-defined]
+            elif not flags & PROG_RUN_STATS:
+                misses = None  # not read here without an fd per program, which only run time pays for
             refcounts[prog_id] = refcnt
             records.append(
                 ProgramRecord(

@@ -71,8 +71,13 @@ def owner_label(owners: Sequence[Owner], pinned: bool) -> str:
     return 'pinned' if pinned else 'kernel'
 
 
-# program id -> run time (ns), run count, recursion misses, kprobe misses (None: not a kprobe)
-Counters = tuple[int, int, int, int | None]
+# program id -> run time (ns), run count, recursion misses (None: not read), kprobe misses (None: not a kprobe)
+Counters = tuple[int, int, int | None, int | None]
+
+
+def _delta(now: int | None, before: int | None) -> int | None:
+    """A counter's progress (a reset counts as none); None where either read is missing."""
+    return None if now is None or before is None else max(0, now - before)
 
 
 class StatsMetrics:
@@ -141,14 +146,11 @@ class StatsMetrics:
             before = previous.get(p.id)
             if before is not None:
                 # A counter going backwards (reset) counts as no progress, never negative.
-                kprobe = None
-                if now[3] is not None and before[3] is not None:
-                    kprobe = max(0, now[3] - before[3])
                 deltas[p.id] = (
                     max(0, now[0] - before[0]),
                     max(0, now[1] - before[1]),
-                    max(0, now[2] - before[2]),
-                    kprobe,
+                    _delta(now[2], before[2]),
+                    _delta(now[3], before[3]),
                 )
         self._previous = current
         return deltas
@@ -242,6 +244,10 @@ class StatsMetrics:
             kprobe_misses = [d[3] for d in known if d[3] is not None]
             if kprobe_misses:
                 points.append(Point('program.kprobe_misses', COUNT, sum(kprobe_misses), tags))
+            # The kernel counts recursion misses all the time, statistics on or not.
+            recursion_misses = [d[2] for d in known if d[2] is not None]
+            if recursion_misses:
+                points.append(Point('program.recursion_misses', COUNT, sum(recursion_misses), tags))
             if not with_run_time:
                 continue
             assert scale is not None
@@ -249,7 +255,6 @@ class StatsMetrics:
             run_time = round(counted_time * scale)
             points.append(Point('program.run_time', COUNT, run_time, tags))
             points.append(Point('program.run_count', COUNT, round(counted_runs * scale), tags))
-            points.append(Point('program.recursion_misses', COUNT, sum(d[2] for d in known), tags))
             if counted_runs:
                 points.append(Point('program.average_run_time', GAUGE, counted_time / counted_runs, tags))
             if interval:

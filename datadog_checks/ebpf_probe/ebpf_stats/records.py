@@ -26,7 +26,7 @@ class ProgramRecord:
     memory_bytes: int | None  # memlock
     run_time_ns: int
     run_count: int
-    recursion_misses: int
+    recursion_misses: int | None  # None: not read (before 5.19, without run-time statistics)
     map_ids: tuple[int, ...]
     owners: tuple[Owner, ...]
     pinned: bool  # held by a pin in bpffs; looked up only for objects no process holds
