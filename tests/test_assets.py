@@ -409,3 +409,9 @@ def test_probe_monitor_says_what_to_do(monitors: dict[str, dict[str, Any]]) -> N
     message = monitors['assets/monitors/probe_cannot_load.json']['definition']['message']
     for hint in ('CAP_BPF', 'CAP_SYS_ADMIN', 'btf_path', 'README'):
         assert hint in message
+
+
+def test_events_carry_the_manifests_source_type_name() -> None:
+    from datadog_checks.ebpf_probe.check import SOURCE_TYPE_NAME
+
+    assert manifest_assets()['integration']['source_type_name'] == SOURCE_TYPE_NAME

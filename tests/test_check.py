@@ -61,7 +61,7 @@ def test_a_real_oom_kill_is_one_metric_point_and_one_event(
         [event] = aggregator.events
         assert event['msg_title'] == f'OOM kill: check-victim (pid {victim.pid})'
         assert event['alert_type'] == 'error'
-        assert event['source_type_name'] == 'ebpf_probe'
+        assert event['source_type_name'] == 'eBPF Probe'  # the manifest's (tests/test_assets.py)
         assert event['event_type'] == 'oom_kill'
         assert event['aggregation_key'] == memory_cgroup.path
         assert sorted(event['tags']) == sorted(expected_tags)

@@ -135,3 +135,11 @@ def test_kallsyms_hidden_by_kptr_restrict_gives_no_ranges(tmp_path):
     assert kallsyms.has_function('out_of_memory', path=str(table))
     assert not kallsyms.has_function('out_of', path=str(table))
     assert not kallsyms.has_function('__oom_kill_process', path=str(table))
+
+
+@pytest.mark.unit
+def test_a_kernel_too_old_is_refused_naming_what_it_lacks():
+    with pytest.raises(requirements.RequirementError) as error:
+        requirements.check_kernel_version((4, 19, 0))
+    assert 'needs BPF global data (Linux 5.2)' in str(error.value) and 'tested from Linux 5.10' in str(error.value)
+    requirements.check_kernel_version((5, 10, 0))

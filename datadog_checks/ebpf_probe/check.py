@@ -20,6 +20,8 @@ from .oom_kill.containers import Container, parse_cgroup_path
 from .oom_kill.ledger import KillLedger, Settlement
 from .probe import Probe, ProbeLoadError, ProbeSlot
 
+# What Datadog shows as the source of the check's events: the manifest's source_type_name.
+SOURCE_TYPE_NAME = 'eBPF Probe'
 # Options the Agent itself reads from any instance or init_config.
 AGENT_OPTIONS = frozenset(
     {'name', 'loader', 'check_tag_cardinality', 'process_isolation', 'ha_enabled', 'profile_memory', 'service'}
@@ -235,12 +237,12 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         """Submit the kills drained from the probe; how many the kernel counted of them, dropped ones included."""
         result = probe.get_and_flush()
         occurrences = report.occurrences(result.kills)
-        for kills in occurrences:
-            self._count_oom_kills(kills)
         # An event each, up to max_oom_kill_events; the rest of a kill storm in one summary event.
         described, rest = occurrences[: self._max_events], occurrences[self._max_events :]
         for kills in described:
-            self._oom_kill_event(kills)
+            self._submit_oom_kills(kills)
+        for kills in rest:
+            self._count_oom_kills(kills)
         if rest:
             last = max(kill.timestamp for kills in rest for kill in kills)
             title, text = report.storm_title(rest), report.storm_text(rest, len(described))
@@ -280,9 +282,10 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             metric_tags += self._container_tags(member_container, self._cardinality) + self._tags
             self.count('oom_kill.count', 1, tags=list(dict.fromkeys(metric_tags)))
 
-    def _oom_kill_event(self, kills: list[OOMKill]) -> None:
-        """One event for an occurrence: a kill, or the members of a group kill. The event is one
-        document per occurrence: it carries everything known (pod and container)."""
+    def _submit_oom_kills(self, kills: list[OOMKill]) -> None:
+        """A point per process killed, and one event for them: a kill, or the members of a group kill.
+        The event is one document per occurrence: it carries everything known (pod and container)."""
+        self._count_oom_kills(kills)
         kill = next((k for k in kills if k.chosen), kills[0])
         container = parse_cgroup_path(kill.cgroup_path)
         event_tags = report.oom_kill_tags(kill, container, report.HIGH)
@@ -305,7 +308,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 'msg_text': text,
                 'alert_type': 'error',
                 'priority': 'normal',
-                'source_type_name': self.__NAMESPACE__,
+                'source_type_name': SOURCE_TYPE_NAME,
                 'aggregation_key': aggregation_key,
                 'tags': list(dict.fromkeys(tags + self._tags)),
             }

@@ -8,6 +8,10 @@ def instance_allow_runtime_compiled_fallback():
     return True
 
 
+def instance_check_tag_cardinality():
+    return 'low'
+
+
 def instance_collect_ebpf_stats():
     return True
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import Literal
 
 from datadog_checks.base.utils.functions import identity
 from datadog_checks.base.utils.models import validation
@@ -33,6 +34,7 @@ class InstanceConfig(BaseModel):
     allow_runtime_compiled_fallback: Optional[bool] = None
     bcc_module_path: Optional[str] = None
     btf_path: Optional[str] = None
+    check_tag_cardinality: Optional[Literal['low', 'orchestrator', 'high']] = None
     collect_ebpf_stats: Optional[bool] = None
     collect_oom_kill: Optional[bool] = None
     collect_program_runtime: Optional[bool] = None

@@ -11,8 +11,10 @@ import resource
 LOCKDOWN = '/sys/kernel/security/lockdown'
 PERF_EVENT_PARANOID = '/proc/sys/kernel/perf_event_paranoid'
 
-# Oldest kernel with everything the BCC variant uses (raw tracepoints, bpf_get_stack).
-MIN_KERNEL = (4, 18)
+# Oldest kernel with what the programs need: BPF global data (.rodata, 5.2), fields of 4.19 (they
+# read), raw tracepoints and bpf_get_stack (4.18). The kernel matrix tests from 5.10 (TESTED_FROM).
+MIN_KERNEL = (5, 2)
+TESTED_FROM = (5, 10)
 # CAP_BPF and CAP_PERFMON split off CAP_SYS_ADMIN in 5.8.
 CAP_BPF_KERNEL = (5, 8)
 # From 5.11 BPF memory is charged to the memory cgroup, not RLIMIT_MEMLOCK.
@@ -98,8 +100,8 @@ def check_kernel_version(version: tuple[int, int, int] | None = None) -> None:
     version = version or kernel_version()
     if version[:2] < MIN_KERNEL:
         raise RequirementError(
-            f'kernel {kernel_release()} is too old: the OOM kill probe needs Linux '
-            f'{MIN_KERNEL[0]}.{MIN_KERNEL[1]} or newer'
+            f'kernel {kernel_release()} is too old: the OOM kill probe needs BPF global data (Linux 5.2) and '
+            f'kernel fields of 4.19; it is tested from Linux {TESTED_FROM[0]}.{TESTED_FROM[1]}'
         )
 
 
