@@ -18,7 +18,7 @@ from .kernel.requirements import RequirementError
 from .oom_kill import OOMKill, OOMKillProbe, OOMKillProbeOptions, load_oom_kill_probe, report
 from .oom_kill.containers import Container, parse_cgroup_path
 from .oom_kill.ledger import KillLedger, Settlement
-from .probe import Probe, ProbeLoadError, ProbeSlot
+from .probe import Probe, ProbeNotGranted, ProbeSlot
 
 # What Datadog shows as the source of the check's events: the manifest's source_type_name.
 SOURCE_TYPE_NAME = 'eBPF Probe'
@@ -43,8 +43,8 @@ def given(value: T | None) -> T:
 def load_ebpf_stats_probe(options: EbpfStatsOptions, log: Any) -> EbpfStatsProbe:
     try:
         return EbpfStatsProbe.load(options, log)
-    except RequirementError as e:
-        raise ProbeLoadError(str(e)) from None
+    except RequirementError as e:  # eBPF stats are optional: an install that grants less chose so
+        raise ProbeNotGranted(str(e)) from None
 
 
 class EbpfProbeCheck(AgentCheck, ConfigMixin):
@@ -184,7 +184,8 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         tags = [f'probe:{slot.name}', *self._tags]
         probe = slot.get()
         if probe is None:
-            self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=tags, message=slot.error or '')
+            status = AgentCheck.WARNING if slot.not_granted else AgentCheck.CRITICAL
+            self.service_check(self.SERVICE_CHECK_CAN_LOAD, status, tags=tags, message=slot.error or '')
             return None
         try:
             collected = collect(probe)

@@ -185,7 +185,8 @@ def run_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     interval = int(instances[0].get('min_collection_interval', 15) or 15)
     checks = [EbpfProbeCheck(CHECK_NAME, init_config, [instance]) for instance in instances]
     runs: list[dict] = []
-    problems: list[str] = []
+    problems: list[str] = []  # a run that failed, or a probe CRITICAL: exit status 1
+    notices: list[str] = []  # a probe WARNING (a feature the install does not grant): said, exit status 0
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGUSR1, _end_pause)
     try:
@@ -204,9 +205,11 @@ def run_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     last_error = json.loads(error_report)[0]['message']
                     problems.append(last_error)
                 for sc in submitted['service_checks']:
+                    probe = ','.join(t for t in sc['tags'] if t.startswith('probe:'))
                     if sc['status'] == 2:
-                        probe = ','.join(t for t in sc['tags'] if t.startswith('probe:'))
                         problems.append(f'{sc["check"]} ({probe}) is CRITICAL: {sc["message"]}')
+                    elif sc['status'] == 1:
+                        notices.append(f'{sc["check"]} ({probe}) is WARNING: {sc["message"]}')
                 runs.append(
                     {
                         'aggregator': submitted,
@@ -235,6 +238,8 @@ def run_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _print_summary(out, __version__, runs)
     for problem in dict.fromkeys(problems):  # each distinct problem once, in order
         err.write(f'ebpf-probe: error: {" ".join(problem.split())}\n')
+    for notice in dict.fromkeys(notices):
+        err.write(f'ebpf-probe: warning: {" ".join(notice.split())}\n')
     return 1 if problems else 0
 
 

@@ -21,6 +21,11 @@ class ProbeLoadError(RuntimeError):
     """A probe could not be loaded; the message says why and what to do."""
 
 
+class ProbeNotGranted(ProbeLoadError):
+    """The host does not grant an optional probe what it needs (a capability): a choice of the
+    install, not a fault. Its service check is a WARNING saying what to grant or to set."""
+
+
 class Probe(Protocol):
     """A loaded probe: made by its feature's factory, read each run, released by close()."""
 
@@ -89,6 +94,7 @@ class ProbeSlot(Generic[P]):
         self._check = check
         self.probe: P | None = None
         self.error: str | None = None
+        self.not_granted = False  # the error is a ProbeNotGranted: a WARNING, not a CRITICAL
         self._failures = 0
         self._next_attempt = 0.0
         self._logged_error: str | None = None
@@ -115,6 +121,7 @@ class ProbeSlot(Generic[P]):
         except ProbeLoadError as e:
             CLAIMS.release(self.name, self._check)
             self._failed(str(e), now)
+            self.not_granted = isinstance(e, ProbeNotGranted)
             return None
         except Exception as e:  # an unexpected failure must not stop the other probe or later runs
             CLAIMS.release(self.name, self._check)
@@ -128,6 +135,7 @@ class ProbeSlot(Generic[P]):
         self._failures = 0
         self._next_attempt = 0.0
         self.error = None
+        self.not_granted = False
         self._logged_error = None
         log = self._check.log
         log.info('Loaded the %s probe (%s) with %s', self.name, probe.variant, ', '.join(probe.hooks))
@@ -165,6 +173,7 @@ class ProbeSlot(Generic[P]):
 
     def _failed(self, message: str, now: float) -> None:
         self.error = message
+        self.not_granted = False
         self._failures += 1
         interval = min(FIRST_RETRY_INTERVAL * 2 ** (self._failures - 1), self._max_interval)
         self._next_attempt = now + interval

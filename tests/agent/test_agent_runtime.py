@@ -279,13 +279,14 @@ def test_as_dd_agent_with_cap_bpf_and_cap_perfmon_oom_kills_work_and_accounting_
     for run in runs:
         oom, stats = statuses(run)['probe:oom_kill'], statuses(run)['probe:ebpf_stats']
         assert oom == (0, '')
-        assert stats[0] == 2 and stats[1].startswith('missing capability CAP_SYS_ADMIN: ')
-    # Said once: one warning in the log, one line on stderr; the exit status says a probe is down.
+        # A WARNING, not a CRITICAL: OOM kills alone is what this install granted.
+        assert stats[0] == 1 and stats[1].startswith('missing capability CAP_SYS_ADMIN: ')
+    # Said once: one warning in the log, one line on stderr; no error, so the exit status is 0.
     assert stderr.count('Cannot load the ebpf_stats probe: missing capability CAP_SYS_ADMIN') == 1, stderr
-    assert [line for line in stderr.splitlines() if line.startswith('ebpf-probe: error:')] == [
-        'ebpf-probe: error: ebpf_probe.probe.can_load (probe:ebpf_stats) is CRITICAL: ' + stats[1]
+    assert [line for line in stderr.splitlines() if line.startswith('ebpf-probe: ')] == [
+        'ebpf-probe: warning: ebpf_probe.probe.can_load (probe:ebpf_stats) is WARNING: ' + stats[1]
     ]
-    assert status == 1
+    assert status == 0
 
 
 def test_as_dd_agent_with_the_readmes_systemd_capabilities_both_features_work(host, memory_cgroup):
