@@ -13,6 +13,8 @@ from datadog_checks.ebpf_probe import check as check_module
 from datadog_checks.ebpf_probe import probe as probe_module
 from datadog_checks.ebpf_probe.probe import ProbeLoadError
 
+from .bpf_objects import held_by_me
+
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
 CAN_LOAD = 'ebpf_probe.probe.can_load'
@@ -312,12 +314,15 @@ def test_one_probe_failing_during_a_run_leaves_the_other_reporting(
         assert statuses['probe:oom_kill'].status == AgentCheck.OK
         assert statuses['probe:ebpf_stats'].status == AgentCheck.CRITICAL
         assert statuses['probe:ebpf_stats'].message == (
-            'collecting failed: bpf_map_get_next_id failed: Operation not permitted (errno 1)'
+            'collecting failed: bpf_map_get_next_id failed: Operation not permitted (errno 1); '
+            'the probe is loaded again at the next run'
         )
         [event] = aggregator.events
         assert event['msg_title'] == f'OOM kill: isolated (pid {victim.pid})'
+        assert check._ebpf_stats.probe is None  # closed, its programs released: not left loaded and broken
+        assert not {'list_programs', 'bpf_owners'} & set(held_by_me().values())
 
-        # And the other way round: the OOM probe failing leaves the stats flowing.
+        # And the other way round: the OOM probe failing leaves the stats flowing, loaded again.
         monkeypatch.undo()
         monkeypatch.setattr(type(check._oom_kill.probe), 'get_and_flush', lambda self: 1 / 0)
         aggregator.reset()
@@ -327,6 +332,18 @@ def test_one_probe_failing_during_a_run_leaves_the_other_reporting(
         assert 'division by zero' in statuses['probe:oom_kill'].message
         assert statuses['probe:ebpf_stats'].status == AgentCheck.OK
         assert aggregator.metrics('ebpf_probe.programs.total')
+        assert {'list_programs', 'bpf_owners'} <= set(held_by_me().values())
+
+        # The OOM probe, failing again at once, is loaded again with the back-off of failed loads.
+        aggregator.reset()
+        dd_run_check(check)
+        [oom] = [sc for sc in aggregator.service_checks(CAN_LOAD) if sc.tags[0] == 'probe:oom_kill']
+        assert oom.status == AgentCheck.CRITICAL and oom.message.endswith('the probe is loaded again in 15s')
+        monkeypatch.undo()
+        aggregator.reset()
+        dd_run_check(check)  # within the back-off: not loaded yet
+        [oom] = [sc for sc in aggregator.service_checks(CAN_LOAD) if sc.tags[0] == 'probe:oom_kill']
+        assert oom.status == AgentCheck.CRITICAL and check._oom_kill.probe is None
     finally:
         check.cancel()
 

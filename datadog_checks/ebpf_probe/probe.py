@@ -96,6 +96,7 @@ class ProbeSlot(Generic[P]):
         self.error: str | None = None
         self.not_granted = False  # the error is a ProbeNotGranted: a WARNING, not a CRITICAL
         self._failures = 0
+        self._run_failures = 0  # runs in a row the loaded probe failed in
         self._next_attempt = 0.0
         self._logged_error: str | None = None
         self._limitations_said = 0
@@ -152,6 +153,7 @@ class ProbeSlot(Generic[P]):
     def ran(self) -> None:
         """After a good run: say what the probe newly found it cannot do; a later failure is logged again."""
         self._logged_error = None
+        self._run_failures = 0
         self.say_new_limitations()
 
     def say_new_limitations(self) -> None:
@@ -163,12 +165,23 @@ class ProbeSlot(Generic[P]):
         self._limitations_said = len(self.probe.limitations)
 
     def run_failed(self, error: Exception) -> str:
-        """A loaded probe failed during a run: the message for its service check, logged once while it lasts."""
-        message = f'collecting failed: {error}'
+        """A loaded probe failed during a run: it is closed and loaded again, at the next run the first
+        time, then with the back-off of failed loads while runs keep failing. Returns the message for
+        its service check; logged once while it lasts."""
+        self._run_failures += 1
+        interval = 0.0
+        if self._run_failures > 1:
+            interval = min(FIRST_RETRY_INTERVAL * 2 ** (self._run_failures - 2), self._max_interval)
+        message = f'collecting failed: {error}; the probe is loaded again ' + (
+            f'in {interval:.0f}s' if interval else 'at the next run'
+        )
         if message != self._logged_error:
-            self._check.log.warning('The %s probe failed during a run: %s', self.name, error)
+            self._check.log.warning('The %s probe failed during a run: %s', self.name, message)
             self._check.log.debug('The %s probe failed during a run', self.name, exc_info=True)
             self._logged_error = message
+        self.close()
+        self.error = message
+        self._next_attempt = time.monotonic() + interval
         return message
 
     def _failed(self, message: str, now: float) -> None:
