@@ -236,6 +236,8 @@ def test_a_kill_while_the_check_was_stopped_is_counted_when_it_starts_again_and_
 
     assert unaccounted(run_cli('--json', '--cache-file', str(cache), config=config, tmp_path=tmp_path)) == [0]
     memory_cgroup.oom_kill(comm='unseen')  # no check running: no probe sees it
+    # Restarted with its options edited meanwhile: the account is the host's, not the config's.
+    config = 'instances:\n  - collect_ebpf_stats: false\n    tags: [edited:yes]\n'
     restarted = run_cli('--json', '-t', '2', '-l', 'warning', '--cache-file', str(cache), config=config,
                         tmp_path=tmp_path)  # fmt: skip
     assert unaccounted(restarted) == [1, 0]  # counted on the first run back, never again

@@ -64,7 +64,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._oom_kill: ProbeSlot[OOMKillProbe] | None = None
         self._ebpf_stats: ProbeSlot[EbpfStatsProbe] | None = None
         self._stats_metrics: StatsMetrics | None = None
-        self._ledger = KillLedger(self.read_persistent_cache, self.write_persistent_cache)
+        self._ledger = KillLedger(self._read_host_cache, self._write_host_cache)
         self._ledger_said: set[str] = set()
         # Runs after the base class has validated the config models.
         self.check_initializations.append(self._configure)
@@ -119,6 +119,19 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             self._ebpf_stats = ProbeSlot(
                 'ebpf_stats', 'collect_ebpf_stats', lambda: load_ebpf_stats_probe(stats_options, self.log), retry, self
             )
+
+    # The account of kills is the host's, whatever the instance's options: AgentCheck's own persistent
+    # cache is keyed by the check id, a hash of the config, so an edited config would start afresh
+    # and lose the kills made meanwhile. One instance holds the OOM probe (probe.CLAIMS).
+    def _read_host_cache(self, key: str) -> str:
+        from datadog_checks.base import datadog_agent  # noqa: PLC0415 (the Agent's module, or its stub)
+
+        return datadog_agent.read_persistent_cache(f'{self.__NAMESPACE__}_{key}')
+
+    def _write_host_cache(self, key: str, value: str) -> None:
+        from datadog_checks.base import datadog_agent  # noqa: PLC0415
+
+        datadog_agent.write_persistent_cache(f'{self.__NAMESPACE__}_{key}', value)
 
     def _tag_cardinality(self) -> str:
         """The instance's check_tag_cardinality, else the Agent's checks_tag_cardinality, else low (as the Agent)."""
