@@ -168,8 +168,9 @@ def test_without_cap_sys_admin_the_stats_probe_says_so(dd_run_check, aggregator,
     check = EbpfProbeCheck('ebpf_probe', {}, [INSTANCE])
     dd_run_check(check)
     [sc] = aggregator.service_checks('ebpf_probe.probe.can_load')
-    assert sc.status == AgentCheck.CRITICAL
+    assert sc.status == AgentCheck.WARNING  # optional, and not granted: not a fault
     assert sc.message.startswith('missing capability CAP_SYS_ADMIN')
+    assert sc.message.endswith('grant it, or set collect_ebpf_stats: false to collect OOM kills only')
     assert aggregator.metric_names == []
     # Not a crash: the slot keeps the reason and tries again later.
     assert check._ebpf_stats.probe is None and check._ebpf_stats.error == sc.message

@@ -217,7 +217,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         reported = self._collect(slot, self._collect_oom_kills)
         if slot.claim_refused:
             return  # the instance that holds the probe keeps the account
-        settlement = self._ledger.settle(reported or 0)
+        settlement = self._ledger.settle(reported or 0, probe_running=reported is not None)
         if settlement is not None:
             self.count('oom_kill.unaccounted', settlement.unaccounted, tags=self._tags)
             self._say_unaccounted(settlement, slot, reported is None)

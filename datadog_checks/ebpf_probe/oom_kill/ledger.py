@@ -52,9 +52,11 @@ class Settlement:
 class KillLedger:
     """Kills counted by the kernel vs kills reported, one settlement per check run.
 
-    count() is taken before the probe is drained: a kill lands in the kernel's counter a moment
-    before its record is written (kprobe paths: after), so a kill the drain reports that the
-    counter does not have yet is carried to the next run instead of being called unaccounted.
+    count() is taken before the probe is drained. The kernel's counter and the record of a kill
+    are not written at once, in either order: the kprobe paths write the record first, the
+    tracepoints (mark_victim) after the counter moved. So either difference is carried one run:
+    a kill reported that the counter does not have yet, and a kill counted whose record has not
+    come yet; only what is still unexplained a run later is over-reported, or unaccounted.
     """
 
     def __init__(
@@ -70,7 +72,7 @@ class KillLedger:
         self._boot = read_boot_id()
         self._last: int | None = None  # the kernel's count at the last settlement
         self._counted: int | None = None  # the kernel's count taken for the current run
-        self._carry = 0  # kills reported ahead of the kernel's count
+        self._carry = 0  # < 0: kills reported ahead of the kernel's count; > 0: counted, record not come yet
         self._restarted = False
 
     def _start(self, now: int) -> int:
@@ -90,8 +92,11 @@ class KillLedger:
         """The kernel's count now, before the probe is drained."""
         self._counted = self._read_count()
 
-    def settle(self, reported: int) -> Settlement | None:
-        """Account for the kills reported this run (including those dropped); None where the kernel keeps no count."""
+    def settle(self, reported: int, probe_running: bool = True) -> Settlement | None:
+        """Account for the kills reported this run (including those dropped); None where the kernel keeps no count.
+
+        probe_running: False when no probe could report anything this run: every kill counted is unaccounted now.
+        """
         now, self._counted = self._counted, None
         if now is None:
             return None
@@ -102,8 +107,12 @@ class KillLedger:
         since_restart, self._restarted = self._restarted, False
         self._write_cache(CACHE_KEY, json.dumps({'boot_id': self._boot, 'oom_kill': now}))
         if balance >= 0:
-            self._carry = 0
-            return Settlement(balance, 0, since_restart)
+            if since_restart or not probe_running:
+                unaccounted = balance  # kills no probe was there to see: no record is on its way
+            else:  # what was held last run and is still unexplained; this run's own excess is held
+                unaccounted = min(max(self._carry, 0), balance)
+            self._carry = balance - unaccounted
+            return Settlement(unaccounted, 0, since_restart)
         # More reported than counted: a kill whose count comes a moment later is absorbed by the
         # next run; what is still over then was never a kill the kernel made.
         over, self._carry = (-balance, 0) if self._carry < 0 else (0, balance)
