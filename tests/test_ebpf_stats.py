@@ -733,3 +733,25 @@ def test_the_iterator_records_match_the_compiled_object_field_by_field(name, lay
     items = re.findall(r'\d*[a-zA-Z]', layout.format[1:])
     ours = [(struct.calcsize('<' + ''.join(items[:i])), struct.calcsize('<' + item)) for i, item in enumerate(items)]
     assert in_btf == ours
+
+
+@pytest.mark.slow
+def test_a_walk_of_more_than_a_million_elements_goes_on_past_the_kernels_pause():
+    """The kernel pauses an iterator (EAGAIN) after a million objects with nothing written yet:
+    the element iterator writes only at the end of a map, so a bigger map meets it."""
+    probe = EbpfStatsProbe.load(
+        EbpfStatsOptions(collect_program_runtime=False, disabled_iterators=frozenset({'list_maps_count'})), log
+    )
+    try:
+        if refused_by_the_kernel(probe, 'iter/bpf_map_elem', 'map_elements'):
+            return  # this kernel has no such walk: the refusal is said (checked above)
+        count = (1 << 20) + 1000
+        fd = map_create(MAP_HASH, 'million_plus', 4, 8, count)
+        try:
+            keys = struct.pack(f'<{count}I', *range(count))
+            assert map_update_batch(fd, keys, bytes(8 * count), count) == count
+            assert probe._walk_elements(fd) == count
+        finally:
+            os.close(fd)
+    finally:
+        probe.close()

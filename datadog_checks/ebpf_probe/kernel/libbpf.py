@@ -544,7 +544,12 @@ def read_iterator(link: Link, chunk: int = 65536) -> bytes:
     try:
         parts: list[bytes] = []
         while True:
-            data = os.read(fd, chunk)
+            try:
+                data = os.read(fd, chunk)
+            except BlockingIOError:
+                # EAGAIN: the kernel visited a million objects (MAX_ITER_OBJECTS) without the program
+                # writing anything, and paused; the next read goes on from where it stopped.
+                continue
             if not data:
                 return b''.join(parts)
             parts.append(data)
