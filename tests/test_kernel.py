@@ -143,3 +143,38 @@ def test_a_kernel_too_old_is_refused_naming_what_it_lacks():
         requirements.check_kernel_version((4, 19, 0))
     assert 'needs BPF global data (Linux 5.2)' in str(error.value) and 'tested from Linux 5.10' in str(error.value)
     requirements.check_kernel_version((5, 10, 0))
+
+
+OTHER_USER_OF_LIBBPF = r"""
+import ctypes, json, sys
+from datadog_checks.ebpf_probe.kernel import libbpf
+
+lib = ctypes.CDLL(libbpf.library_candidates()[0])  # the same libbpf the check loads
+PRINT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+theirs = []
+fn = PRINT(lambda level, fmt, args: theirs.append(fmt.decode()) or 0)
+lib.libbpf_set_print.restype = ctypes.c_void_p
+lib.libbpf_set_print(fn)
+ours = None
+try:
+    libbpf.BpfObject('/nonexistent/ours.bpf.o')  # the check's own call: its message is the check's
+except libbpf.LibbpfError as e:
+    ours = e.log
+before = len(theirs)
+lib.bpf_object__open.restype = ctypes.c_void_p
+lib.bpf_object__open(b'/nonexistent/theirs.bpf.o')  # the other user's call, after the check loaded libbpf
+print(json.dumps({'ours': ours, 'theirs_before': before, 'theirs_after': theirs[before:]}))
+"""
+
+
+@pytest.mark.kernel
+def test_libbpfs_messages_of_another_user_in_the_process_still_reach_it():
+    """The Agent's process may hold other users of the same libbpf: the check keeps only its own messages."""
+    import json
+    import sys
+
+    result = subprocess.run([sys.executable, '-c', OTHER_USER_OF_LIBBPF], capture_output=True, text=True, check=True)
+    seen = json.loads(result.stdout)
+    assert any('ours.bpf.o' in line for line in seen['ours'])
+    assert seen['theirs_before'] == 0  # the check's message was the check's alone
+    assert seen['theirs_after'], seen  # theirs still reach them

@@ -284,6 +284,7 @@ class _Libbpf:
         self._lib: ctypes.CDLL | None = None
         self._lock = threading.Lock()
         self._print_fn = _PRINT_FN(self._on_print)
+        self._previous_print: Any = None  # whoever printed libbpf's messages before us, in this process
         self._libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded: no ldconfig run
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
 
@@ -291,6 +292,9 @@ class _Libbpf:
         # The va_list arrives as a pointer on x86-64 and arm64; vsnprintf formats it. libbpf's
         # debug lines (hundreds per load) are formatted only when someone wants them.
         lines = _log.lines
+        if lines is None and self._previous_print is not None:
+            # Not a call of ours (another user of this libbpf, in another thread): theirs to print.
+            return self._previous_print(level, fmt, va_list)
         if level == LIBBPF_DEBUG and not _debug_log.isEnabledFor(logging.DEBUG):
             return 0
         if lines is not None:
@@ -309,7 +313,9 @@ class _Libbpf:
                         func = getattr(lib, name)
                         func.restype = restype
                         func.argtypes = argtypes
-                    lib.libbpf_set_print(self._print_fn)
+                    previous = lib.libbpf_set_print(self._print_fn)
+                    if previous:
+                        self._previous_print = _PRINT_FN(previous)
                     self._lib = lib
         return self._lib
 
