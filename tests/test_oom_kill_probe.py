@@ -506,3 +506,33 @@ class TestFallback:
     def test_nothing_enabled_is_refused(self):
         with pytest.raises(ProbeLoadError, match='enable_core and allow_runtime_compiled_fallback are both false'):
             load_oom_kill_probe(OOMKillProbeOptions(enable_core=False, allow_runtime_compiled_fallback=False), log)
+
+
+@pytest.mark.bcc
+@pytest.mark.oom
+def test_bcc_a_kprobe_that_does_not_attach_gives_way_to_the_tracepoint(memory_cgroup, monkeypatch):
+    """As the CO-RE variant does, where the kprobe was to be the only hook besides the tracepoint."""
+    from datadog_checks.ebpf_probe.kernel.bcc import BccError, BccProgram
+
+    attach_kprobe = BccProgram.attach_kprobe
+
+    def refused(self, event, function):
+        if event == 'oom_kill_process':  # as a kernel that will not let it attach (blacklisted, say)
+            raise BccError('attaching the kprobe oom_kill_process failed: refused by the test')
+        return attach_kprobe(self, event, function)
+
+    monkeypatch.setattr(BccProgram, 'attach_kprobe', refused)
+    disabled = frozenset({hooks.RAW_TP.name, hooks.KILL_KPROBE.name})
+    probe = load_oom_kill_probe(OOMKillProbeOptions(enable_core=False, disabled_hooks=disabled), log)
+    try:
+        assert probe.hooks == [hooks.TRACEPOINT.name]
+        if kernels.has_kprobes() is not False:  # it was planned, refused, and said
+            assert probe.rejected_hooks[hooks.KPROBE.name].endswith('refused by the test')
+        probe.get_and_flush()
+        with KernelLog() as kernel_log:
+            victim = memory_cgroup.oom_kill(comm='bcc-tp-victim')
+        [kill] = probe.get_and_flush().kills
+        [report] = kernel_log.oom_reports()
+        assert kill.victim_tid == victim.pid == report.pid and kill.hook == hooks.TRACEPOINT.name
+    finally:
+        probe.close()
