@@ -277,7 +277,8 @@ class EbpfStatsProbe:
             obj.close()
 
     def _iterator_plan(self) -> dict[str, bool]:
-        """Which iterator programs to load: program -> wanted. Also what the kernel lacks, said once."""
+        """Which iterator programs the kernel offers: program -> available (_chosen() picks the ones to
+        load). Also what the kernel lacks, said once."""
         wanted = dict.fromkeys(ITERATORS, False)
         disabled = self._options.disabled_iterators
 
