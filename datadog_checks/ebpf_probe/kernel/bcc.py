@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import os
+import subprocess
 import sys
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,23 +113,33 @@ def check_kernel_headers() -> str:
     return path
 
 
-_STDERR_LOCK = threading.Lock()
+# Compiles again in a child process to show the compiler's messages: BCC's C++ side writes them to fd
+# 2, which in the Agent's process every thread shares (redirecting it would take theirs too).
+_DIAGNOSE = """
+import json, sys
+from datadog_checks.ebpf_probe.kernel.bcc import import_bcc
+path, source, cflags = json.loads(sys.argv[1])
+with open(source, 'rb') as f:
+    import_bcc(path).BPF(text=f.read(), cflags=cflags)
+"""
+DIAGNOSE_TIMEOUT = 120
 
 
-@contextmanager
-def _captured_stderr() -> Iterator[list[str]]:
-    """Collect what BCC's C++ side writes to fd 2 (clang diagnostics, the verifier log)."""
-    captured: list[str] = []
-    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            captured.extend(tmp.read().decode('utf-8', 'replace').splitlines())
+def compiler_messages(source: Path, cflags: list[str], bcc_module_path: str | None) -> list[str]:
+    """What the compiler and the verifier print for this program, from the same compile in a child
+    process (the Agent's own stderr is left alone); [] where no Python can be started for it."""
+    if not os.path.basename(sys.executable).startswith('python'):
+        return []  # an embedding without a Python binary to start
+    try:
+        child = subprocess.run(
+            [sys.executable, '-c', _DIAGNOSE, json.dumps([bcc_module_path, str(source), cflags])],
+            capture_output=True,
+            timeout=DIAGNOSE_TIMEOUT,
+            env={**os.environ, 'PYTHONPATH': os.pathsep.join(p for p in sys.path if p)},
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return child.stderr.decode('utf-8', 'replace').splitlines()
 
 
 def _summary(lines: list[str], limit: int = 6) -> str:
@@ -157,17 +166,11 @@ class BccProgram:
             raise BccError(f'cannot read the BCC source {source}: {e}') from None
         cflags = [f'-D{name}={value}' for name, value in sorted(defines.items())]
         cflags += [f'-I{source.parent}', '-Wno-unused-function']
-        error: Exception | None
-        with _captured_stderr() as output:
-            try:
-                bpf = bcc.BPF(text=text.encode(), cflags=cflags)
-            except Exception as e:  # BCC raises bare Exception for compile and load errors
-                error = e
-            else:
-                error = None
-        if error is not None:
-            details = _summary(output)
-            raise BccError(f'{error}'.split('\n')[0] + (f': {details}' if details else '')) from None
+        try:
+            bpf = bcc.BPF(text=text.encode(), cflags=cflags)
+        except Exception as e:  # BCC raises bare Exception for compile and load errors
+            details = _summary(compiler_messages(source, cflags, bcc_module_path))
+            raise BccError(f'{e}'.split('\n')[0] + (f': {details}' if details else '')) from None
         return cls(bpf, bcc)
 
     def attach_raw_tracepoint(self, tracepoint: str, function: str) -> None:
@@ -182,17 +185,10 @@ class BccProgram:
         self._attach('kprobe ' + event, self._bpf.attach_kprobe, event=event.encode(), fn_name=function.encode())
 
     def _attach(self, what: str, attach: Callable[..., Any], **kwargs: bytes) -> None:
-        error: Exception | None
-        with _captured_stderr() as output:
-            try:
-                attach(**kwargs)
-            except Exception as e:  # BCC raises bare Exception
-                error = e
-            else:
-                error = None
-        if error is not None:
-            details = _summary(output)
-            raise BccError(f'attaching the {what} failed: {error}' + (f' ({details})' if details else '')) from None
+        try:
+            attach(**kwargs)
+        except Exception as e:  # BCC raises bare Exception, naming what failed
+            raise BccError(f'attaching the {what} failed: {e}') from None
 
     def open_events(self, table: str, callback: Callable[[bytes], None], perf_pages: int) -> None:
         """Route the records of a ring buffer or perf buffer table (perf_pages per CPU) to callback(bytes)."""
