@@ -178,3 +178,42 @@ def test_libbpfs_messages_of_another_user_in_the_process_still_reach_it():
     assert any('ours.bpf.o' in line for line in seen['ours'])
     assert seen['theirs_before'] == 0  # the check's message was the check's alone
     assert seen['theirs_after'], seen  # theirs still reach them
+
+
+MEMLOCK_CHILD = r"""
+import json, resource, sys
+from datadog_checks.ebpf_probe.kernel import requirements
+soft, hard, needed, version = json.loads(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))  # lowering a hard limit needs no privilege
+try:
+    requirements.raise_memlock_limit(needed, tuple(version))
+except requirements.RequirementError as e:
+    print(json.dumps({'error': str(e)}))
+else:
+    print(json.dumps({'limits': resource.getrlimit(resource.RLIMIT_MEMLOCK)}))
+"""
+
+
+def memlock_child(soft: int, hard: int, needed: int, version: tuple[int, int, int]) -> dict:
+    import json
+    import sys
+
+    argv = [sys.executable, '-c', MEMLOCK_CHILD, json.dumps([soft, hard, needed, version])]
+    return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.mark.unit
+def test_before_5_11_the_memlock_limit_is_raised_by_what_the_probes_need_not_to_infinity():
+    raised = memlock_child(64 << 10, 8 << 20, 1 << 20, (5, 10, 0))
+    assert raised['limits'] == [(64 << 10) + (1 << 20) + requirements.MEMLOCK_FOR_OBJECTS, 8 << 20]
+    untouched = memlock_child(64 << 10, 8 << 20, 1 << 20, (5, 11, 0))  # the memory cgroup counts it
+    assert untouched['limits'] == [64 << 10, 8 << 20]
+
+
+@pytest.mark.unit
+def test_a_memlock_limit_that_cannot_be_raised_says_what_to_do():
+    result = memlock_child(64 << 10, 1 << 20, 8 << 20, (5, 10, 0))  # beyond the hard limit
+    if 'error' in result:  # without CAP_SYS_RESOURCE
+        assert 'cannot be raised' in result['error'] and 'LimitMEMLOCK=infinity' in result['error']
+    else:  # with it, the hard limit too: by what was needed, not to infinity
+        assert result['limits'][0] == result['limits'][1] == (64 << 10) + (8 << 20) + requirements.MEMLOCK_FOR_OBJECTS

@@ -186,7 +186,7 @@ def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(mon
     from datadog_checks.ebpf_probe.kernel import requirements
 
     monkeypatch.setattr(requirements, 'kernel_version', lambda release=None: (5, 4, 0))  # a version before 5.8
-    monkeypatch.setattr(requirements, 'raise_memlock_limit', lambda version=None: None)  # not what this is about
+    monkeypatch.setattr(requirements, 'raise_memlock_limit', lambda needed, version=None: None)  # not what this is
     probe = load_oom_kill_probe(BCC_ONLY, log)
     try:
         assert probe._program._is_ring is kernels.offers_ring_buffer()

@@ -118,19 +118,28 @@ def check_lockdown(path: str = LOCKDOWN) -> None:
         )
 
 
-def raise_memlock_limit(version: tuple[int, int, int] | None = None) -> None:
-    """Before 5.11, BPF maps count against RLIMIT_MEMLOCK: lift it, or say how."""
+# What the check's BPF objects lock at most, beyond the OOM kill buffer: programs, iterators, small maps.
+MEMLOCK_FOR_OBJECTS = 4 << 20
+
+
+def raise_memlock_limit(needed: int, version: tuple[int, int, int] | None = None) -> None:
+    """Before 5.11, BPF memory counts against RLIMIT_MEMLOCK (the user's locked pages, shared by all
+    its processes): raise the limit by what the probes need, not to infinity for the whole Agent, or
+    say how to. From 5.11 the memory cgroup accounts for it: nothing to do."""
     version = version or kernel_version()
     if version[:2] >= MEMCG_ACCOUNTING_KERNEL:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if soft == resource.RLIM_INFINITY:
         return
+    wanted = soft + needed + MEMLOCK_FOR_OBJECTS
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        hard = wanted  # raising the hard limit needs CAP_SYS_RESOURCE
     try:
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (wanted, hard))
     except (ValueError, OSError) as e:
         raise RequirementError(
-            f'the locked-memory limit is {soft} bytes and cannot be raised ({e}); on kernels before 5.11 '
-            'BPF maps count against it: start the Agent with LimitMEMLOCK=infinity (systemd) or '
-            'ulimit -l unlimited, or grant CAP_SYS_RESOURCE'
+            f'the locked-memory limit is {soft} bytes and cannot be raised by the {wanted - soft} the probes '
+            f'need ({e}); on kernels before 5.11 BPF maps count against it: start the Agent with '
+            'LimitMEMLOCK=infinity (systemd) or ulimit -l unlimited, or grant CAP_SYS_RESOURCE'
         ) from None

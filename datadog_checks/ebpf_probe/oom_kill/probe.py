@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import struct
 import threading
@@ -138,7 +139,11 @@ def load_oom_kill_probe(options: OOMKillProbeOptions, log: Logger) -> OOMKillPro
         requirements.check_kernel_version(version)
         requirements.check_privileges(version)
         requirements.check_lockdown()
-        requirements.raise_memlock_limit(version)
+        buffer = max(  # a ring buffer, or a perf buffer per CPU where the kernel has none (before 5.8)
+            ring_buffer_size(options.max_buffered_kills),
+            perf_buffer_pages(options.max_buffered_kills) * resource.getpagesize() * (os.cpu_count() or 1),
+        )
+        requirements.raise_memlock_limit(buffer, version)
     except RequirementError as e:
         raise ProbeLoadError(str(e)) from None
 
