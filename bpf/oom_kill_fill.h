@@ -151,21 +151,21 @@ static __always_inline void guess_domain(struct oom_kill_record *r)
 }
 
 /* The cgroup killed as a whole with the victim: the highest one with memory.oom.group set, from
- * the victim's up to the OOM domain (as mem_cgroup_get_oom_group chooses it). */
+ * the victim's up to the OOM domain (as mem_cgroup_get_oom_group chooses it). Without a memory
+ * cgroup out of room, the system is: its domain is the root, and the walk goes up to it. */
 static __always_inline void fill_group(struct oom_kill_record *r, struct task_struct *task)
 {
 	struct mem_cgroup *memcg = read_task_memcg(task);
+	__u32 domain_level = (r->flags & OOM_F_DOMAIN) ? r->domain_level : 0;
 	int i;
 
-	if (!(r->flags & OOM_F_DOMAIN))
-		return;
 	for (i = 0; i < OOM_MEMCG_MAX_LEVELS; i++) {	/* a bounded loop (5.3+) */
 		__u32 level;
 
 		if (!memcg)
 			return;
 		level = read_memcg_level(memcg);
-		if (level < r->domain_level)
+		if (level < domain_level)
 			return;
 		if (read_memcg_oom_group(memcg))
 			r->group_level = level;

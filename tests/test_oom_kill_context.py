@@ -201,3 +201,46 @@ def test_a_real_containers_kill_names_the_container_and_whether_it_was_its_main_
 
 def podman_inspect(container_id: str) -> str:
     return subprocess.run(['podman', 'inspect', container_id], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.system_oom
+@pytest.mark.cgroup_v2
+def test_a_group_kill_in_a_system_oom_is_one_group_every_member_none_unaccounted(dd_run_check, aggregator):
+    """Kubernetes sets memory.oom.group on every container (1.28+, cgroup v2): in a system OOM too the
+    kernel kills the whole group (mem_cgroup_get_oom_group takes the root as the domain)."""
+    from datadog_checks.ebpf_probe import EbpfProbeCheck
+
+    with open('/proc/meminfo') as f:
+        total_mb = int(next(line for line in f if line.startswith('MemTotal:')).split()[1]) // 1024
+    cgroup = MemoryCgroup(limit_mb=4 * total_mb)  # never reached: the machine runs out first
+    check = EbpfProbeCheck('ebpf_probe', {}, [{'collect_ebpf_stats': False}])
+    members = []
+    try:
+        with open(os.path.join(cgroup.dir, 'memory.oom.group'), 'w') as f:
+            f.write('1')
+        dd_run_check(check)
+        with KernelLog(full=True) as kernel_log:
+            for i in range(3):
+                members.append(cgroup.start(f'sys-member-{i}', oom_score_adj=1000, alloc_mb=8, mode='hold'))
+                assert members[-1].stdout.readline() == b'ready\n'
+            allocator = cgroup.start('sys-allocator', oom_score_adj=1000, mode='threads:1')  # 4 MB at a time
+            allocator.wait(timeout=300)
+            for member in members:
+                member.wait(timeout=60)
+        pids = {allocator.pid} | {m.pid for m in members}
+        reports = [r for r in kernel_log.oom_reports() if r.pid in pids]
+        assert {r.pid for r in reports} == pids  # the kernel killed the whole group
+        assert 'CONSTRAINT_NONE' in {r.constraint for r in reports}
+        aggregator.reset()
+        dd_run_check(check)
+        [event] = [e for e in aggregator.events if e['msg_title'].startswith('OOM group kill')]
+        assert event['msg_title'] == f'OOM group kill: {len(pids)} processes in {cgroup.name}'
+        assert 'trigger_type:system' in event['tags']
+        counted = sum(m.value for m in aggregator.metrics('ebpf_probe.oom_kill.count'))
+        assert counted == len(pids)
+        aggregator.assert_metric('ebpf_probe.oom_kill.unaccounted', value=0, count=1)
+    finally:
+        check.cancel()
+        for member in members:
+            member.kill()
+        cgroup.remove()
