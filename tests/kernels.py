@@ -178,3 +178,18 @@ def offers_ring_buffer() -> bool:
         return kernel.ring_buffer
     shown = subprocess.run(['bpftool', 'feature', 'probe', 'kernel'], capture_output=True, text=True).stdout
     return 'eBPF map_type ringbuf is available' in shown
+
+
+def mark_victim_passes_the_task() -> bool:
+    """mark_victim with the task and its memory fields: as the table says, else as the kernel's own
+    description of the tracepoint (its tracefs format file) shows them."""
+    kernel = current()
+    if kernel is not None:
+        return kernel.task_tracepoint
+    for tracefs in ('/sys/kernel/tracing', '/sys/kernel/debug/tracing'):
+        try:
+            with open(f'{tracefs}/events/oom/mark_victim/format') as f:
+                return 'total_vm' in f.read()
+        except OSError:
+            continue
+    raise AssertionError('mark_victim has no format file to read: mount tracefs (the test above did)')

@@ -231,7 +231,7 @@ def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(mem
         assert mine.trigger_pid == self_killed.pid and mine.trigger_tid != self_killed.pid  # the second thread
         assert mine.memcg_oom is True  # from the trigger's kernel stack
         assert mine.cgroup_path is None  # the tracepoint gives no task: no cgroup
-        if KERNEL is None or KERNEL.task_tracepoint:
+        if kernels.mark_victim_passes_the_task():
             assert mine.victim_comm == 'oomtest-tp' and mine.oom_score_adj == 7
             assert mine.memory is not None
             if KERNEL is not None and not KERNEL.rss_cached_per_thread:
