@@ -287,6 +287,7 @@ int bpf_owners(struct bpf_iter__task_file *ctx)
 		rec.link_prog_id = BPF_CORE_READ((struct bpf_link *)object, prog, aux, id);
 	}
 	rec.tgid = BPF_CORE_READ(task, tgid);
+	rec.reader = rec.tgid == bpf_get_current_pid_tgid() >> 32;
 	rec.fd = ctx->fd;
 	BPF_CORE_READ_STR_INTO(&rec.comm, task, comm);
 	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));

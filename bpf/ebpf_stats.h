@@ -70,7 +70,7 @@ struct owner_record {
 	__u32 kind;	/* OWNED_* */
 	__u32 id;	/* map id, program id, or link id */
 	__u32 link_prog_id;	/* for a link: the program it holds */
-	__u32 _pad;
+	__u32 reader;	/* 1: a file of the process reading the iterator (tgid is its pid on the host) */
 	char comm[STATS_COMM_LEN];
 };
 

@@ -295,15 +295,16 @@ def statistics_holders() -> dict[int, int]:
     return holders
 
 
-def counted_with_statistics_off() -> None:
-    """The kernel counted runs while this process had statistics off: a skip if another process (or
-    the sysctl) keeps them on, as on a shared machine; a failure if this process still holds them."""
+def counted_with_statistics_off(mine_allowed: bool = False) -> None:
+    """The kernel counted runs while this process had statistics off (or saw them on elsewhere): a
+    skip if another process (or the sysctl) keeps them on, as on a shared machine (in a VM row, where
+    nothing else runs, a skip is a failure); a failure if no one else does."""
     import pytest
 
     holders = statistics_holders()
     mine = holders.pop(os.getpid(), 0)
-    assert not mine, f'this process still holds {mine} BPF_ENABLE_STATS fd(s): statistics left on'
+    assert mine_allowed or not mine, f'this process still holds {mine} BPF_ENABLE_STATS fd(s): statistics left on'
     with open('/proc/sys/kernel/bpf_stats_enabled') as f:
         sysctl = f.read().strip() == '1'
-    assert holders or sysctl, 'the kernel counted runs with statistics off, and no one holds them on'
+    assert holders or sysctl, 'the kernel counted runs with statistics off, and no one else holds them on'
     pytest.skip(f'BPF statistics are kept on elsewhere: processes {sorted(holders)}, sysctl {int(sysctl)}')

@@ -231,6 +231,8 @@ def test_run_time_at_defaults_is_there_and_scaled_to_the_interval(dd_run_check, 
     try:
         made, shortest, longest = paced_interval(check, dd_run_check, aggregator, objects, 2.0)
         probe = check._ebpf_stats.probe
+        if probe.run_time_source == 'external':  # counters moved outside our windows: whose doing?
+            counted_with_statistics_off(mine_allowed=True)
         assert probe.run_time_source == 'sampled'
         assert probe.statistics_windows >= 1  # the first one opens right after the first run
         assert probe.statistics_seconds > 0

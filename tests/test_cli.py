@@ -244,3 +244,21 @@ def test_a_kill_while_the_check_was_stopped_is_counted_when_it_starts_again_and_
     assert 'while the check was not running' in restarted.stderr
     assert all(run['aggregator']['events'] == [] for run in json.loads(restarted.stdout))
     assert unaccounted(run_cli('--json', '--cache-file', str(cache), config=config, tmp_path=tmp_path)) == [0]
+
+
+def test_outside_the_hosts_pid_namespace_owners_are_looked_for_only_on_change(tmp_path):
+    """An Agent pod without hostPID: the kernel's pids are the host's, which the check cannot watch."""
+    config = 'instances:\n  - collect_oom_kill: false\n'
+    result = run_cli('--json', '-t', '4', '--pause', '300', '-l', 'debug', config=config, tmp_path=tmp_path,
+                     prefix=['unshare', '--pid', '--fork', '--mount-proc'])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    scans = [line for line in result.stderr.splitlines() if 'Looking for the holders of eBPF objects' in line]
+    # The first run's, and later ones only for objects that came or went (other processes' doing):
+    # never a holder taken for gone because its host pid is not one of this namespace's.
+    assert scans[0].endswith('first run') and not [line for line in scans if 'a holder exited' in line], scans
+    said = [line for line in result.stderr.splitlines() if "not in the host's pid namespace" in line]
+    assert len(said) == 1, said
+    # The check's own programs are still told as its own (its pid here is not its pid on the host).
+    last = json.loads(result.stdout)[-1]['aggregator']['metrics']
+    own = [m for m in last if m['metric'] == 'ebpf_probe.program.instances' and 'program_name:bpf_owners' in m['tags']]
+    assert own and all('ebpf_probe_self:true' in m['tags'] for m in own), own

@@ -47,12 +47,27 @@ def fdinfo(fd: int, pid: int | str = 'self') -> dict[str, str]:
     return result
 
 
+# The initial pid namespace's inode number (PROC_PID_INIT_INO, include/linux/proc_ns.h).
+HOST_PID_NAMESPACE = 'pid:[4026531836]'
+
+
+def in_host_pid_namespace(link: str = '/proc/self/ns/pid') -> bool:
+    """Whether this process sees the host's pids (Kubernetes: hostPID), as the iterators give them."""
+    try:
+        return os.readlink(link) == HOST_PID_NAMESPACE
+    except OSError:
+        return True  # no namespaces to tell: the only one there is
+
+
 def owner_records_from_iterator(data: bytes) -> list[OwnerRecord]:
-    """The task_file iterator's output (bpf/ebpf_stats.bpf.c: bpf_owners)."""
+    """The task_file iterator's output (bpf/ebpf_stats.bpf.c: bpf_owners). Pids are the host's; the
+    reading process's own files are given its own pid, as it knows itself in its pid namespace."""
     records = []
+    own_pid = os.getpid()
     for i in range(0, len(data) - OWNER_RECORD.size + 1, OWNER_RECORD.size):
-        tgid, _fd, kind, object_id, link_prog_id, _pad, comm = OWNER_RECORD.unpack_from(data, i)
-        records.append((tgid, kind, object_id, link_prog_id, comm.split(b'\0', 1)[0].decode('utf-8', 'replace')))
+        tgid, _fd, kind, object_id, link_prog_id, reader, comm = OWNER_RECORD.unpack_from(data, i)
+        pid = own_pid if reader else tgid
+        records.append((pid, kind, object_id, link_prog_id, comm.split(b'\0', 1)[0].decode('utf-8', 'replace')))
     return records
 
 
@@ -204,6 +219,9 @@ class OwnerTracker:
         self._own_pid = own_pid
         self._log = log
         self._watch = HolderWatch()
+        # Outside the host's pid namespace the holders' (host) pids cannot be watched: their exits
+        # show in the objects' reference counts instead.
+        self._watch_holders = in_host_pid_namespace()
         self._known: dict[int, set[int]] | None = None  # kind -> ids, at the previous run
         self._refcounts: dict[int, dict[int, int]] = {}  # kind -> id -> references, at the previous run
         self._holders: dict[int, dict[int, tuple[Owner, ...]]] = {}  # kind -> id -> holders
@@ -264,7 +282,8 @@ class OwnerTracker:
         self._holders = holders
         self._pinned = PinnedObjects()  # bpffs walked again, if some object has no holder
         self.scans += 1
-        self._watch.watch({o.pid for owners in interned for o in owners} - {self._own_pid})
+        if self._watch_holders:
+            self._watch.watch({o.pid for owners in interned for o in owners} - {self._own_pid})
 
     def close(self) -> None:
         self._watch.close()

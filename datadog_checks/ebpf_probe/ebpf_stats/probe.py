@@ -41,6 +41,7 @@ from .owners import (
     OWNED_PROG,
     OwnerTracker,
     PinnedObjects,
+    in_host_pid_namespace,
     owner_records_from_iterator,
     owner_records_from_proc,
 )
@@ -139,6 +140,11 @@ class EbpfStatsProbe:
         return probe
 
     def _load(self) -> None:
+        if not in_host_pid_namespace():
+            self.limitations.append(
+                "the check is not in the host's pid namespace (Kubernetes: hostPID: true): holders are named by "
+                "their pids on the host, and a holder's exit is noticed by its objects' reference counts"
+            )
         available = self._iterator_plan()
         path = bpf_file(STATS_OBJECT)
         if any(available.values()) and not path.exists():
