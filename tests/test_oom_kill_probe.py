@@ -539,9 +539,9 @@ def test_bcc_a_kprobe_that_does_not_attach_gives_way_to_the_tracepoint(memory_cg
 
 
 @pytest.mark.bcc
-def test_bcc_a_program_that_does_not_compile_says_why_and_leaves_the_processs_stderr_alone(tmp_path, monkeypatch):
-    """The compiler's messages come from the same compile in a child process: the Agent's fd 2,
-    shared by all its threads, is never redirected."""
+def test_bcc_a_program_that_does_not_compile_says_why_and_leaves_the_processs_stderr_alone(tmp_path, capfd):
+    """BCC's C++ side writes the compiler's messages to fd 2, which every thread of the Agent's process
+    shares: the check never redirects it (it would take the other threads' output too), nor hides them."""
     source = tmp_path / 'broken.c'
     source.write_text('int broken(void *ctx) { return undeclared_thing; }\n')
     real_dup2 = os.dup2
@@ -550,8 +550,9 @@ def test_bcc_a_program_that_does_not_compile_says_why_and_leaves_the_processs_st
         assert fd2 != 2, 'fd 2 redirected'
         return real_dup2(fd, fd2, *args)
 
-    with monkeypatch.context() as patch, pytest.raises(kernel_bcc.BccError) as error:
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(kernel_bcc.BccError) as error:
         patch.setattr(os, 'dup2', dup2)
         BccProgram.compile(source, {})
-    message = str(error.value)
-    assert "use of undeclared identifier 'undeclared_thing'" in message, message
+    assert "messages are on the process's standard error" in str(error.value)
+    assert "use of undeclared identifier 'undeclared_thing'" in capfd.readouterr().err

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -113,40 +111,6 @@ def check_kernel_headers() -> str:
     return path
 
 
-# Compiles again in a child process to show the compiler's messages: BCC's C++ side writes them to fd
-# 2, which in the Agent's process every thread shares (redirecting it would take theirs too).
-_DIAGNOSE = """
-import json, sys
-from datadog_checks.ebpf_probe.kernel.bcc import import_bcc
-path, source, cflags = json.loads(sys.argv[1])
-with open(source, 'rb') as f:
-    import_bcc(path).BPF(text=f.read(), cflags=cflags)
-"""
-DIAGNOSE_TIMEOUT = 120
-
-
-def compiler_messages(source: Path, cflags: list[str], bcc_module_path: str | None) -> list[str]:
-    """What the compiler and the verifier print for this program, from the same compile in a child
-    process (the Agent's own stderr is left alone); [] where no Python can be started for it."""
-    if not os.path.basename(sys.executable).startswith('python'):
-        return []  # an embedding without a Python binary to start
-    try:
-        child = subprocess.run(
-            [sys.executable, '-c', _DIAGNOSE, json.dumps([bcc_module_path, str(source), cflags])],
-            capture_output=True,
-            timeout=DIAGNOSE_TIMEOUT,
-            env={**os.environ, 'PYTHONPATH': os.pathsep.join(p for p in sys.path if p)},
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return child.stderr.decode('utf-8', 'replace').splitlines()
-
-
-def _summary(lines: list[str], limit: int = 6) -> str:
-    useful = [line.strip() for line in lines if 'error' in line.lower() or 'invalid' in line.lower()]
-    return ' | '.join((useful or [line.strip() for line in lines if line.strip()])[-limit:])
-
-
 class BccProgram:
     """A BCC module compiled from a source file with -D macros; close() frees all of it."""
 
@@ -169,8 +133,12 @@ class BccProgram:
         try:
             bpf = bcc.BPF(text=text.encode(), cflags=cflags)
         except Exception as e:  # BCC raises bare Exception for compile and load errors
-            details = _summary(compiler_messages(source, cflags, bcc_module_path))
-            raise BccError(f'{e}'.split('\n')[0] + (f': {details}' if details else '')) from None
+            # BCC's C++ side wrote the compiler's and the verifier's messages to fd 2, which every
+            # thread of the Agent shares: they are left there, never redirected (nor swallowed).
+            raise BccError(
+                f'{e}'.split('\n')[0] + ": the compiler's and the verifier's messages are on the process's standard "
+                "error (the Agent's log; `ebpf-probe check` shows them)"
+            ) from None
         return cls(bpf, bcc)
 
     def attach_raw_tracepoint(self, tracepoint: str, function: str) -> None:
