@@ -423,6 +423,12 @@ class EbpfStatsProbe:
             objects = {OWNED_PROG: {p.id for p in programs}, OWNED_MAP: {m.id for m in maps}, OWNED_LINK: link_ids}
             refcounts = {}
             if program_refcounts is not None and map_refcounts is not None:
+                # A map walked in the kernel to count it (before 6.6) was referenced by our own program
+                # or link, which the kernel releases an RCU grace period later: its count says nothing
+                # of its holders. Their changes show by new objects and holders' exits instead.
+                walked = {m.id for m in maps if m.entries_method in (ELEMENT_ITERATOR, FOR_EACH)}
+                if walked:
+                    map_refcounts = {i: count for i, count in map_refcounts.items() if i not in walked}
                 refcounts = {OWNED_PROG: program_refcounts, OWNED_MAP: map_refcounts}
             holders, pinned = self._owners.owners(objects, refcounts)
             self._attach_owners(programs, maps, holders, pinned, kprobe_misses)
