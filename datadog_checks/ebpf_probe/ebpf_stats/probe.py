@@ -423,10 +423,11 @@ class EbpfStatsProbe:
             objects = {OWNED_PROG: {p.id for p in programs}, OWNED_MAP: {m.id for m in maps}, OWNED_LINK: link_ids}
             refcounts = {}
             if program_refcounts is not None and map_refcounts is not None:
-                # A map walked in the kernel to count it (before 6.6) was referenced by our own program
-                # or link, which the kernel releases an RCU grace period later: its count says nothing
-                # of its holders. Their changes show by new objects and holders' exits instead.
-                walked = {m.id for m in maps if m.entries_method in (ELEMENT_ITERATOR, FOR_EACH)}
+                # A map counted by a bpf_for_each_map_elem program (large maps, before 6.6) was referenced
+                # by that program, whose references the kernel drops an RCU grace period after it is
+                # freed: its count says nothing of its holders here. Their changes show by new objects
+                # and holders' exits instead. (The element iterator's link lets go of it at once.)
+                walked = {m.id for m in maps if m.entries_method == FOR_EACH}
                 if walked:
                     map_refcounts = {i: count for i, count in map_refcounts.items() if i not in walked}
                 refcounts = {OWNED_PROG: program_refcounts, OWNED_MAP: map_refcounts}
