@@ -303,7 +303,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         kill = next((k for k in kills if k.chosen), kills[0])
         container = parse_cgroup_path(kill.cgroup_path)
         event_tags = report.oom_kill_tags(kill, container, report.HIGH)
-        event_tags += self._container_tags(container, report.ORCHESTRATOR) + self._tags
+        event_tags += self._container_tags(container, report.ORCHESTRATOR)
         group = len(kills) > 1
         self._oom_event(
             int(kill.timestamp),
