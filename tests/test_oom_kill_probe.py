@@ -204,7 +204,7 @@ def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(mon
 def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(memory_cgroup):
     # The last resort, where neither the task hook nor a kprobe can be had.
     disabled = frozenset({hooks.TP_BTF.name, hooks.KILL_KPROBE.name, hooks.KPROBE.name})
-    options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, disabled_hooks=disabled)
+    options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, disabled_hooks=disabled, mount_tracefs=True)
     probe = load_oom_kill_probe(options, log)
     try:
         assert probe.hooks == [hooks.TRACEPOINT.name]
@@ -451,6 +451,54 @@ def test_without_btf_bcc_compiles_against_this_kernels_headers_and_reports_a_kil
     assert_equals_the_kernel_report(kill, report, memory_cgroup)
 
 
+# The probe loaded in a mount namespace of its own where tracefs is not mounted (nor debugfs, whose
+# tracing folder would mount it on access), three ways; what it loaded or why not, and the mounts after.
+NO_TRACEFS = ('umount -q /sys/kernel/tracing; umount -q /sys/kernel/debug/tracing; umount -q -l /sys/kernel/debug; '
+              'exec "$@"')  # fmt: skip
+WITHOUT_TRACEFS = """
+import json, logging
+from datadog_checks.ebpf_probe.kernel import features
+from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, hooks, load_oom_kill_probe
+classic_only = frozenset(h.name for h in (hooks.TP_BTF, hooks.KPROBE, hooks.KILL_KPROBE))
+results = {'tracefs_before': features.tracefs_path()}
+for name, options in [('default', {}), ('classic', {'disabled_hooks': classic_only}),
+                      ('classic-mount', {'disabled_hooks': classic_only, 'mount_tracefs': True})]:
+    try:
+        options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, **options)
+        probe = load_oom_kill_probe(options, logging.getLogger('probe'))
+        results[name] = {'hooks': probe.hooks}
+        probe.close()
+    except Exception as e:
+        results[name] = {'error': str(e)}
+    results[name]['tracefs'] = features.tracefs_path()
+print(json.dumps(results))
+"""
+
+
+def test_tracefs_is_mounted_only_when_the_option_asks_and_a_hook_needs_it():
+    """mount_tracefs is off by default: a missing tracefs costs only the classic tracepoint, and the
+    error says what to mount; asked to, the probe mounts it and the tracepoint works."""
+    result = subprocess.run(
+        ['unshare', '--mount', '--propagation', 'private', 'sh', '-c', NO_TRACEFS, 'sh', sys.executable, '-c',
+         WITHOUT_TRACEFS], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert loaded['tracefs_before'] is None
+    # The task hook or a kprobe needs no tracefs; every kernel of the table offers one of them.
+    default = loaded['default']
+    if 'error' in default:
+        assert KERNEL is None and 'mount -t tracefs' in default['error'], default
+    else:
+        assert hooks.TRACEPOINT.name not in default['hooks'], default
+    assert default['tracefs'] is None
+    classic = loaded['classic']
+    assert 'mount -t tracefs tracefs /sys/kernel/tracing' in classic['error']
+    assert 'mount_tracefs: true' in classic['error']
+    assert classic['tracefs'] is None  # nothing mounted
+    assert loaded['classic-mount'] == {'hooks': [hooks.TRACEPOINT.name], 'tracefs': '/sys/kernel/tracing'}
+
+
 class TestFallback:
     def corrupt_object(self, tmp_path):
         path = tmp_path / 'corrupt.bpf.o'
@@ -523,7 +571,8 @@ def test_bcc_a_kprobe_that_does_not_attach_gives_way_to_the_tracepoint(memory_cg
 
     monkeypatch.setattr(BccProgram, 'attach_kprobe', refused)
     disabled = frozenset({hooks.RAW_TP.name, hooks.KILL_KPROBE.name})
-    probe = load_oom_kill_probe(OOMKillProbeOptions(enable_core=False, disabled_hooks=disabled), log)
+    options = OOMKillProbeOptions(enable_core=False, disabled_hooks=disabled, mount_tracefs=True)
+    probe = load_oom_kill_probe(options, log)
     try:
         assert probe.hooks == [hooks.TRACEPOINT.name]
         if kernels.has_kprobes() is not False:  # it was planned, refused, and said

@@ -69,7 +69,7 @@ def instance_min_collection_interval():
 
 
 def instance_mount_tracefs():
-    return True
+    return False
 
 
 def instance_program_runtime_sampling():

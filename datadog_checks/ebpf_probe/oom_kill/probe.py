@@ -36,7 +36,7 @@ RING_SAMPLE_SIZE = 8 + record.RECORD.size  # the ring buffer's 8-byte header, th
 class OOMKillProbeOptions:
     enable_core: bool = True
     allow_runtime_compiled_fallback: bool = True
-    mount_tracefs: bool = True
+    mount_tracefs: bool = False  # mounting changes the host for every process: only when asked
     # BTF for CO-RE relocations on kernels without /sys/kernel/btf/vmlinux (e.g. from BTFHub).
     btf_path: str | None = None
     # The folder of BCC's Python module (its `bcc` package), for a Python that does not see it.
