@@ -30,7 +30,7 @@ RUNTIME_PACKAGES := libbpf1 python3-venv python3-bpfcc bpftool
 BUILD_PACKAGES := clang llvm libbpf-dev linux-libc-dev
 # Kernel headers for BCC's runtime compilation in tests (this machine's kernel has none of its own).
 # debootstrap makes the Debian 13 root of the Agent-like runtime tests (tests/agent).
-TEST_PACKAGES := linux-headers-amd64 strace util-linux debootstrap
+TEST_PACKAGES := linux-headers-amd64 strace util-linux debootstrap tini dumb-init catatonit
 DEBIAN_PACKAGES := $(RUNTIME_PACKAGES) $(BUILD_PACKAGES) $(TEST_PACKAGES)
 PIP_PACKAGES := datadog-checks-base[deps] datadog-checks-dev pytest hypothesis markdown-it-py ruff mypy build auditwheel
 # What the suite needs under Python 3.13 in the Debian 13 root (hatchling: the editable install there).
@@ -100,7 +100,7 @@ test-agent: venv bpf bundle kernel-headers agent-root
 # root from outside (agent), boot a VM (vm) or need what only a VM row has (pyproject.toml's addopts).
 # BCC tests use Debian 13's BCC and Debian 12's headers.
 PY313_MARKERS := not build and not agent and not vm and not cgroup_v2 and not system_oom and not container_runtime \
-	and not kernel_headers
+	and not kernel_headers and not minimal_init
 test-py313: venv bpf bundle kernel-headers agent-root
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
 	tests/agent/in_root.sh -l $(AGENT_ROOT)/base -l $(AGENT_ROOT)/tools -u "$$scratch/upper" \

@@ -128,6 +128,11 @@ enum cgroup_subsys_id {
 	memory_cgrp_id = 4,
 };
 
+struct list_head {
+	struct list_head *next;
+	struct list_head *prev;
+};
+
 struct task_struct {
 	int pid;
 	int tgid;
@@ -139,6 +144,9 @@ struct task_struct {
 	struct task_struct *group_leader;
 	u64 start_time;	/* ns since boot */
 	struct pid *thread_pid;
+	struct task_struct *real_parent;	/* the reaper once its parent has exited */
+	struct list_head children;	/* oldest first: forks and adopted orphans are added at the tail */
+	struct list_head sibling;	/* its place in its parent's children */
 } PA;
 
 struct oom_control {

@@ -120,6 +120,18 @@ static __always_inline struct task_struct *read_task_group_leader(struct task_st
 	return BPF_CORE_READ(task, group_leader);
 }
 
+static __always_inline struct task_struct *read_task_real_parent(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, real_parent);
+}
+
+static __always_inline struct task_struct *read_task_oldest_child(struct task_struct *task)
+{
+	struct list_head *first = BPF_CORE_READ(task, children.next);
+
+	return first ? (void *)first - bpf_core_field_offset(struct task_struct, sibling) : NULL;
+}
+
 static __always_inline __u64 read_task_start_time(struct task_struct *task)
 {
 	return BPF_CORE_READ(task, start_time);

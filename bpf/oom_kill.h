@@ -38,6 +38,8 @@
 #define OOM_F_DOMAIN (1U << 10)		/* domain_* filled: the memory cgroup that hit its limit */
 #define OOM_F_DOMAIN_GUESSED (1U << 11)	/* ... found as the one left without room (no oom_control) */
 #define OOM_F_PID_NS (1U << 12)		/* victim_ns_pid, pid_ns_level filled */
+#define OOM_F_PARENT (1U << 13)		/* parent_pid, parent_ns_pid, parent_comm filled */
+#define OOM_F_OLDEST_CHILD (1U << 14)	/* the victim is its parent's oldest living child */
 
 struct oom_kill_record {
 	__u64 timestamp_ns;	/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -58,6 +60,8 @@ struct oom_kill_record {
 	__u32 trigger_tid;
 	__u32 flags;
 	__u32 victim_ns_pid;	/* its pid in its own pid namespace: 1 is a container's main process */
+	__u32 parent_pid;	/* the victim's parent (its reaper, once the parent has exited) */
+	__u32 parent_ns_pid;	/* the parent's pid in the victim's pid namespace; 0: outside it */
 	__s16 oom_score_adj;
 	__u8 hook;
 	__u8 cgroup_depth;	/* levels filled in cgroup_names */
@@ -68,6 +72,7 @@ struct oom_kill_record {
 	__u32 kernel_stack_depth;	/* frames filled in kernel_stack */
 	char victim_comm[OOM_COMM_LEN];
 	char trigger_comm[OOM_COMM_LEN];
+	char parent_comm[OOM_COMM_LEN];
 	__u64 kernel_stack[OOM_STACK_DEPTH];	/* trigger's, innermost first */
 	char cgroup_names[OOM_CGROUP_MAX_DEPTH][OOM_CGROUP_NAME_LEN]; /* leaf first */
 };

@@ -48,6 +48,9 @@ struct mem_cgroup;
 #define OFF_TASK_GROUP_LEADER offsetof(struct task_struct, group_leader)
 #define OFF_TASK_START_TIME offsetof(struct task_struct, start_time)
 #define OFF_TASK_THREAD_PID offsetof(struct task_struct, thread_pid)
+#define OFF_TASK_REAL_PARENT offsetof(struct task_struct, real_parent)
+#define OFF_TASK_CHILDREN offsetof(struct task_struct, children)
+#define OFF_TASK_SIBLING offsetof(struct task_struct, sibling)
 #define OFF_PID_LEVEL offsetof(struct pid, level)
 #define OFF_PID_NUMBERS offsetof(struct pid, numbers)
 #define UPID_SIZE sizeof(struct upid)
@@ -176,6 +179,18 @@ static inline u64 read_kn_id(struct kernfs_node *kn)
 static inline struct task_struct *read_task_group_leader(struct task_struct *task)
 {
 	return READ_VALUE(void *, task, OFF_TASK_GROUP_LEADER);
+}
+
+static inline struct task_struct *read_task_real_parent(struct task_struct *task)
+{
+	return READ_VALUE(void *, task, OFF_TASK_REAL_PARENT);
+}
+
+static inline struct task_struct *read_task_oldest_child(struct task_struct *task)
+{
+	void *first = READ_VALUE(void *, task, OFF_TASK_CHILDREN);	/* children.next */
+
+	return first ? first - OFF_TASK_SIBLING : NULL;
 }
 
 static inline u64 read_task_start_time(struct task_struct *task)

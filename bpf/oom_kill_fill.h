@@ -12,6 +12,8 @@
  *   struct mm_struct *read_task_mm(...); __u64 read_mm_total_vm_pages(struct mm_struct *)
  *   long read_mm_rss_pages(struct mm_struct *, int counter); long read_mm_pgtables_bytes(...)
  *   struct task_struct *read_task_group_leader(...); __u64 read_task_start_time(...)
+ *   struct task_struct *read_task_real_parent(...)
+ *   struct task_struct *read_task_oldest_child(...)  the first of its children list (any if none)
  *   bool read_task_ns_pid(struct task_struct *, __u32 *nr, __u8 *level)  in its own pid namespace
  *   struct mem_cgroup *read_task_memcg(...)   its memory cgroup, or NULL
  *   struct mem_cgroup *read_memcg_parent(...); struct kernfs_node *read_memcg_kn(...)
@@ -192,6 +194,28 @@ static __always_inline bool first_kill_of(struct task_struct *task, bool signal_
 	return true;
 }
 
+/* Who the victim's parent is, seen from the victim's pid namespace: whether its death ends its
+ * container depends on it (a minimal init as pid 1 exits when the child it started does). */
+static __always_inline void fill_parent(struct oom_kill_record *r, struct task_struct *leader)
+{
+	struct task_struct *parent = read_task_real_parent(leader);
+	__u32 nr = 0;
+	__u8 level = 0;
+
+	if (!parent)
+		return;
+	/* Children hang on the thread that forked them: its list, the process's identity. */
+	if (read_task_oldest_child(parent) == leader)
+		r->flags |= OOM_F_OLDEST_CHILD;
+	parent = read_task_group_leader(parent);
+	r->parent_pid = read_task_tgid(parent);
+	read_task_comm(parent, r->parent_comm);
+	/* A parent is in the victim's namespace or an ancestor of it: at the same depth, in it. */
+	if (read_task_ns_pid(parent, &nr, &level) && level == r->pid_ns_level)
+		r->parent_ns_pid = nr;
+	r->flags |= OOM_F_PARENT;
+}
+
 static __always_inline void fill_victim(struct oom_kill_record *r, struct task_struct *task)
 {
 	r->victim_pid = read_task_tgid(task);
@@ -200,8 +224,10 @@ static __always_inline void fill_victim(struct oom_kill_record *r, struct task_s
 	r->oom_score_adj = read_task_oom_score_adj(task);
 	read_task_comm(task, r->victim_comm);
 	r->flags |= OOM_F_VICTIM_TASK;
-	if (read_task_ns_pid(read_task_group_leader(task), &r->victim_ns_pid, &r->pid_ns_level))
+	if (read_task_ns_pid(read_task_group_leader(task), &r->victim_ns_pid, &r->pid_ns_level)) {
 		r->flags |= OOM_F_PID_NS;
+		fill_parent(r, read_task_group_leader(task));
+	}
 	fill_memory(r, task);
 	fill_cgroup(r, task);
 }

@@ -45,6 +45,10 @@ if mode == 'thread':
     worker = threading.Thread(target=lambda: (name_thread(), allocate()))
     worker.start()
     worker.join()
+elif mode == 'adopted':  # first become an orphan that its pid namespace's init adopted
+    while os.getppid() != 1:
+        time.sleep(0.01)
+    allocate()
 elif mode.startswith('threads:'):
     workers = [threading.Thread(target=allocate_until_killed) for _ in range(int(mode.split(':')[1]))]
     for worker in workers:

@@ -89,17 +89,20 @@ def cgroup_of(pid: int) -> str:
 
 
 @contextmanager
-def start_container(memory: str = '20m', name: str | None = None, command: str = ALLOCATOR) -> Iterator[Container]:
+def start_container(
+    memory: str = '20m', name: str | None = None, command: str = ALLOCATOR, init: bool = False
+) -> Iterator[Container]:
     """A detached container of the busybox image running `command` (by default: waits, then allocates
-    when told); removed afterwards."""
+    when told), under podman's minimal init (catatonit, `--init`) if asked; removed afterwards."""
     reason = unavailable()
     if reason:
         raise RuntimeError(reason)
     ensure_image()
     name = name or f'ebpf-probe-test-{uuid.uuid4().hex[:10]}'
     container_id = podman(
-        'run', '--detach', '--name', name, '--network', 'none', '--memory', memory, IMAGE, 'sh', '-c', command
-    )
+        'run', '--detach', '--name', name, '--network', 'none', '--memory', memory, *(['--init'] if init else []),
+        IMAGE, 'sh', '-c', command,
+    )  # fmt: skip
     try:
         assert re.fullmatch(r'[0-9a-f]{64}', container_id), container_id
         deadline = time.monotonic() + 30

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from datadog_checks.ebpf_probe.formatting import MAX_TAG_LENGTH, markdown_text, plain_text, tag
 from datadog_checks.ebpf_probe.oom_kill import OOMKill, VictimMemory
 from datadog_checks.ebpf_probe.oom_kill.containers import Container
-from datadog_checks.ebpf_probe.oom_kill.record import OOMDomain
+from datadog_checks.ebpf_probe.oom_kill.record import OOMDomain, Parent
 from datadog_checks.ebpf_probe.oom_kill.report import (
     HIGH,
     aggregation_key,
@@ -477,23 +477,37 @@ def test_text_of_a_victim_whose_own_cgroup_ran_out_has_no_note():
 
 
 @pytest.mark.parametrize(
-    'ns_pid, level, main, row',
+    'ns_pid, level, parent, main, row',
     [
-        (1, 1, True, "the container's main process (pid 1 in its pid namespace)"),
-        (37, 1, False, 'not the main process (pid 37 in its pid namespace)'),
-        (4242, 0, None, None),
+        (1, 1, None, True, "the container's main process (pid 1 in its pid namespace): the kernel ends every"),
+        (2, 1, Parent(900, 'tini', 1, True), True,
+         "the container's main process (pid 2 in its pid namespace): the child its init **tini** (pid 1) started"),
+        (2, 1, Parent(900, 'catatonit', 1, True), True, "the container's main process (pid 2"),
+        (7, 1, Parent(900, 'docker-init', 1, False), False,
+         'not the main process (pid 7 in its pid namespace): an orphan its init **docker\\-init** (pid 1) adopted'),
+        (37, 1, Parent(900, 'gunicorn', 2, False), False,
+         'not the main process (pid 37 in its pid namespace): a child of **gunicorn** (pid 2 there)'),
+        (37, 1, Parent(900, 'sh', 1, True), None,
+         'pid 37 in its pid namespace, a child of its pid 1 **sh**: whether the container stopped depends'),
+        (5, 1, Parent(900, 'containerd-shim', None, True), None,
+         'pid 5 in its pid namespace, started into it from outside by **containerd\\-shim** (host pid 900)'),
+        (5, 1, None, None, 'pid 5 in its pid namespace; whether its death stopped the container is not known'),
+        (4242, 0, Parent(1, 'systemd', 1, False), None, None),
     ],
-    ids=['main', 'worker', 'host'],
-)
-def test_whether_the_victim_was_its_containers_main_process(ns_pid, level, main, row):
-    kill = make_kill(ns_pid=ns_pid, pid_ns_level=level)
+    ids=['pid-1', 'tini', 'catatonit', 'adopted', 'worker', 'other-init', 'entered', 'unread-parent', 'host'],
+)  # fmt: skip
+def test_whether_the_victims_death_stopped_its_container(ns_pid, level, parent, main, row):
+    kill = make_kill(ns_pid=ns_pid, pid_ns_level=level, parent=parent)
     assert kill.container_main_process is main
     rows = table(oom_kill_text(kill, CONTAINER))
     if row is None:
         assert 'Process' not in rows
-        assert not any(t.startswith('container_main_process:') for t in oom_kill_tags(kill, CONTAINER))
     else:
         assert rows['Process'].startswith(row)
+    if main is None:
+        assert not any(t.startswith('container_main_process:') for t in oom_kill_tags(kill, CONTAINER))
+        assert 'container goes on' not in rows.get('Process', '')
+    else:
         assert f'container_main_process:{str(main).lower()}' in oom_kill_tags(kill, CONTAINER)
 
 

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, load_oom_kill_probe
+from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, load_oom_kill_probe, record
 
 from .cgroups import VICTIM_PYTHON, VICTIM_SCRIPT, MemoryCgroup, vmstat_oom_kills
 from .kernel_report import KernelLog
@@ -82,27 +82,109 @@ def test_the_cgroup_that_ran_out_is_named_with_its_usage_and_limit(probe):
         cgroup.remove()
 
 
-def in_new_pid_namespace(cgroup: MemoryCgroup, comm: str, as_init: bool) -> subprocess.Popen:
-    """The victim in a pid namespace of its own: its init (pid 1), or a child of a shell that is."""
-    victim = [VICTIM_PYTHON, '-c', VICTIM_SCRIPT, os.path.join(cgroup.dir, 'cgroup.procs'), comm, '0', '256', 'main',
-              '-']  # fmt: skip
-    inside = victim if as_init else ['sh', '-c', '"$@"; true', 'sh', *victim]  # the shell stays pid 1
-    return subprocess.Popen(['unshare', '--pid', '--fork', '--kill-child', *inside], stderr=subprocess.DEVNULL)
+# What runs in a pid namespace of its own (unshare --pid --fork), the victim's place in it, and what
+# the victim was to it: (what runs as pid 1, its arguments up to the victim; the victim's mode; role,
+# its parent's comm, pid there, and whether the victim was its oldest living child).
+SHELL = ['sh', '-c', '"$@"; true', 'sh']  # stays, and runs its arguments as a child
+PID_NAMESPACES = {
+    'pid-1': ([], 'main', record.PID_1, None),
+    'child-of-a-shell-as-pid-1': (SHELL, 'main', record.CHILD_OF_PID_1, ('sh', 1, True)),
+    'younger-child-of-a-shell-as-pid-1': (['sh', '-c', 'sleep 600 & "$@"; true', 'sh'], 'main',
+                                          record.CHILD_OF_PID_1, ('sh', 1, False)),
+    'worker': (SHELL + SHELL, 'main', record.DESCENDANT, ('sh', 2, True)),
+    'tini': (['tini', '--'], 'main', record.CHILD_OF_MINIMAL_INIT, ('tini', 1, True)),
+    'dumb-init': (['dumb-init'], 'main', record.CHILD_OF_MINIMAL_INIT, ('dumb-init', 1, True)),
+    'catatonit': (['catatonit', '--'], 'main', record.CHILD_OF_MINIMAL_INIT, ('catatonit', 1, True)),
+    # tini's child stays; a shell under it starts the victim in the background and exits.
+    'orphan-adopted-by-tini': (['tini', '--', 'sh', '-c', '"$@"; exec sleep 600', 'sh', 'sh', '-c', '"$@" &', 'sh'],
+                               'adopted', record.ADOPTED_BY_MINIMAL_INIT, ('tini', 1, False)),
+}  # fmt: skip
+MINIMAL_INIT_CASES = {'tini', 'dumb-init', 'catatonit', 'orphan-adopted-by-tini'}
 
 
-@pytest.mark.parametrize('as_init', [True, False], ids=['main-process', 'worker'])
-def test_a_containers_main_process_is_told_from_a_worker(probe, as_init):
+def victim_command(cgroup: MemoryCgroup, mode: str) -> list[str]:
+    return [VICTIM_PYTHON, '-c', VICTIM_SCRIPT, os.path.join(cgroup.dir, 'cgroup.procs'), 'ns-victim', '0', '256',
+            mode, '-']  # fmt: skip
+
+
+def namespace_init(unshare: subprocess.Popen) -> int:
+    """The host's pid of the pid 1 that `unshare --fork` started."""
+    deadline = time.monotonic() + 30
+    while True:
+        with open(f'/proc/{unshare.pid}/task/{unshare.pid}/children') as f:
+            started = [int(child) for child in f.read().split()]
+        if started:
+            return started[0]
+        assert time.monotonic() < deadline, 'unshare started nothing'
+        time.sleep(0.01)
+
+
+def wait_for_the_kill(cgroup: MemoryCgroup) -> None:
+    """Until the kernel has counted the kill in the cgroup (what runs around the victim may stay)."""
+    deadline = time.monotonic() + 120
+    while cgroup.kernel_oom_kills() == 0:
+        assert time.monotonic() < deadline, 'the victim was not OOM-killed'
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize('case', [pytest.param(case, marks=pytest.mark.minimal_init) if case in MINIMAL_INIT_CASES
+                                  else case for case in PID_NAMESPACES])  # fmt: skip
+def test_what_the_victim_was_to_its_pid_namespace_decides_whether_its_container_stopped(probe, case):
+    """pid 1 ends its namespace; a minimal init (tini, dumb-init, catatonit) ends with the child it
+    started, not with an orphan it adopted; another init's choice is not known."""
+    init, mode, role, parent = PID_NAMESPACES[case]
     cgroup = MemoryCgroup()
+    namespace = None
     try:
         with KernelLog() as kernel_log:
-            in_new_pid_namespace(cgroup, 'ns-victim', as_init).wait(timeout=120)
+            namespace = subprocess.Popen(['unshare', '--pid', '--fork', '--kill-child', *init,
+                                          *victim_command(cgroup, mode)], stderr=subprocess.DEVNULL)  # fmt: skip
+            ns_init = namespace_init(namespace) if parent is not None else None  # it outlives the victim
+            wait_for_the_kill(cgroup)
         [report] = [r for r in kernel_log.oom_reports() if r.comm == 'ns-victim']
         [kill] = mine(probe.get_and_flush().kills, cgroup)
         assert kill.victim_pid == report.pid  # the host's pid, as the kernel prints it
         assert kill.pid_ns_level == 1
-        assert kill.ns_pid == (1 if as_init else 2)
-        assert kill.container_main_process is as_init
+        assert kill.container_role == role
+        assert kill.container_main_process is record.CONTAINER_ROLES[role]
+        if parent is None:
+            assert kill.ns_pid == 1
+            return
+        comm, ns_pid, oldest = parent
+        assert kill.parent is not None
+        assert (kill.parent.comm, kill.parent.ns_pid, kill.parent.oldest_child) == (comm, ns_pid, oldest)
+        assert kill.ns_pid > ns_pid
+        if ns_pid == 1:
+            assert kill.parent.pid == ns_init
     finally:
+        if namespace is not None:
+            namespace.kill()  # --kill-child: its pid 1, and with it the whole namespace
+            namespace.wait(timeout=60)
+        cgroup.remove()
+
+
+def test_a_process_started_into_a_pid_namespace_from_outside_is_not_known_to_be_its_main(probe):
+    """nsenter (as `docker exec`, or a runtime starting a container into a pod's shared namespace)."""
+    cgroup = MemoryCgroup()
+    namespace = entered = None
+    try:
+        namespace = subprocess.Popen(['unshare', '--pid', '--fork', '--kill-child', 'sleep', '600'])
+        ns_init = namespace_init(namespace)
+        with KernelLog() as kernel_log:
+            entered = subprocess.Popen(['nsenter', '--target', str(ns_init), '--pid', '--',
+                                        *victim_command(cgroup, 'main')], stderr=subprocess.DEVNULL)  # fmt: skip
+            entered.wait(timeout=120)
+        [report] = [r for r in kernel_log.oom_reports() if r.comm == 'ns-victim']
+        [kill] = mine(probe.get_and_flush().kills, cgroup)
+        assert kill.victim_pid == report.pid
+        assert kill.pid_ns_level == 1 and kill.ns_pid > 1
+        assert kill.container_role == record.ENTERED and kill.container_main_process is None
+        assert kill.parent is not None
+        assert (kill.parent.pid, kill.parent.comm, kill.parent.ns_pid) == (entered.pid, 'nsenter', None)
+    finally:
+        if namespace is not None:
+            namespace.kill()
+            namespace.wait(timeout=60)
         cgroup.remove()
 
 
@@ -162,19 +244,22 @@ def test_a_system_oom_is_told_from_a_cgroups(probe):
 
 
 @pytest.mark.container_runtime
-@pytest.mark.parametrize('main', [True, False], ids=['main-process', 'worker'])
-def test_a_real_containers_kill_names_the_container_and_whether_it_was_its_main_process(dd_run_check, aggregator, main):
-    """podman with crun (one VM row): the container id and cgroup the runtime made, and its pid 1 or not."""
+@pytest.mark.parametrize('case', ['main-process', 'worker', 'under-init'])
+def test_a_real_containers_kill_names_the_container_and_whether_it_was_its_main_process(dd_run_check, aggregator, case):
+    """podman with crun (one VM row): the container id and cgroup the runtime made, and whether its death
+    stopped the container: pid 1, a worker of a shell that stays, or the child of `podman run --init`."""
     from datadog_checks.ebpf_probe import EbpfProbeCheck
 
-    from .containers_runtime import ALLOCATOR, start_container
+    from .containers_runtime import ALLOCATOR, podman, start_container
 
-    # The allocator as the container's main process (exec: pid 1), or as a child of a shell that stays.
-    command = ALLOCATOR if main else ALLOCATOR.replace('exec dd', 'dd') + '; sleep 600'
+    # The allocator as the container's main process (exec: pid 1, or catatonit's child under --init),
+    # or as a child of a shell that stays.
+    command = ALLOCATOR.replace('exec dd', 'dd') + '; sleep 600' if case == 'worker' else ALLOCATOR
+    main = case != 'worker'
     check = EbpfProbeCheck('ebpf_probe', {}, [{'collect_ebpf_stats': False, 'check_tag_cardinality': 'high'}])
     try:
         dd_run_check(check)
-        with start_container(memory='20m', command=command) as container:
+        with start_container(memory='20m', command=command, init=case == 'under-init') as container:
             with open(f'/proc/{container.pid}/root/tmp/go', 'w'):
                 pass
             deadline = time.monotonic() + 60
@@ -190,17 +275,17 @@ def test_a_real_containers_kill_names_the_container_and_whether_it_was_its_main_
             assert event['aggregation_key'] == container.id
             shown = re.sub(r'([_.-])', r'\\\1', container.cgroup)  # markdown-escaped
             assert f'| Memory cgroup | {shown} |' in event['msg_text']
+            if case == 'under-init':
+                assert 'the child its init **podman\\-init** (pid 1) started' in event['msg_text']
             [point] = [m for m in aggregator.metrics('ebpf_probe.oom_kill.count') if f'container_id:{container.id}'
                        in m.tags]  # fmt: skip
             assert point.value == 1
-            if not main:  # the container goes on without its worker
-                assert json.loads(podman_inspect(container.id))[0]['State']['Running'] is True
+            # As the event says: the container stopped with its main process, or goes on without a worker.
+            if main:
+                podman('wait', container.id)
+            assert json.loads(podman('inspect', container.id))[0]['State']['Running'] is not main
     finally:
         check.cancel()
-
-
-def podman_inspect(container_id: str) -> str:
-    return subprocess.run(['podman', 'inspect', container_id], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.system_oom

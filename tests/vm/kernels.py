@@ -33,7 +33,7 @@ KERNEL_TESTS = (
 # Markers of tests that need what not every row has; a row lists those it runs (Row.runs).
 # 'slow': long tests (hundreds of cycles, 16-thread victims, drop accounting): one row per architecture
 # runs them, since emulated CPUs are slow.
-NEEDS = ('bcc', 'kernel_headers', 'system_oom', 'container_runtime', 'slow')
+NEEDS = ('bcc', 'kernel_headers', 'system_oom', 'container_runtime', 'minimal_init', 'slow')
 ALWAYS_LEFT_OUT = ('unit', 'vm')
 
 
@@ -112,8 +112,8 @@ ROWS = (
         'linux-image-6.12.118+deb13-amd64',
         'trixie-security',
         layers=('podman',),
-        runs=('container_runtime',),
-        notes="Debian 13's kernel; podman + crun for real containers",
+        runs=('container_runtime', 'minimal_init'),
+        notes="Debian 13's kernel; podman + crun for real containers, and the minimal inits",
     ),
     Row(
         '6.1-arm64',
@@ -164,7 +164,11 @@ class Layer:
 
 LAYERS = {
     'bcc': Layer(('python3-bpfcc',), notes="BCC 0.26 for Debian 12's Python"),
-    'podman': Layer(('podman', 'crun', 'conmon'), notes='podman 4.3 + crun, cgroupfs manager, vfs storage on tmpfs'),
+    'podman': Layer(
+        ('podman', 'crun', 'conmon', 'catatonit', 'tini', 'dumb-init'),
+        notes='podman 4.3 + crun, cgroupfs manager, vfs storage on tmpfs; catatonit for `podman run --init`, '
+        'and the other minimal inits',
+    ),
     # 'headers' is made per row from the row's kernel (Row.headers), see tests/vm/build.py.
 }
 

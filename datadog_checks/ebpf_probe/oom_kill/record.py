@@ -42,6 +42,8 @@ F_VICTIM_PID_UNKNOWN = 1 << 9
 F_DOMAIN = 1 << 10
 F_DOMAIN_GUESSED = 1 << 11
 F_PID_NS = 1 << 12
+F_PARENT = 1 << 13
+F_OLDEST_CHILD = 1 << 14
 
 # struct oom_kill_record, field by field, in order (a test compares each offset with the
 # compiled object's BTF).
@@ -64,6 +66,8 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ('trigger_tid', 'I'),
     ('flags', 'I'),
     ('victim_ns_pid', 'I'),
+    ('parent_pid', 'I'),
+    ('parent_ns_pid', 'I'),
     ('oom_score_adj', 'h'),
     ('hook', 'B'),
     ('cgroup_depth', 'B'),
@@ -74,6 +78,7 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ('kernel_stack_depth', 'I'),
     ('victim_comm', f'{COMM_LEN}s'),
     ('trigger_comm', f'{COMM_LEN}s'),
+    ('parent_comm', f'{COMM_LEN}s'),
     ('kernel_stack', f'{STACK_DEPTH}Q'),
     ('cgroup_names', f'{CGROUP_MAX_DEPTH * CGROUP_NAME_LEN}s'),
 )
@@ -128,6 +133,40 @@ class OOMDomain:
     guessed: bool  # found as the one left without room (no oom_control on this hook)
 
 
+# Minimal inits: as a container's pid 1 they start one child, the application, and exit when it
+# does (`docker run --init` runs tini as docker-init, `podman run --init` catatonit as podman-init).
+MINIMAL_INITS = frozenset({'tini', 'tini-static', 'docker-init', 'dumb-init', 'catatonit', 'podman-init'})
+
+# What the victim was to its container (its pid namespace), and whether that made it the container's
+# main process (whose death stops the container): True, False, or None when that is not known.
+PID_1 = 'pid_1'  # its namespace's init: the kernel ends the whole namespace with it
+CHILD_OF_MINIMAL_INIT = 'child_of_minimal_init'  # the one child a minimal init started and exits with
+ADOPTED_BY_MINIMAL_INIT = 'adopted_by_minimal_init'  # an orphan the minimal init reaps, not its child
+CHILD_OF_PID_1 = 'child_of_pid_1'  # another init's child: whether that init exits with it is its own choice
+DESCENDANT = 'descendant'  # a child of another process of the namespace
+ENTERED = 'entered'  # its parent is outside the namespace: run with exec, or a shared pid namespace's main
+UNKNOWN = 'unknown'  # its parent could not be read
+CONTAINER_ROLES: dict[str, bool | None] = {
+    PID_1: True,
+    CHILD_OF_MINIMAL_INIT: True,
+    ADOPTED_BY_MINIMAL_INIT: False,
+    CHILD_OF_PID_1: None,
+    DESCENDANT: False,
+    ENTERED: None,
+    UNKNOWN: None,
+}
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The victim's parent when it was killed (the process that adopted it, if its parent had exited)."""
+
+    pid: int  # the host's
+    comm: str
+    ns_pid: int | None  # in the victim's pid namespace; None: outside it
+    oldest_child: bool  # the victim was the oldest of its living children
+
+
 @dataclass(frozen=True)
 class OOMKill:
     """One OOM kill, as the kernel saw it."""
@@ -162,6 +201,7 @@ class OOMKill:
     # The victim's pid in its own pid namespace and that namespace's depth (0: the host's).
     ns_pid: int | None = None
     pid_ns_level: int | None = None
+    parent: Parent | None = None
 
     @property
     def trigger_type(self) -> str:
@@ -170,11 +210,29 @@ class OOMKill:
         return 'cgroup' if self.memcg_oom else 'system'
 
     @property
-    def container_main_process(self) -> bool | None:
-        """Whether the victim was pid 1 of a pid namespace of its own (a container's main process)."""
+    def container_role(self) -> str | None:
+        """What the victim was to the pid namespace it ran in (one of CONTAINER_ROLES); None in the host's."""
         if self.ns_pid is None or not self.pid_ns_level:
             return None
-        return self.ns_pid == 1
+        if self.ns_pid == 1:
+            return PID_1
+        parent = self.parent
+        if parent is None:
+            return UNKNOWN
+        if parent.ns_pid is None:
+            return ENTERED
+        if parent.ns_pid != 1:
+            return DESCENDANT
+        if parent.comm not in MINIMAL_INITS:
+            return CHILD_OF_PID_1
+        # A minimal init starts its child first; orphans it adopts join its children after it.
+        return CHILD_OF_MINIMAL_INIT if parent.oldest_child else ADOPTED_BY_MINIMAL_INIT
+
+    @property
+    def container_main_process(self) -> bool | None:
+        """Whether the victim's death stopped its container; None when not in one, or not known."""
+        role = self.container_role
+        return None if role is None else CONTAINER_ROLES[role]
 
     @property
     def cgroup_name(self) -> str | None:
@@ -296,6 +354,16 @@ def decode_record(
         chosen=bool(flags & F_CHOSEN) or not has_oc,
         ns_pid=r['victim_ns_pid'] if flags & F_PID_NS else None,
         pid_ns_level=r['pid_ns_level'] if flags & F_PID_NS else None,
+        parent=_parent(r) if flags & F_PARENT else None,
+    )
+
+
+def _parent(r: dict) -> Parent:
+    return Parent(
+        pid=r['parent_pid'],
+        comm=_text(r['parent_comm']),
+        ns_pid=r['parent_ns_pid'] or None,
+        oldest_child=bool(r['flags'] & F_OLDEST_CHILD),
     )
 
 

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 from datadog_checks.ebpf_probe.formatting import kb, markdown_text, plain_text, tag
 
+from . import record
 from .containers import Container, parse_cgroup_path
 from .record import OOMKill
 
@@ -103,18 +104,51 @@ def _container_rows(kill: OOMKill, container: Container | None) -> list[str]:
     if container is not None and container.pod_uid:
         qos = f', QoS {container.qos_class}' if container.qos_class else ''
         rows.append(f'| Pod | uid {markdown_text(container.pod_uid)}{qos} |')
-    main = kill.container_main_process
-    if main is True:
-        rows.append(
-            "| Process | the container's main process (pid 1 in its pid namespace): the container stopped, "
-            'and its runtime restarts it (Kubernetes shows OOMKilled) |'
-        )
-    elif main is False:
-        rows.append(
-            f'| Process | not the main process (pid {kill.ns_pid} in its pid namespace): the container goes on '
-            'running without it, and nothing else reports it |'
-        )
+    process = _container_process(kill)
+    if process is not None:
+        rows.append(f'| Process | {process} |')
     return rows
+
+
+def _container_process(kill: OOMKill) -> str | None:
+    """What the victim was to its container, and so whether its death stopped it, or that it is not known."""
+    role, parent = kill.container_role, kill.parent
+    if role is None:
+        return None
+    where = f'pid {kill.ns_pid} in its pid namespace'
+    if role == record.PID_1:
+        return (
+            "the container's main process (pid 1 in its pid namespace): the kernel ends every process of the "
+            'namespace with it, so the container stopped'
+        )
+    if role == record.UNKNOWN or parent is None:
+        return f'{where}; whether its death stopped the container is not known (its parent was not read)'
+    init = f'**{markdown_text(parent.comm)}**'
+    if role == record.CHILD_OF_MINIMAL_INIT:
+        return (
+            f"the container's main process ({where}): the child its init {init} (pid 1) started, and "
+            f'{init} exits when it does, so the container stopped'
+        )
+    if role == record.ADOPTED_BY_MINIMAL_INIT:
+        return (
+            f'not the main process ({where}): an orphan its init {init} (pid 1) adopted, not the child '
+            f'{init} started and exits with; its death alone does not stop the container'
+        )
+    if role == record.DESCENDANT:
+        return (
+            f'not the main process ({where}): a child of {init} (pid {parent.ns_pid} there); its death alone '
+            'does not stop the container'
+        )
+    if role == record.CHILD_OF_PID_1:
+        return (
+            f'{where}, a child of its pid 1 {init}: whether the container stopped depends on what {init} does '
+            'when a child dies (not known)'
+        )
+    return (  # ENTERED
+        f'{where}, started into it from outside by {init} (host pid {parent.pid}): a process run with exec, '
+        "or a container's main process in a pod that shares its pid namespace; whether the container "
+        'stopped is not known'
+    )
 
 
 def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
