@@ -49,6 +49,7 @@ class Kernel:
     # Before 6.2 (SPLIT_RSS_COUNTING) each thread keeps up to 64 page faults' worth of its RSS
     # changes to itself and hands them to the process's counters every 64 faults or when it exits.
     rss_cached_per_thread: bool = False
+    page_kb: int = 4  # the page size it was built for (arm64: 4, 16 or 64 kB)
     # Programs of the eBPF stats probe that this build refuses at load (by their hook), measured.
     refused: frozenset[str] = frozenset()
     # Whether `refused` was measured on this very build; a rebuild of the same version known only by
@@ -128,6 +129,10 @@ KNOWN: dict[str, Kernel] = {
         kprobe_link_missed=True,  # 6.7+: kprobe links say the runs they missed
     ),
 }
+# The same kernel for arm64 with 16 kB pages (Debian's arm64-16k flavour).
+KNOWN['6.12.118+deb13-arm64-16k'] = dataclasses.replace(
+    KNOWN['6.12.118+deb13-amd64'], name='6.12 Debian 13 arm64, 16 kB pages', page_kb=16
+)
 
 
 # A release's series: the release without its build number, for builds made over time of one version.

@@ -9,7 +9,7 @@ import pytest
 from datadog_checks.ebpf_probe.kernel import features, kallsyms, requirements
 from datadog_checks.ebpf_probe.kernel.btf import Btf
 from datadog_checks.ebpf_probe.kernel.kallsyms import KernelSymbols
-from datadog_checks.ebpf_probe.oom_kill.record import MEMCG_OOM_FUNCTIONS, SYSTEM_OOM_FUNCTIONS
+from datadog_checks.ebpf_probe.oom_kill.record import MEMCG_OOM_FUNCTIONS, PAGE_KB, SYSTEM_OOM_FUNCTIONS
 
 from . import kernels
 from .bpf_objects import bpftool_struct
@@ -217,3 +217,15 @@ def test_a_memlock_limit_that_cannot_be_raised_says_what_to_do():
         assert 'cannot be raised' in result['error'] and 'LimitMEMLOCK=infinity' in result['error']
     else:  # with it, the hard limit too: by what was needed, not to infinity
         assert result['limits'][0] == result['limits'][1] == (64 << 10) + (8 << 20) + requirements.MEMLOCK_FOR_OBJECTS
+
+
+@pytest.mark.kernel
+def test_sizes_in_pages_are_turned_into_kb_with_the_kernels_own_page_size():
+    """The OOM domain's usage and limit come in pages: the page size is the running kernel's, as it
+    states it for this process's memory (/proc/self/smaps), and the table's on a known kernel."""
+    with open('/proc/self/smaps') as f:
+        stated = {int(line.split()[1]) for line in f if line.startswith('KernelPageSize:')}
+    assert stated == {PAGE_KB}
+    kernel = kernels.current()
+    if kernel is not None:
+        assert PAGE_KB == kernel.page_kb

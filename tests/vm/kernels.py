@@ -64,7 +64,9 @@ class Row:
     suite: str  # the Debian suite that has it (a key of SUITES)
     layers: tuple[str, ...] = ()  # extra layers over the root: 'headers', 'bcc', 'podman'
     runs: tuple[str, ...] = ()  # markers of NEEDS this row has what they need for
+    files: tuple[str, ...] = KERNEL_TESTS  # the test files it runs
     tests: tuple[str, ...] = ()  # test files added to the selection for this row
+    qemu_cpu: str | None = None  # the CPU to emulate, instead of the architecture's
     # (pytest node id, why): tests known to fail on this row. They still run; the row fails if one
     # of them passes (strict), so the table is updated when the cause is fixed.
     expected_failures: tuple[tuple[str, str], ...] = ()
@@ -123,6 +125,17 @@ ROWS = (
         runs=('slow',),
         timeout=1800,
         notes="Debian 12's kernel on arm64 (qemu virt, cortex-a57), with the arm64 wheel; the long tests",
+    ),
+    Row(
+        '6.12-arm64-16k',
+        'arm64',
+        'linux-image-6.12.118+deb13-arm64-16k',
+        'trixie-security',
+        # What depends on the page size: the OOM kills' kB figures against the kernel's report.
+        files=('tests/test_kernel.py', 'tests/test_oom_kill_probe.py', 'tests/test_oom_kill_context.py'),
+        qemu_cpu='max,pauth=off',  # cortex-a57 has no 16 kB granule; pointer authentication costs 2x
+        timeout=1800,
+        notes="Debian 13's 16 kB page kernel on arm64: every size in kB as the kernel prints it",
     ),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}

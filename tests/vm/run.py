@@ -46,7 +46,7 @@ def selection(row: kernels.Row) -> list[str]:
     override = os.environ.get('VM_PYTEST', '').strip()
     if override:
         return shlex.split(override)
-    return ['-m', row.marker_expression, *kernels.KERNEL_TESTS, *row.tests]
+    return ['-m', row.marker_expression, *row.files, *row.tests]
 
 
 # --- The wheel ---------------------------------------------------------------------------------
@@ -177,8 +177,8 @@ def qemu_command(row: kernels.Row, caches: dict, initrd: Path) -> list[str]:
     arch = kernels.ARCHES[row.arch]
     accel = accelerator(arch)
     machine = list(arch.qemu_args)
-    if accel[1] == 'kvm':
-        machine = [a if a not in ('max', 'cortex-a57') else 'host' for a in machine]
+    cpu = machine.index('-cpu') + 1
+    machine[cpu] = 'host' if accel[1] == 'kvm' else row.qemu_cpu or machine[cpu]
     return [
         arch.qemu,
         *accel,
