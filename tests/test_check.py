@@ -14,6 +14,7 @@ from datadog_checks.ebpf_probe import probe as probe_module
 from datadog_checks.ebpf_probe.probe import ProbeLoadError
 
 from .bpf_objects import held_by_me
+from .kernel_report import KernelLog
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -45,8 +46,10 @@ def test_a_real_oom_kill_is_one_metric_point_and_one_event(
         assert check._oom_kill.probe.variant == variant
         aggregator.reset()
 
-        victim = memory_cgroup.oom_kill(comm='check-victim', oom_score_adj=42)
+        with KernelLog(full=True) as kernel_log:
+            victim = memory_cgroup.oom_kill(comm='check-victim', oom_score_adj=42)
         dd_run_check(check)
+        [report] = kernel_log.oom_reports()
 
         expected_tags = [
             'process_name:check-victim',
@@ -74,7 +77,12 @@ def test_a_real_oom_kill_is_one_metric_point_and_one_event(
         assert f'| Triggered by | **check\\-victim** (pid {victim.pid}) |' in text
         assert 'a memory cgroup reached its limit (trigger_type:cgroup)' in text
         assert f'| Memory cgroup | /{memory_cgroup.name.replace("-", chr(92) + "-")} |' in text
-        assert '| Memory | rss ' in text
+        # Every size in kB as the kernel printed it (whatever its page size).
+        rss = report.anon_rss_kb + report.file_rss_kb + report.shmem_rss_kb
+        assert (f'| Memory | rss {rss:,} kB (anon {report.anon_rss_kb:,} kB, file {report.file_rss_kb:,} kB, shmem '
+                f'{report.shmem_rss_kb:,} kB), total-vm {report.total_vm_kb:,} kB, page tables {report.pgtables_kb:,} '
+                'kB |') in text  # fmt: skip
+        assert f' kB of a {report.limit_kb:,} kB limit |' in text
         assert f'| Seen by | {hook} |' in text
 
         aggregator.assert_all_metrics_covered()

@@ -244,18 +244,20 @@ def test_a_system_oom_is_told_from_a_cgroups(probe):
 
 
 @pytest.mark.container_runtime
-@pytest.mark.parametrize('case', ['main-process', 'worker', 'under-init'])
+@pytest.mark.parametrize('case', ['main-process', 'under-init', 'worker', 'child-of-a-shell'])
 def test_a_real_containers_kill_names_the_container_and_whether_it_was_its_main_process(dd_run_check, aggregator, case):
     """podman with crun (one VM row): the container id and cgroup the runtime made, and whether its death
-    stopped the container: pid 1, a worker of a shell that stays, or the child of `podman run --init`."""
+    stopped the container: pid 1, the child of `podman run --init`, a worker (a shell's child under a
+    shell as pid 1), or not known (the child of a shell as pid 1, which may or may not exit with it)."""
     from datadog_checks.ebpf_probe import EbpfProbeCheck
 
     from .containers_runtime import ALLOCATOR, podman, start_container
 
     # The allocator as the container's main process (exec: pid 1, or catatonit's child under --init),
-    # or as a child of a shell that stays.
-    command = ALLOCATOR.replace('exec dd', 'dd') + '; sleep 600' if case == 'worker' else ALLOCATOR
-    main = case != 'worker'
+    # as a worker, or as the child of the shell that is pid 1 and stays.
+    child = ALLOCATOR.replace('exec dd', 'dd') + '; true'
+    command = {'worker': f"sh -c '{child}'; sleep 600", 'child-of-a-shell': child + '; sleep 600'}.get(case, ALLOCATOR)
+    main = {'main-process': True, 'under-init': True, 'worker': False}.get(case)
     check = EbpfProbeCheck('ebpf_probe', {}, [{'collect_ebpf_stats': False, 'check_tag_cardinality': 'high'}])
     try:
         dd_run_check(check)
@@ -271,7 +273,11 @@ def test_a_real_containers_kill_names_the_container_and_whether_it_was_its_main_
                 events = [e for e in aggregator.events if f'container_id:{container.id}' in e['tags']]
             [event] = events
             assert 'container_runtime:podman' in event['tags']
-            assert f'container_main_process:{str(main).lower()}' in event['tags']
+            if main is None:
+                assert not any(t.startswith('container_main_process:') for t in event['tags'])
+                assert 'whether the container stopped depends on what **sh** does' in event['msg_text']
+            else:
+                assert f'container_main_process:{str(main).lower()}' in event['tags']
             assert event['aggregation_key'] == container.id
             shown = re.sub(r'([_.-])', r'\\\1', container.cgroup)  # markdown-escaped
             assert f'| Memory cgroup | {shown} |' in event['msg_text']
@@ -283,7 +289,8 @@ def test_a_real_containers_kill_names_the_container_and_whether_it_was_its_main_
             # As the event says: the container stopped with its main process, or goes on without a worker.
             if main:
                 podman('wait', container.id)
-            assert json.loads(podman('inspect', container.id))[0]['State']['Running'] is not main
+            if main is not None:
+                assert json.loads(podman('inspect', container.id))[0]['State']['Running'] is not main
     finally:
         check.cancel()
 

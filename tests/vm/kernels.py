@@ -132,7 +132,12 @@ ROWS = (
         'linux-image-6.12.118+deb13-arm64-16k',
         'trixie-security',
         # What depends on the page size: the OOM kills' kB figures against the kernel's report.
-        files=('tests/test_kernel.py', 'tests/test_oom_kill_probe.py', 'tests/test_oom_kill_context.py'),
+        files=(
+            'tests/test_kernel.py',
+            'tests/test_oom_kill_probe.py',
+            'tests/test_oom_kill_context.py',
+            'tests/test_check.py',
+        ),
         qemu_cpu='max,pauth=off',  # cortex-a57 has no 16 kB granule; pointer authentication costs 2x
         timeout=1800,
         notes="Debian 13's 16 kB page kernel on arm64: every size in kB as the kernel prints it",
