@@ -16,7 +16,7 @@ import pytest
 from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, load_oom_kill_probe, record
 
 from .cgroups import VICTIM_PYTHON, VICTIM_SCRIPT, MemoryCgroup, vmstat_oom_kills
-from .kernel_report import KernelLog
+from .kernel_report import KernelLog, KernelOomReport
 
 pytestmark = [pytest.mark.kernel, pytest.mark.oom, pytest.mark.usefixtures('root')]
 
@@ -119,11 +119,17 @@ def namespace_init(unshare: subprocess.Popen) -> int:
         time.sleep(0.01)
 
 
-def wait_for_the_kill(cgroup: MemoryCgroup) -> None:
-    """Until the kernel has counted the kill in the cgroup (what runs around the victim may stay)."""
+def the_kill(kernel_log: KernelLog, comm: str) -> KernelOomReport:
+    """The kernel's report of the kill, once printed: what runs around the victim may stay, so this
+    waits for the report, not for a process to end. The kernel counts the kill (memory.events,
+    vmstat) before it marks the victim (the probe's hook) and prints the report after both."""
     deadline = time.monotonic() + 120
-    while cgroup.kernel_oom_kills() == 0:
-        assert time.monotonic() < deadline, 'the victim was not OOM-killed'
+    while True:
+        reports = [r for r in kernel_log.oom_reports() if r.comm == comm]
+        if reports:
+            [report] = reports
+            return report
+        assert time.monotonic() < deadline, f'{comm} was not OOM-killed'
         time.sleep(0.05)
 
 
@@ -140,8 +146,7 @@ def test_what_the_victim_was_to_its_pid_namespace_decides_whether_its_container_
             namespace = subprocess.Popen(['unshare', '--pid', '--fork', '--kill-child', *init,
                                           *victim_command(cgroup, mode)], stderr=subprocess.DEVNULL)  # fmt: skip
             ns_init = namespace_init(namespace) if parent is not None else None  # it outlives the victim
-            wait_for_the_kill(cgroup)
-        [report] = [r for r in kernel_log.oom_reports() if r.comm == 'ns-victim']
+            report = the_kill(kernel_log, 'ns-victim')
         [kill] = mine(probe.get_and_flush().kills, cgroup)
         assert kill.victim_pid == report.pid  # the host's pid, as the kernel prints it
         assert kill.pid_ns_level == 1
