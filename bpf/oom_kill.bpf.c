@@ -239,28 +239,11 @@ struct {
 	__type(value, __u8);
 } reported_kills SEC(".maps");
 
-/* Marks not reported, by reason (OOM_MARKS_*). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, OOM_MARKS_SLOTS);
-	__type(key, __u32);
-	__type(value, __u64);
-} oom_marks SEC(".maps");
-
 static __always_inline bool remember_reported(struct oom_reported_key *key)
 {
 	__u8 one = 1;
 
 	return bpf_map_update_elem(&reported_kills, key, &one, BPF_NOEXIST) == 0;
-}
-
-static __always_inline void count_unreported(int slot)
-{
-	__u32 key = slot;
-	__u64 *count = bpf_map_lookup_elem(&oom_marks, &key);
-
-	if (count)
-		__sync_fetch_and_add(count, 1);
 }
 
 /* --- Output ----------------------------------------------------------------- */

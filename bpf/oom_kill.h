@@ -96,9 +96,4 @@ struct oom_reported_key {
 	__u64 start_time;
 };
 
-/* What the hooks saw and did not report, for diagnostics (oom_marks array). */
-#define OOM_MARKS_NOT_KILLED 0	/* an exiting task marked, no SIGKILL: the kernel killed nothing */
-#define OOM_MARKS_REPEATED 1	/* a thread of a process already reported */
-#define OOM_MARKS_SLOTS 2
-
 #endif /* EBPF_PROBE_OOM_KILL_H */

@@ -275,7 +275,6 @@ BPF_PERF_OUTPUT(events);
 BPF_PERCPU_ARRAY(heap, struct oom_kill_record, 1);
 #endif
 BPF_ARRAY(dropped_kills, u64, 1);
-BPF_ARRAY(oom_marks, u64, OOM_MARKS_SLOTS);
 BPF_TABLE("lru_hash", struct oom_reported_key, u8, reported_kills, 4096);
 #if defined(HOOK_KPROBE) && !defined(KPROBE_WRITES_RECORDS)
 BPF_TABLE("lru_hash", u32, struct oom_control_info, oom_controls, 256);
@@ -286,14 +285,6 @@ static inline bool remember_reported(struct oom_reported_key *key)
 	u8 one = 1;
 
 	return reported_kills.insert(key, &one) == 0;
-}
-
-static inline void count_unreported(int slot)
-{
-	u64 *count = oom_marks.lookup(&slot);
-
-	if (count)
-		__sync_fetch_and_add(count, 1);
 }
 
 /* --- Output ----------------------------------------------------------------- */

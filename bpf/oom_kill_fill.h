@@ -21,7 +21,6 @@
  *   bool read_memcg_oom_group(...)
  *   struct kernfs_node *read_kn_parent(...); const char *read_kn_name(...); __u64 read_kn_id(...)
  *   bool remember_reported(struct oom_reported_key *)  true the first time (a map of its own)
- *   void count_unreported(int slot)                    an OOM_MARKS_* counter
  * and how it writes records:
  *   struct oom_kill_record *record_reserve(void); void record_submit(void *ctx, record)
  *   struct oom_control_info *oom_control_of_trigger(void)   the kprobe's facts, or NULL
@@ -181,17 +180,11 @@ static __always_inline bool first_kill_of(struct task_struct *task, bool signal_
 {
 	struct oom_reported_key key = {};
 
-	if (signal_sent && !read_task_sigkill_pending(task)) {
-		count_unreported(OOM_MARKS_NOT_KILLED);
-		return false;
-	}
+	if (signal_sent && !read_task_sigkill_pending(task))
+		return false;	/* an exiting task marked, no SIGKILL: the kernel killed nothing */
 	key.tgid = read_task_tgid(task);
 	key.start_time = read_task_start_time(read_task_group_leader(task));
-	if (!remember_reported(&key)) {
-		count_unreported(OOM_MARKS_REPEATED);
-		return false;
-	}
-	return true;
+	return remember_reported(&key);	/* else a thread of a process already reported */
 }
 
 /* Who the victim's parent is, seen from the victim's pid namespace: whether its death ends its

@@ -46,6 +46,7 @@ from .bpf_syscalls import (
     RETURNS_ZERO,
     attach_kprobe,
     map_create,
+    map_delete_elem,
     map_update_batch,
     obj_pin,
     prog_load,
@@ -375,7 +376,7 @@ def test_a_key_walk_that_restarts_gives_no_count(monkeypatch):
 
         def next_key_deleting_the_10th(map_fd, key, next_key):
             if len(walked) == 10:
-                libbpf.map_delete_elem(map_fd, bytes(key.raw[:4]))  # the walk's current key goes away
+                map_delete_elem(map_fd, bytes(key.raw[:4]))  # the walk's current key goes away
             walked.append(1)
             return real_next(map_fd, key, next_key)
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, hooks, load_
 from datadog_checks.ebpf_probe.oom_kill.bcc import BCC_SOURCE, bcc_offsets
 from datadog_checks.ebpf_probe.oom_kill.core import CORE_OBJECT
 from datadog_checks.ebpf_probe.oom_kill.probe import PERF_SAMPLE_SIZE, RING_SAMPLE_SIZE
-from datadog_checks.ebpf_probe.oom_kill.record import RECORD, record_offsets
+from datadog_checks.ebpf_probe.oom_kill.record import RECORD, RECORD_FIELDS
 from datadog_checks.ebpf_probe.probe import ProbeLoadError
 from datadog_checks.ebpf_probe.resources import bpf_file
 
@@ -291,6 +292,15 @@ def test_probe_close_detaches_and_frees_everything():
     assert ours
     probe.close()
     assert still_loaded(program, ours) == set()
+
+
+def record_offsets() -> dict[str, int]:
+    """Byte offset of each field of RECORD, as the decoder lays them out."""
+    offsets, layout = {}, '<'
+    for name, field_layout in RECORD_FIELDS:
+        offsets[name] = struct.calcsize(layout)
+        layout += field_layout
+    return offsets
 
 
 def test_record_layout_matches_the_compiled_object_field_by_field():

@@ -193,10 +193,6 @@ class Inventory:
         self._program_memory: dict[int, int | None] = {}  # per object: programs' memlock never changes
         self._map_memory: dict[int, int | None] = {}  # maps whose memory is fixed (memory_is_fixed)
 
-    @property
-    def iterators(self) -> bool:
-        return self._programs_iter is not None and self._maps_iter is not None
-
     # --- programs -------------------------------------------------------------------------------
 
     def programs(self) -> tuple[list[ProgramRecord], dict[int, int] | None]:

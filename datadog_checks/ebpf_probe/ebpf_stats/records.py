@@ -79,7 +79,7 @@ class RunTimeCoverage:
         return 1.0 / min(self.fraction, 1.0)
 
 
-ALWAYS_COUNTED = RunTimeCoverage(None, 'held')
+ALWAYS_COUNTED = RunTimeCoverage(None, 'held')  # statistics held on for the check's whole life
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 from datadog_checks.ebpf_probe.kernel import libbpf
 
-from .records import RunTimeCoverage
+from .records import ALWAYS_COUNTED, RunTimeCoverage
 
 T = TypeVar('T')
 STATS_SYSCTL = '/proc/sys/kernel/bpf_stats_enabled'
@@ -71,7 +71,7 @@ class HeldStats:
         self._fd: int | None = libbpf.enable_stats()
 
     def observe(self, read: Callable[[], tuple[T, Counters]]) -> tuple[T, RunTimeCoverage]:
-        return read()[0], RunTimeCoverage(None, 'held')
+        return read()[0], ALWAYS_COUNTED
 
     def close(self) -> None:
         if self._fd is not None:

@@ -118,7 +118,6 @@ class BccProgram:
         self._bpf = bpf
         self._bcc = bcc
         self._is_ring = False
-        self.lost = 0  # the kernel's count of perf records lost: a cross-check, the BPF side counts drops
 
     @classmethod
     def compile(cls, source: Path, defines: dict[str, str], bcc_module_path: str | None = None) -> BccProgram:
@@ -166,8 +165,8 @@ class BccProgram:
             data, size = args[-2], args[-1]  # (ctx, data, size) or (cpu, data, size)
             callback(ctypes.string_at(data, size))
 
-        def on_lost(count: int) -> None:
-            self.lost += count
+        def on_lost(_count: int) -> None:
+            pass  # the BPF side counts what it could not write; without a callback BCC prints each loss
 
         if isinstance(events, self._bcc.table.RingBuf):
             self._is_ring = True

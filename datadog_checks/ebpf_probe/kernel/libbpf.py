@@ -241,7 +241,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     'bpf_map__set_max_entries': (_I, [_P, _U32]),
     'bpf_map__set_key_size': (_I, [_P, _U32]),
     'bpf_map__set_value_size': (_I, [_P, _U32]),
-    'bpf_map__set_inner_map_fd': (_I, [_P, _I]),
     'bpf_map__initial_value': (_P, [_P, ctypes.POINTER(ctypes.c_size_t)]),
     'bpf_map__reuse_fd': (_I, [_P, _I]),
     'btf__raw_data': (_P, [_P, ctypes.POINTER(_U32)]),
@@ -265,8 +264,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     'bpf_obj_get': (_I, [_S]),
     'bpf_enable_stats': (_I, [_I]),
     'bpf_map_lookup_elem': (_I, [_I, _P, _P]),
-    'bpf_map_update_elem': (_I, [_I, _P, _P, ctypes.c_uint64]),
-    'bpf_map_delete_elem': (_I, [_I, _P]),
     'bpf_map_lookup_batch': (_I, [_I, _P, _P, _P, _P, ctypes.POINTER(_U32), _P]),
     'bpf_map_get_next_key': (_I, [_I, _P, _P]),
     'bpf_prog_test_run_opts': (_I, [_I, _P]),
@@ -572,14 +569,6 @@ def map_lookup_elem(fd: int, key: bytes, value_size: int) -> bytes:
     return value.raw
 
 
-def map_update_elem(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
-    call_int('bpf_map_update_elem', lib().bpf_map_update_elem, fd, key, value, flags)
-
-
-def map_delete_elem(fd: int, key: bytes) -> None:
-    call_int('bpf_map_delete_elem', lib().bpf_map_delete_elem, fd, key)
-
-
 def map_lookup_batch(fd: int, in_batch: Any, out_batch: Any, keys: Any, values: Any, count: int) -> tuple[int, bool]:
     """One BPF_MAP_LOOKUP_BATCH step: (elements returned, whether the walk is complete)."""
     n = ctypes.c_uint32(count)
@@ -664,10 +653,6 @@ class Map:
 
     def set_value_size(self, size: int) -> None:
         self._set('value_size', size)
-
-    def set_inner_map_fd(self, fd: int) -> None:
-        """The map a map-of-maps' inner maps must look like (before load)."""
-        self._set('inner_map_fd', fd)
 
     def reuse_fd(self, fd: int) -> None:
         """Use an existing map instead of creating this one (before load)."""
@@ -798,25 +783,17 @@ class RingBuffer:
 
 
 class PerfBuffer:
-    """Consumer of a perf event array (kernels without ring buffers).
-
-    The BPF side counts the records it could not write; `lost` is the kernel's own count of
-    them, kept for cross-checking, never added to it.
-    """
+    """Consumer of a perf event array (kernels without ring buffers). The BPF side counts the
+    records it could not write, so the kernel's count of lost samples is not asked for."""
 
     def __init__(self, map_fd: int, page_count: int, callback: RecordCallback):
-        self.lost = 0
-
         def sample(_ctx: int, _cpu: int, data: int, size: int) -> None:
             callback(ctypes.string_at(data, size))
 
-        def lost(_ctx: int, _cpu: int, count: int) -> None:
-            self.lost += count
-
         self._sample = _PERF_BUFFER_SAMPLE_FN(sample)
-        self._lost = _PERF_BUFFER_LOST_FN(lost)
+        no_lost_callback = _PERF_BUFFER_LOST_FN()  # NULL
         self._ptr = call_ptr(
-            'perf_buffer__new', lib().perf_buffer__new, map_fd, page_count, self._sample, self._lost, None, None
+            'perf_buffer__new', lib().perf_buffer__new, map_fd, page_count, self._sample, no_lost_callback, None, None
         )
 
     def consume(self) -> int:

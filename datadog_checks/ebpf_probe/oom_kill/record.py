@@ -85,15 +85,6 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
 RECORD = struct.Struct('<' + ''.join(layout for _name, layout in RECORD_FIELDS))
 
 
-def record_offsets() -> dict[str, int]:
-    """Byte offset of each field of RECORD."""
-    offsets, layout = {}, '<'
-    for name, field_layout in RECORD_FIELDS:
-        offsets[name] = struct.calcsize(layout)
-        layout += field_layout
-    return offsets
-
-
 # Functions whose presence on the trigger's kernel stack means a memory cgroup,
 # not the whole system, ran out of memory (names vary across kernel versions).
 MEMCG_OOM_FUNCTIONS = frozenset(
