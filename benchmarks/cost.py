@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import statistics
@@ -26,8 +25,7 @@ from collections.abc import Callable
 
 from datadog_checks.base.stubs import aggregator
 from datadog_checks.ebpf_probe import EbpfProbeCheck
-from datadog_checks.ebpf_probe import check as check_module
-from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions
+from datadog_checks.ebpf_probe.ebpf_stats import probe as stats_probe
 from tests.bpf_syscalls import map_create, prog_load, prog_test_run_timed
 
 from .common import PYTHON, REPO, Results, Row, summary
@@ -398,15 +396,11 @@ def bench_many_objects(results: Results, maps: int, programs: int, runs: int) ->
         wide_submissions = statistics.median(wide_runs.submissions)
         results.add(Row(section, f'check run, {label}, series limits 500 + 500 (the previous defaults): CPU', 'ms',
                         wide_runs.cpu, note=f'{wide_submissions:,.0f} submissions'))  # fmt: skip
-        per_object_options = functools.partial(
-            EbpfStatsOptions, disabled_iterators=frozenset({'list_programs', 'list_maps', 'program_stats'})
-        )
-        original = check_module.EbpfStatsOptions
-        check_module.EbpfStatsOptions = per_object_options  # type: ignore[misc]
+        stats_probe.WITHHELD_ITERATORS = frozenset({'list_programs', 'list_maps', 'program_stats'})
         try:
             slow_runs = runs_of_a_new_check(max(3, runs // 3))
         finally:
-            check_module.EbpfStatsOptions = original  # type: ignore[misc]
+            stats_probe.WITHHELD_ITERATORS = frozenset()
         results.add(Row(section, f'check run, {label}, object by object (get-next-id, fd, info, fdinfo): CPU', 'ms',
                         slow_runs.cpu))  # fmt: skip
         results.add(Row(section, 'object by object / ours, CPU', 'x',

@@ -26,6 +26,7 @@ from pathlib import Path
 from datadog_checks.base.stubs import aggregator
 from datadog_checks.ebpf_probe import EbpfProbeCheck
 from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, MetricOptions, StatsMetrics
+from datadog_checks.ebpf_probe.ebpf_stats import probe as stats_probe
 from datadog_checks.ebpf_probe.ebpf_stats.entries import EntryCounter
 from datadog_checks.ebpf_probe.ebpf_stats.probe import MAP_COUNT_OBJECT
 from datadog_checks.ebpf_probe.kernel import libbpf
@@ -129,7 +130,11 @@ def timed(function, runs: int) -> tuple[dict, object]:
 def bench_scale(results: Results, maps: int, entries: int, programs: int, factor_cap: int) -> None:
     probe = EbpfStatsProbe.load(EbpfStatsOptions(), log)
     # Our way on kernels without the counting kfunc (5.9 to 6.5): one loaded program walks each map.
-    walker = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'list_maps_count'})), log)
+    stats_probe.WITHHELD_ITERATORS = frozenset({'list_maps_count'})
+    try:
+        walker = EbpfStatsProbe.load(EbpfStatsOptions(), log)
+    finally:
+        stats_probe.WITHHELD_ITERATORS = frozenset()
     metrics = StatsMetrics(MetricOptions(own_pid=-1, max_programs=10**6, max_maps=10**6))
     try:
         ours_by_factor = {}

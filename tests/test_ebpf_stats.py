@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, Owner, inventory, links
+from datadog_checks.ebpf_probe.ebpf_stats import probe as stats_probe
 from datadog_checks.ebpf_probe.ebpf_stats.entries import LARGE_MAP, EntryCounter
 from datadog_checks.ebpf_probe.ebpf_stats.owners import (
     bpffs_mounts,
@@ -256,8 +257,9 @@ def test_full_program_names_come_from_btf():
 
 
 @pytest.mark.parametrize('method', ['element_iterator', 'for_each', 'count_batch', 'count_next_key'])
-def test_each_way_of_counting_counts_exactly(objects, method):
-    probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'list_maps_count'})), log)
+def test_each_way_of_counting_counts_exactly(objects, method, monkeypatch):
+    monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', frozenset({'list_maps_count'}))
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(), log)
     try:
         if method == 'element_iterator' and refused_by_the_kernel(probe, 'iter/bpf_map_elem', 'map_elements'):
             # The probe counts by the other ways (tested by the other cases) and says why not this one.
@@ -306,8 +308,9 @@ def counting_programs() -> set[int]:
     return {p['id'] for p in bpftool('prog', 'show') if p.get('name') in ('map_elements', 'count_with_for_')}
 
 
-def test_without_the_counting_kfunc_each_map_is_walked_in_the_kernel_by_one_loaded_program(objects):
-    probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'list_maps_count'})), log)
+def test_without_the_counting_kfunc_each_map_is_walked_in_the_kernel_by_one_loaded_program(objects, monkeypatch):
+    monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', frozenset({'list_maps_count'}))
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(), log)
     try:
         assert 'bpf_map_sum_elem_count' not in probe.hooks
         element_iterator = not refused_by_the_kernel(probe, 'iter/bpf_map_elem', 'map_elements')
@@ -345,20 +348,21 @@ def test_without_the_counting_kfunc_each_map_is_walked_in_the_kernel_by_one_load
         probe.close()
 
 
-def test_a_counting_way_the_kernel_lacks_is_a_limitation_not_a_silence(objects):
+def test_a_counting_way_the_kernel_lacks_is_a_limitation_not_a_silence(objects, monkeypatch):
     disabled = frozenset({'list_maps_count', 'map_elements', 'map_count'})
-    probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=disabled), log)
+    monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', disabled)
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(), log)
     try:
         maps = {m.id: m for m in probe.snapshot().maps}
         big = objects.maps['big']
         assert (maps[big.id].entries, maps[big.id].entries_method) == (big.entries, 'batch')
-        assert 'element_iterator counting is unavailable: disabled by the probe options' in probe.limitations
+        assert f'element_iterator counting is unavailable: {stats_probe.WITHHELD}' in probe.limitations
         if KERNEL is not None and not KERNEL.for_each:
             assert (
                 'for_each counting is unavailable: the kernel has no bpf_for_each_map_elem (5.13+)' in probe.limitations
             )
         else:
-            assert 'for_each counting is unavailable: disabled by the probe options' in probe.limitations
+            assert f'for_each counting is unavailable: {stats_probe.WITHHELD}' in probe.limitations
     finally:
         probe.close()
 
@@ -397,8 +401,9 @@ def test_owners_from_proc_match_the_iterator(objects, probe):
         assert {r for r in from_iterator if r[0] == pid} == {r for r in from_proc if r[0] == pid}
 
 
-def test_without_the_owner_iterator_owners_come_from_proc(objects):
-    probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'bpf_owners'})), log)
+def test_without_the_owner_iterator_owners_come_from_proc(objects, monkeypatch):
+    monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', frozenset({'bpf_owners'}))
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(), log)
     try:
         maps = {m.id: m for m in probe.snapshot().maps}
         assert maps[objects.maps['hash'].id].owners == fixture_owner(objects)
@@ -469,9 +474,10 @@ def test_owners_are_not_looked_for_again_on_a_steady_host(objects, probe):
     raise AssertionError(f'every run walked the file descriptors again ({probe.owner_scans} walks)')
 
 
-def test_counting_maps_one_by_one_does_not_make_owners_looked_for_again(objects):
+def test_counting_maps_one_by_one_does_not_make_owners_looked_for_again(objects, monkeypatch):
     """Without the kfunc, counting attaches links and loads programs for a moment: not new objects."""
-    probe = EbpfStatsProbe.load(EbpfStatsOptions(disabled_iterators=frozenset({'list_maps_count'})), log)
+    monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', frozenset({'list_maps_count'}))
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(), log)
     try:
         baseline = counting_programs()
         ids = object_ids(probe.snapshot())
@@ -591,10 +597,9 @@ def test_with_someone_else_holding_statistics_the_counts_are_raw(objects):
 # --- The inventory: iterators, else object by object, the same figures ------------------------------------
 
 
-def test_object_by_object_gives_what_the_iterators_give(objects, held_probe):
-    by_fd = EbpfStatsProbe.load(
-        EbpfStatsOptions(runtime_sampling=1, disabled_iterators=frozenset({'list_programs', 'list_maps'})), log
-    )
+def test_object_by_object_gives_what_the_iterators_give(objects, held_probe, monkeypatch):
+    monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', frozenset({'list_programs', 'list_maps'}))
+    by_fd = EbpfStatsProbe.load(EbpfStatsOptions(runtime_sampling=1), log)
     try:
         assert 'iter/bpf_prog' not in by_fd.hooks and 'iter/bpf_map' not in by_fd.hooks
         mine = {objects.program_id} | {m.id for m in objects.maps.values()}
@@ -674,10 +679,10 @@ def test_kprobe_misses_where_the_kernel_counts_them(probe):
 def test_a_program_the_kernel_refuses_costs_only_what_needs_it(objects, monkeypatch, program):
     """As a security policy that refuses one program type would: the others load, counts stay exact."""
     # The map iterator is the kfunc's stand-in: refused without the kfunc's counting, as before 6.6.
-    options = EbpfStatsOptions(
-        collect_program_runtime=False,
-        disabled_iterators=frozenset({'list_maps_count'} if program == 'list_maps' else ()),
+    monkeypatch.setattr(
+        stats_probe, 'WITHHELD_ITERATORS', frozenset({'list_maps_count'} if program == 'list_maps' else ())
     )
+    options = EbpfStatsOptions(collect_program_runtime=False)
     plain = EbpfStatsProbe.load(options, log)
     try:
         loaded = set(held_by_me().values())
@@ -747,12 +752,11 @@ def test_the_iterator_records_match_the_compiled_object_field_by_field(name, lay
 
 
 @pytest.mark.slow
-def test_a_walk_of_more_than_a_million_elements_goes_on_past_the_kernels_pause():
+def test_a_walk_of_more_than_a_million_elements_goes_on_past_the_kernels_pause(monkeypatch):
     """The kernel pauses an iterator (EAGAIN) after a million objects with nothing written yet:
     the element iterator writes only at the end of a map, so a bigger map meets it."""
-    probe = EbpfStatsProbe.load(
-        EbpfStatsOptions(collect_program_runtime=False, disabled_iterators=frozenset({'list_maps_count'})), log
-    )
+    monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', frozenset({'list_maps_count'}))
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(collect_program_runtime=False), log)
     try:
         if refused_by_the_kernel(probe, 'iter/bpf_map_elem', 'map_elements'):
             return  # this kernel has no such walk: the refusal is said (checked above)

@@ -20,7 +20,7 @@ from datadog_checks.ebpf_probe.kernel import bcc as kernel_bcc
 from datadog_checks.ebpf_probe.kernel import features, libbpf
 from datadog_checks.ebpf_probe.kernel.bcc import BccProgram
 from datadog_checks.ebpf_probe.kernel.btf import Btf
-from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, hooks, load_oom_kill_probe
+from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, core, hooks, load_oom_kill_probe
 from datadog_checks.ebpf_probe.oom_kill.bcc import BCC_SOURCE, bcc_offsets
 from datadog_checks.ebpf_probe.oom_kill.core import CORE_OBJECT
 from datadog_checks.ebpf_probe.oom_kill.probe import PERF_SAMPLE_SIZE, RING_SAMPLE_SIZE
@@ -130,9 +130,10 @@ def test_a_real_oom_kill_is_recorded_once_as_the_kernel_reports_it(memory_cgroup
     'options, variant',
     [pytest.param(CORE_ONLY, 'co-re', id='co-re'), pytest.param(BCC_ONLY, 'bcc', id='bcc', marks=pytest.mark.bcc)],
 )
-def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, variant):
+def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, variant, monkeypatch):
     """Kernels before 5.8 have no ring buffer: the same kills through a perf buffer."""
-    probe = load_oom_kill_probe(OOMKillProbeOptions(**{**options.__dict__, 'force_perf_buffer': True}), log)
+    monkeypatch.setattr(features, 'has_ring_buffer', lambda: False)  # as such a kernel
+    probe = load_oom_kill_probe(options, log)
     try:
         assert probe.variant == variant
         probe.get_and_flush()
@@ -154,14 +155,14 @@ def test_the_perf_buffer_path_reports_each_kill_once(memory_cgroup, options, var
     'options, sample_size',
     [
         (CORE_ONLY, RING_SAMPLE_SIZE),
-        (OOMKillProbeOptions(allow_runtime_compiled_fallback=False, force_perf_buffer=True), PERF_SAMPLE_SIZE),
-        pytest.param(
-            OOMKillProbeOptions(enable_core=False, force_perf_buffer=True), PERF_SAMPLE_SIZE, marks=pytest.mark.bcc
-        ),
+        (CORE_ONLY, PERF_SAMPLE_SIZE),
+        pytest.param(BCC_ONLY, PERF_SAMPLE_SIZE, marks=pytest.mark.bcc),
     ],
     ids=['co-re-ring', 'co-re-perf', 'bcc-perf'],
 )
-def test_kills_beyond_the_buffer_are_counted_as_dropped_exactly(memory_cgroup, options, sample_size):
+def test_kills_beyond_the_buffer_are_counted_as_dropped_exactly(memory_cgroup, options, sample_size, monkeypatch):
+    if sample_size == PERF_SAMPLE_SIZE:
+        monkeypatch.setattr(features, 'has_ring_buffer', lambda: False)  # as a kernel before 5.8
     # One page holds this many records; the victims run on one CPU, so one perf buffer takes them all.
     fits = PAGE_SIZE // sample_size
     probe = load_oom_kill_probe(OOMKillProbeOptions(**{**options.__dict__, 'max_buffered_kills': 1}), log)
@@ -197,10 +198,10 @@ def test_bcc_picks_the_ring_buffer_by_what_the_kernel_offers_not_its_version(mon
 
 
 @pytest.mark.oom
-def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(memory_cgroup):
+def test_classic_tracepoint_names_the_thread_and_the_process_only_when_known(memory_cgroup, monkeypatch):
     # The last resort, where neither the task hook nor a kprobe can be had.
-    disabled = frozenset({hooks.TP_BTF.name, hooks.KILL_KPROBE.name, hooks.KPROBE.name})
-    options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, disabled_hooks=disabled, mount_tracefs=True)
+    monkeypatch.setattr(hooks, 'WITHHELD', frozenset({hooks.TP_BTF.name, hooks.KILL_KPROBE.name, hooks.KPROBE.name}))
+    options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, mount_tracefs=True)
     probe = load_oom_kill_probe(options, log)
     try:
         assert probe.hooks == [hooks.TRACEPOINT.name]
@@ -466,10 +467,11 @@ from datadog_checks.ebpf_probe.kernel import features
 from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, hooks, load_oom_kill_probe
 classic_only = frozenset(h.name for h in (hooks.TP_BTF, hooks.KPROBE, hooks.KILL_KPROBE))
 results = {'tracefs_before': features.tracefs_path()}
-for name, options in [('default', {}), ('classic', {'disabled_hooks': classic_only}),
-                      ('classic-mount', {'disabled_hooks': classic_only, 'mount_tracefs': True})]:
+for name, withheld, mount in [('default', frozenset(), False), ('classic', classic_only, False),
+                              ('classic-mount', classic_only, True)]:
+    hooks.WITHHELD = withheld  # the tests' seam: these hooks are left out
     try:
-        options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, **options)
+        options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False, mount_tracefs=mount)
         probe = load_oom_kill_probe(options, logging.getLogger('probe'))
         results[name] = {'hooks': probe.hooks}
         probe.close()
@@ -505,14 +507,17 @@ def test_tracefs_is_mounted_only_when_the_option_asks_and_a_hook_needs_it():
 
 
 class TestFallback:
-    def corrupt_object(self, tmp_path):
+    @pytest.fixture
+    def corrupt_object(self, tmp_path, monkeypatch):
+        """A CO-RE object that libbpf cannot open, in the place of the real one."""
         path = tmp_path / 'corrupt.bpf.o'
         path.write_bytes(b'\x7fELF' + b'\0' * 60)
-        return str(path)
+        monkeypatch.setattr(core, 'core_object', lambda: path)
 
     @pytest.mark.bcc
-    def test_core_failure_falls_back_to_bcc_with_a_warning(self, tmp_path, caplog):
-        options = OOMKillProbeOptions(core_object_path=self.corrupt_object(tmp_path))
+    @pytest.mark.usefixtures('corrupt_object')
+    def test_core_failure_falls_back_to_bcc_with_a_warning(self, caplog):
+        options = OOMKillProbeOptions()
         with caplog.at_level(logging.WARNING):
             probe = load_oom_kill_probe(options, log)
         try:
@@ -524,10 +529,9 @@ class TestFallback:
         finally:
             probe.close()
 
-    def test_core_failure_without_fallback_says_how_to_enable_it(self, tmp_path):
-        options = OOMKillProbeOptions(
-            core_object_path=self.corrupt_object(tmp_path), allow_runtime_compiled_fallback=False
-        )
+    @pytest.mark.usefixtures('corrupt_object')
+    def test_core_failure_without_fallback_says_how_to_enable_it(self):
+        options = OOMKillProbeOptions(allow_runtime_compiled_fallback=False)
         with pytest.raises(ProbeLoadError) as error:
             load_oom_kill_probe(options, log)
         message = str(error.value)
@@ -535,9 +539,10 @@ class TestFallback:
         assert 'allow_runtime_compiled_fallback: true' in message
 
     @pytest.mark.bcc
-    def test_both_failing_is_one_error_with_both_causes(self, tmp_path, monkeypatch):
+    @pytest.mark.usefixtures('corrupt_object')
+    def test_both_failing_is_one_error_with_both_causes(self, monkeypatch):
         monkeypatch.setattr(kernel_bcc, 'find_kernel_headers', lambda release=None: None)
-        options = OOMKillProbeOptions(core_object_path=self.corrupt_object(tmp_path))
+        options = OOMKillProbeOptions()
         with pytest.raises(ProbeLoadError) as error:
             load_oom_kill_probe(options, log)
         message = str(error.value)
@@ -575,8 +580,8 @@ def test_bcc_a_kprobe_that_does_not_attach_gives_way_to_the_tracepoint(memory_cg
         return attach_kprobe(self, event, function)
 
     monkeypatch.setattr(BccProgram, 'attach_kprobe', refused)
-    disabled = frozenset({hooks.RAW_TP.name, hooks.KILL_KPROBE.name})
-    options = OOMKillProbeOptions(enable_core=False, disabled_hooks=disabled, mount_tracefs=True)
+    monkeypatch.setattr(hooks, 'WITHHELD', frozenset({hooks.RAW_TP.name, hooks.KILL_KPROBE.name}))
+    options = OOMKillProbeOptions(enable_core=False, mount_tracefs=True)
     probe = load_oom_kill_probe(options, log)
     try:
         assert probe.hooks == [hooks.TRACEPOINT.name]

@@ -79,8 +79,12 @@ class EbpfStatsOptions:
     # Share of each interval run-time statistics are on (the rest is scaled); 1: always on, exact.
     runtime_sampling: float = DEFAULT_SAMPLED_FRACTION
     interval: float = DEFAULT_INTERVAL  # seconds between snapshots expected (the check's min_collection_interval)
-    # Tests only: leave out some programs (of ITERATORS, and 'map_count') to exercise the fallbacks.
-    disabled_iterators: frozenset[str] = frozenset()
+
+
+# Programs (of ITERATORS, and 'map_count') never loaded: not an option, a seam for the tests and
+# benchmarks that exercise the fallbacks (they monkeypatch it).
+WITHHELD_ITERATORS: frozenset[str] = frozenset()
+WITHHELD = 'withheld (a test of the fallbacks)'
 
 
 def contiguous_possible_cpus(path: str = '/sys/devices/system/cpu/possible') -> int | None:
@@ -286,7 +290,7 @@ class EbpfStatsProbe:
         """Which iterator programs the kernel offers: program -> available (_chosen() picks the ones to
         load). Also what the kernel lacks, said once."""
         wanted = dict.fromkeys(ITERATORS, False)
-        disabled = self._options.disabled_iterators
+        disabled = WITHHELD_ITERATORS
 
         def reject(hook: str, why: str) -> None:
             self.rejected_hooks.setdefault(hook, why)
@@ -311,7 +315,7 @@ class EbpfStatsProbe:
         with btf:
             self._plan_inventory(btf, wanted, disabled, reject)
             if 'map_elements' in disabled:
-                reject(ITERATORS['map_elements'], 'disabled by the probe options')
+                reject(ITERATORS['map_elements'], WITHHELD)
             elif not btf.has_struct('bpf_iter__bpf_map_elem'):
                 reject(ITERATORS['map_elements'], 'the kernel has no map element iterator (5.9+)')
             else:
@@ -319,11 +323,11 @@ class EbpfStatsProbe:
             if not btf.has_function('bpf_for_each_map_elem'):
                 self._for_each_unavailable = 'the kernel has no bpf_for_each_map_elem (5.13+)'
             elif 'map_count' in disabled:
-                self._for_each_unavailable = 'disabled by the probe options'
+                self._for_each_unavailable = WITHHELD
             elif not bpf_file(MAP_COUNT_OBJECT).exists():
                 self._for_each_unavailable = f'{bpf_file(MAP_COUNT_OBJECT)} is missing (build it with make bpf)'
             if 'bpf_owners' in disabled:
-                reject(ITERATORS['bpf_owners'], 'disabled by the probe options')
+                reject(ITERATORS['bpf_owners'], WITHHELD)
             elif not btf.has_struct('bpf_iter__task_file'):
                 reject(ITERATORS['bpf_owners'], 'the kernel has no task_file iterator (5.8+)')
                 self.limitations.append('the kernel has no task_file iterator (5.8+): owners are read from /proc')
@@ -335,7 +339,7 @@ class EbpfStatsProbe:
     def _plan_inventory(self, btf: Btf, wanted: dict[str, bool], disabled: frozenset[str], reject) -> None:
         has_map_iterator = btf.has_struct('bpf_iter__bpf_map')
         if 'list_maps_count' in disabled:
-            reject('bpf_map_sum_elem_count', 'disabled by the probe options')
+            reject('bpf_map_sum_elem_count', WITHHELD)
         elif not btf.has_function('bpf_map_sum_elem_count'):
             reject('bpf_map_sum_elem_count', 'the kernel has no bpf_map_sum_elem_count kfunc (6.6+)')
             self.limitations.append(
@@ -346,7 +350,7 @@ class EbpfStatsProbe:
         if not has_map_iterator:
             reject(ITERATORS['list_maps'], 'the kernel has no bpf_map iterator (5.8+)')
         elif 'list_maps' in disabled:
-            reject(ITERATORS['list_maps'], 'disabled by the probe options')
+            reject(ITERATORS['list_maps'], WITHHELD)
         else:
             wanted['list_maps'] = True
         if 'list_maps' in disabled:  # the object-by-object way, for tests: no map iterator at all
@@ -356,7 +360,7 @@ class EbpfStatsProbe:
             self.limitations.append('the kernel has no bpf_prog iterator (5.9+): programs are read one by one')
             return
         if 'list_programs' in disabled:
-            reject(ITERATORS['list_programs'], 'disabled by the probe options')
+            reject(ITERATORS['list_programs'], WITHHELD)
             return
         wanted['list_programs'] = True
         cpus = contiguous_possible_cpus()

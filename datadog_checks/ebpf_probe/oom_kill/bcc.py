@@ -124,16 +124,14 @@ class BccOOMKillProbe(OOMKillProbe):
             except (OSError, ValueError) as e:
                 log.debug('kernel BTF unreadable, offsets come from kernel headers: %s', e)
         try:
-            plan = hooks.plan_hooks(
-                hooks.RAW_TP, options.disabled_hooks, options.mount_tracefs, lambda: cls._task_offered(btf, options)
-            )
+            plan = hooks.plan_hooks(hooks.RAW_TP, options.mount_tracefs, lambda: cls._task_offered(btf, options))
             defines = bcc_offsets(btf)
         finally:
             if btf is not None:
                 btf.close()
         defines['PAGE_SIZE_KB'] = str(record.PAGE_KB)
         perf_pages = 0
-        if features.has_ring_buffer() and not options.force_perf_buffer:
+        if features.has_ring_buffer():
             defines['USE_RINGBUF'] = '1'
             defines['RINGBUF_PAGES'] = str(ring_buffer_size(options.max_buffered_kills) // resource.getpagesize())
         else:

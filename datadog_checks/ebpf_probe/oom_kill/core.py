@@ -18,6 +18,13 @@ from . import hooks, record
 from .probe import Logger, OOMKillProbe, OOMKillProbeOptions, perf_buffer_pages, ring_buffer_size
 
 CORE_OBJECT = 'oom_kill.bpf.o'
+
+
+def core_object() -> Path:
+    """The compiled CO-RE object the probe loads (tests put another one in its place)."""
+    return bpf_file(CORE_OBJECT)
+
+
 # What makes the CO-RE path fail for a reason the BCC fallback may not share.
 CORE_ERRORS = (RequirementError, libbpf.LibbpfError, libbpf.LibbpfUnavailable, OSError, ValueError)
 
@@ -43,7 +50,7 @@ class CoreOOMKillProbe(OOMKillProbe):
 
     @classmethod
     def load(cls, options: OOMKillProbeOptions, log: Logger) -> CoreOOMKillProbe:
-        path = Path(options.core_object_path) if options.core_object_path else bpf_file(CORE_OBJECT)
+        path = core_object()
         if not path.exists():
             raise RequirementError(f'the CO-RE object {path} is missing: build it with `make bpf` (clang)')
         if options.btf_path:
@@ -54,7 +61,7 @@ class CoreOOMKillProbe(OOMKillProbe):
                 f'the kernel has no BTF ({kernel_btf.VMLINUX_BTF}), which CO-RE needs: use a kernel built with '
                 "CONFIG_DEBUG_INFO_BTF=y, or set btf_path to this kernel's BTF (e.g. from BTFHub)"
             )
-        plan = hooks.plan_hooks(hooks.TP_BTF, options.disabled_hooks, options.mount_tracefs, cls._task_offered)
+        plan = hooks.plan_hooks(hooks.TP_BTF, options.mount_tracefs, cls._task_offered)
         try:
             return cls._load(path, plan, options, log)
         except KillKprobeRefused as e:
@@ -65,7 +72,7 @@ class CoreOOMKillProbe(OOMKillProbe):
 
     @classmethod
     def _load(cls, path: Path, plan: hooks.HookPlan, options: OOMKillProbeOptions, log: Logger) -> CoreOOMKillProbe:
-        use_ringbuf = features.has_ring_buffer() and not options.force_perf_buffer
+        use_ringbuf = features.has_ring_buffer()
         obj = libbpf.BpfObject(str(path), btf_custom_path=options.btf_path)
         try:
             for hook, autoload in (

@@ -38,11 +38,6 @@ class OOMKillProbeOptions:
     # Kills the kernel side holds between two flushes (the buffer is sized for at least this;
     # a perf buffer, per CPU: any CPU may see all of them).
     max_buffered_kills: int = 512
-    # Tests only: another CO-RE object file, hooks not to use (by name, as in hooks.HOOKS),
-    # and the perf buffer where the kernel has a ring buffer.
-    core_object_path: str | None = None
-    disabled_hooks: frozenset[str] = frozenset()
-    force_perf_buffer: bool = False
 
 
 def _pow2_pages(size: int) -> int:
