@@ -231,7 +231,7 @@ struct {
 	__type(value, struct oom_control_info);
 } oom_controls SEC(".maps");
 
-/* Processes reported, so that each is reported once (see first_kill_of). */
+/* Processes reported, so that each is reported once (see newly_killed). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
@@ -301,7 +301,7 @@ static __always_inline struct oom_control_info *oom_control_of_trigger(void)
 SEC("tp_btf/mark_victim")
 int BPF_PROG(mark_victim_btf, struct task_struct *task, uid_t uid)
 {
-	if (first_kill_of(task, true))
+	if (newly_killed(task, true))
 		report_kill(ctx, task, OOM_HOOK_TP_BTF, oom_control_of_trigger());
 	return 0;
 }
@@ -310,7 +310,7 @@ SEC("kprobe/__oom_kill_process")
 int BPF_KPROBE(oom_kill_victim, struct task_struct *victim)
 {
 	/* The kernel kills only a victim with memory left; SIGKILL is sent after this point. */
-	if (BPF_CORE_READ(victim, mm) && first_kill_of(victim, false))
+	if (BPF_CORE_READ(victim, mm) && newly_killed(victim, false))
 		report_kill(ctx, victim, OOM_HOOK_KILL_KPROBE, oom_control_of_trigger());
 	return 0;
 }
@@ -329,7 +329,7 @@ int BPF_KPROBE(oom_kill_process, struct oom_control *oc)
 		__u32 tid = (__u32)bpf_get_current_pid_tgid();
 
 		bpf_map_update_elem(&oom_controls, &tid, &info, BPF_ANY);
-	} else if (first_kill_of(victim, false)) {
+	} else if (newly_killed(victim, false)) {
 		report_kill(ctx, victim, OOM_HOOK_KPROBE, &info);
 	}
 	return 0;
@@ -348,7 +348,7 @@ int mark_victim_tracepoint(struct trace_event_raw_mark_victim *args)
 	/* A dying process marked while it allocates is the trigger: its task is known, and may be
 	 * one already reported. */
 	if (r->victim_tid == r->trigger_tid &&
-	    !first_kill_of((struct task_struct *)bpf_get_current_task(), true)) {
+	    !newly_killed((struct task_struct *)bpf_get_current_task(), true)) {
 		record_discard(r);
 		return 0;
 	}

@@ -351,7 +351,7 @@ int oom_mark_victim_raw(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *task = (struct task_struct *)ctx->args[0];
 
-	if (first_kill_of(task, true))
+	if (newly_killed(task, true))
 		report_kill(ctx, task, OOM_HOOK_RAW_TP, oom_control_of_trigger());
 	return 0;
 }
@@ -363,7 +363,7 @@ int oom_kill_victim_kprobe(struct pt_regs *ctx)
 	struct task_struct *victim = (struct task_struct *)PT_REGS_PARM1(ctx);
 
 	/* The kernel kills only a victim with memory left; SIGKILL is sent after this point. */
-	if (read_task_mm(victim) && first_kill_of(victim, false))
+	if (read_task_mm(victim) && newly_killed(victim, false))
 		report_kill(ctx, victim, OOM_HOOK_KILL_KPROBE, oom_control_of_trigger());
 	return 0;
 }
@@ -381,7 +381,7 @@ int oom_kill_process_kprobe(struct pt_regs *ctx)
 	read_oom_control(&info, READ_VALUE(void *, oc, OFF_OC_MEMCG), READ_VALUE(unsigned long, oc, OFF_OC_TOTALPAGES),
 			 READ_VALUE(long, oc, OFF_OC_CHOSEN_POINTS), read_task_tgid(victim));
 #ifdef KPROBE_WRITES_RECORDS
-	if (first_kill_of(victim, false))
+	if (newly_killed(victim, false))
 		report_kill(ctx, victim, OOM_HOOK_KPROBE, &info);
 #else
 	{
@@ -406,7 +406,7 @@ TRACEPOINT_PROBE(oom, mark_victim)
 	/* A dying process marked while it allocates is the trigger: its task is known, and may be
 	 * one already reported. */
 	if (r->victim_tid == r->trigger_tid &&
-	    !first_kill_of((struct task_struct *)bpf_get_current_task(), true)) {
+	    !newly_killed((struct task_struct *)bpf_get_current_task(), true)) {
 		record_discard(r);
 		return 0;
 	}

@@ -176,11 +176,11 @@ static __always_inline void fill_group(struct oom_kill_record *r, struct task_st
 
 /* Whether to report this mark of a task: once per process the kernel killed. mark_victim also
  * fires for threads of a process already dying, and for exiting tasks marked without a kill. */
-static __always_inline bool first_kill_of(struct task_struct *task, bool signal_sent)
+static __always_inline bool newly_killed(struct task_struct *task, bool after_sigkill)
 {
 	struct oom_reported_key key = {};
 
-	if (signal_sent && !read_task_sigkill_pending(task))
+	if (after_sigkill && !read_task_sigkill_pending(task))
 		return false;	/* an exiting task marked, no SIGKILL: the kernel killed nothing */
 	key.tgid = read_task_tgid(task);
 	key.start_time = read_task_start_time(read_task_group_leader(task));

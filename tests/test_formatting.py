@@ -20,7 +20,7 @@ from datadog_checks.ebpf_probe.oom_kill.report import (
     aggregation_key,
     group_kill_text,
     group_kill_title,
-    occurrences,
+    group_members_together,
     oom_kill_text,
     oom_kill_title,
 )
@@ -523,7 +523,7 @@ def test_the_members_of_a_group_kill_are_one_occurrence():
     lone = make_kill(victim_pid=7)
     first, second = group(3), group(2, path='/kubepods/pod/other')
     later = group(2, start=1_700_000_060.0)  # the same cgroup killed again a minute later
-    assert occurrences([lone, *first, *second, *later]) == [[lone], first, second, later]
+    assert group_members_together([lone, *first, *second, *later]) == [[lone], first, second, later]
 
 
 def test_a_group_kill_event_lists_every_member():

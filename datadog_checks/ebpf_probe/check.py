@@ -17,7 +17,7 @@ from .ebpf_stats.metrics import COUNT
 from .kernel.requirements import RequirementError
 from .oom_kill import OOMKill, OOMKillProbe, OOMKillProbeOptions, load_oom_kill_probe, report
 from .oom_kill.containers import Container, parse_cgroup_path
-from .oom_kill.ledger import KillLedger, Settlement
+from .oom_kill.unaccounted import Reconciliation, UnaccountedKills
 from .probe import Probe, ProbeNotGranted, ProbeSlot
 
 # What Datadog shows as the source of the check's events: the manifest's source_type_name.
@@ -33,7 +33,7 @@ T = TypeVar('T')
 P = TypeVar('P', bound=Probe)
 
 
-def given(value: T | None) -> T:
+def configured(value: T | None) -> T:
     """An option the spec gives a default: the config model never leaves it None."""
     if value is None:
         raise ConfigurationError('an option with a default came out empty from the config model')
@@ -64,8 +64,8 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._oom_kill: ProbeSlot[OOMKillProbe] | None = None
         self._ebpf_stats: ProbeSlot[EbpfStatsProbe] | None = None
         self._stats_metrics: StatsMetrics | None = None
-        self._ledger = KillLedger(self._read_host_cache, self._write_host_cache)
-        self._ledger_said: set[str] = set()
+        self._unaccounted_kills = UnaccountedKills(self._read_host_cache, self._write_host_cache)
+        self._said_of_the_count: set[str] = set()
         # Runs after the base class has validated the config models.
         self.check_initializations.append(self._configure)
 
@@ -73,12 +73,12 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         """Validate everything first; only then set the check up (a bad option leaves nothing half-made)."""
         config = self.config
         options = OOMKillProbeOptions(
-            enable_core=given(config.enable_core),
-            allow_runtime_compiled_fallback=given(config.allow_runtime_compiled_fallback),
-            mount_tracefs=given(config.mount_tracefs),
+            enable_core=configured(config.enable_core),
+            allow_runtime_compiled_fallback=configured(config.allow_runtime_compiled_fallback),
+            mount_tracefs=configured(config.mount_tracefs),
             btf_path=config.btf_path,
             bcc_module_path=config.bcc_module_path,
-            max_buffered_kills=given(config.max_buffered_oom_kills),
+            max_buffered_kills=configured(config.max_buffered_oom_kills),
         )
         if not (options.enable_core or options.allow_runtime_compiled_fallback):
             raise ConfigurationError(
@@ -92,20 +92,20 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 raise ConfigurationError(f'`{option}`: invalid regular expression: {e}') from None
         metric_options = MetricOptions(
             own_pid=os.getpid(),
-            exclude_own_objects=given(config.exclude_own_objects),
+            exclude_own_objects=configured(config.exclude_own_objects),
             programs=NamePatterns(patterns['program_name_include'], patterns['program_name_exclude']),
             maps=NamePatterns(patterns['map_name_include'], patterns['map_name_exclude']),
-            max_programs=given(config.max_programs_reported),
-            max_maps=given(config.max_maps_reported),
-            run_time=given(config.collect_program_runtime),
+            max_programs=configured(config.max_programs_reported),
+            max_maps=configured(config.max_maps_reported),
+            run_time=configured(config.collect_program_runtime),
         )
         stats_options = EbpfStatsOptions(
-            collect_program_runtime=given(config.collect_program_runtime),
-            runtime_sampling=float(given(config.program_runtime_sampling)),
+            collect_program_runtime=configured(config.collect_program_runtime),
+            runtime_sampling=float(configured(config.program_runtime_sampling)),
             interval=float(config.min_collection_interval or 15),
         )
-        retry = float(given(config.load_retry_max_interval))
-        self._max_events = given(config.max_oom_kill_events)
+        retry = float(configured(config.load_retry_max_interval))
+        self._max_events = configured(config.max_oom_kill_events)
         self._cardinality = self._tag_cardinality()
         self._report_unknown_options()
 
@@ -206,53 +206,55 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             message = slot.run_failed(e)
             self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.CRITICAL, tags=tags, message=message)
             return None
-        slot.ran()
+        slot.run_succeeded()
         # Limitations are said once, as warnings; OK service checks carry no message.
         self.service_check(self.SERVICE_CHECK_CAN_LOAD, AgentCheck.OK, tags=tags)
         return collected
 
     def _collect_and_account_oom_kills(self, slot: ProbeSlot[OOMKillProbe]) -> None:
-        """Report the kills, then compare with the kernel's count of them (taken first: see KillLedger)."""
-        self._ledger.count()
+        """Report the kills, then compare with the kernel's count of them (taken first: see UnaccountedKills)."""
+        self._unaccounted_kills.count()
         reported = self._collect(slot, self._collect_oom_kills)
         if slot.claim_refused:
             return  # the instance that holds the probe keeps the account
-        settlement = self._ledger.settle(reported or 0, probe_running=reported is not None)
-        if settlement is not None:
-            self.count('oom_kill.unaccounted', settlement.unaccounted, tags=self._tags)
-            self._say_unaccounted(settlement, slot, reported is None)
+        reconciliation = self._unaccounted_kills.reconcile(reported or 0, probe_running=reported is not None)
+        if reconciliation is not None:
+            self.count('oom_kill.unaccounted', reconciliation.unaccounted, tags=self._tags)
+            self._say_unaccounted(reconciliation, slot, reported is None)
 
-    def _say_unaccounted(self, settlement: Settlement, slot: ProbeSlot[OOMKillProbe], not_running: bool) -> None:
+    def _say_unaccounted(
+        self, reconciliation: Reconciliation, slot: ProbeSlot[OOMKillProbe], not_running: bool
+    ) -> None:
         """Once for each likely cause, the kills the kernel counted and the check did not report."""
-        if settlement.unaccounted:
-            if settlement.since_restart:
+        if reconciliation.unaccounted:
+            if reconciliation.since_restart:
                 cause = 'they happened while the check was not running (an Agent restart or upgrade, or a reboot)'
             elif not_running:
                 cause = f'the OOM kill probe is not running: {slot.error}'
             else:
                 hooks = ', '.join(slot.probe.hooks) if slot.probe is not None else 'none'
                 cause = f'the hooks in use ({hooks}) did not see them'
-            if cause not in self._ledger_said:
-                self._ledger_said.add(cause)
+            if cause not in self._said_of_the_count:
+                self._said_of_the_count.add(cause)
                 self.log.warning(
                     '%d OOM kills counted by the kernel (/proc/vmstat oom_kill) were not reported: %s '
                     '(ebpf_probe.oom_kill.unaccounted counts them)',
-                    settlement.unaccounted,
+                    reconciliation.unaccounted,
                     cause,
                 )
-        if settlement.over_reported and 'over' not in self._ledger_said:
-            self._ledger_said.add('over')
+        if reconciliation.over_reported and 'over' not in self._said_of_the_count:
+            self._said_of_the_count.add('over')
             self.log.warning(
                 '%d OOM kills were reported that the kernel did not count as kills (/proc/vmstat oom_kill)',
-                settlement.over_reported,
+                reconciliation.over_reported,
             )
 
     def _collect_oom_kills(self, probe: OOMKillProbe) -> int:
         """Submit the kills drained from the probe; how many the kernel counted of them, dropped ones included."""
         result = probe.get_and_flush()
-        occurrences = report.occurrences(result.kills)
+        grouped = report.group_members_together(result.kills)
         # An event each, up to max_oom_kill_events; the rest of a kill storm in one summary event.
-        described, rest = occurrences[: self._max_events], occurrences[self._max_events :]
+        described, rest = grouped[: self._max_events], grouped[self._max_events :]
         for kills in described:
             self._submit_oom_kills(kills)
         for kills in rest:
@@ -267,15 +269,15 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 '%d OOM kills were dropped in the kernel: raise max_buffered_oom_kills or run the check more often',
                 result.dropped,
             )
-        if result.undecodable and 'undecodable' not in self._ledger_said:
-            self._ledger_said.add('undecodable')
+        if result.undecodable and 'undecodable' not in self._said_of_the_count:
+            self._said_of_the_count.add('undecodable')
             self.log.warning(
                 '%d OOM kill records could not be decoded (counted in ebpf_probe.oom_kill.dropped; said once): %s',
                 result.undecodable,
                 result.decode_error,
             )
         # The kernel kills, and counts, the chosen victim of a group kill again with its group.
-        group_kills = sum(1 for kills in occurrences if kills[0].group_cgroup_path and any(k.chosen for k in kills))
+        group_kills = sum(1 for kills in grouped if kills[0].group_cgroup_path and any(k.chosen for k in kills))
         return len(result.kills) + result.dropped + result.undecodable + group_kills
 
     def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> int:

@@ -143,20 +143,20 @@ class ProbeSlot(Generic[P]):
         for hook, reason in probe.rejected_hooks.items():
             log.info('%s probe: not using %s: %s', self.name, hook, reason)
         self._limitations_said = 0
-        self.say_new_limitations()
+        self.warn_of_new_limitations()
         if probe.core_error:
             # The factory logged it; keep it visible in the check's status too.
             self._check.warnings.append(
                 f'The {self.name} probe runs on the BCC fallback: CO-RE failed: {probe.core_error}'
             )
 
-    def ran(self) -> None:
+    def run_succeeded(self) -> None:
         """After a good run: say what the probe newly found it cannot do; a later failure is logged again."""
         self._logged_error = None
         self._run_failures = 0
-        self.say_new_limitations()
+        self.warn_of_new_limitations()
 
-    def say_new_limitations(self) -> None:
+    def warn_of_new_limitations(self) -> None:
         """Warn once of each limitation the probe found (at load, or since, while running)."""
         if self.probe is None:
             return

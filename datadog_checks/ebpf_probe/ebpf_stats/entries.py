@@ -42,7 +42,7 @@ COUNTED_MAP_TYPES = frozenset(
 )
 PERCPU_MAP_TYPES = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
-ITERATOR, ELEMENT_ITERATOR, FOR_EACH = 'iterator', 'element_iterator', 'for_each'
+ONE_PASS_ITERATOR, PER_MAP_ITERATOR, FOR_EACH = 'iterator', 'element_iterator', 'for_each'
 BATCH, NEXT_KEY = 'batch', 'get_next_key'
 LARGE_MAP = 65536  # max_entries from which bpf_for_each_map_elem is the cheaper walk
 # bpf_for_each_map_elem walks these; not maps of maps (kernel/bpf/hashtab.c).
@@ -95,7 +95,7 @@ class EntryCounter:
         return said
 
     def count(self, fd: int, info: libbpf.BpfMapInfo) -> tuple[int | None, str | None]:
-        walks = [ELEMENT_ITERATOR]
+        walks = [PER_MAP_ITERATOR]
         if info.max_entries >= LARGE_MAP and info.type in FOR_EACH_MAP_TYPES:
             walks.insert(0, FOR_EACH)
         for method in walks:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datadog_checks.ebpf_probe.kernel import libbpf
 from datadog_checks.ebpf_probe.kernel.uapi import BPF_OBJ_NAME_LEN
 
-from .entries import COUNTED_MAP_TYPES, ITERATOR, EntryCounter
+from .entries import COUNTED_MAP_TYPES, ONE_PASS_ITERATOR, EntryCounter
 from .records import MapRecord, ProgramRecord
 
 # bpf/ebpf_stats.h
@@ -360,7 +360,7 @@ class Inventory:
             memory = self._known_map_memory(map_id, type_id, flags)
             counted = type_id in COUNTED_MAP_TYPES
             if counted and entries != NOT_COUNTED:
-                count, method = entries, ITERATOR
+                count, method = entries, ONE_PASS_ITERATOR
             if memory is None or (counted and entries == NOT_COUNTED):
                 fd = libbpf.fd_by_id('map', map_id)
                 if fd is None:

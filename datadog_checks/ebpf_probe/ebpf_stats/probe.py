@@ -32,7 +32,7 @@ from datadog_checks.ebpf_probe.kernel.features import kprobe_support
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.resources import bpf_file
 
-from .entries import ELEMENT_ITERATOR, FOR_EACH, EntryCounter, Walk
+from .entries import FOR_EACH, PER_MAP_ITERATOR, EntryCounter, Walk
 from .inventory import Inventory
 from .links import Links, kernel_counts_kprobe_misses
 from .owners import (
@@ -158,9 +158,9 @@ class EbpfStatsProbe:
         walks: dict[str, Walk] = {}
         unavailable: dict[str, str] = {}
         if wanted['map_elements']:
-            walks[ELEMENT_ITERATOR] = self._walk_elements
+            walks[PER_MAP_ITERATOR] = self._walk_elements
         elif not wanted['list_maps_count']:  # with the kfunc, no map needs walking
-            unavailable[ELEMENT_ITERATOR] = self.rejected_hooks.get(ITERATORS['map_elements'], 'not loaded')
+            unavailable[PER_MAP_ITERATOR] = self.rejected_hooks.get(ITERATORS['map_elements'], 'not loaded')
         if self._for_each_unavailable:
             unavailable[FOR_EACH] = self._for_each_unavailable
         else:

@@ -254,7 +254,7 @@ def storm_text(rest: list[list[OOMKill]], described: int) -> str:
 GROUP_KILL_WINDOW = 1.0  # seconds: the kernel kills a group's members in one go
 
 
-def occurrences(kills: list[OOMKill]) -> list[list[OOMKill]]:
+def group_members_together(kills: list[OOMKill]) -> list[list[OOMKill]]:
     """The kills as users see them: each on its own, but the members of one group kill together."""
     result: list[list[OOMKill]] = []
     open_groups: dict[tuple[str, int], list[OOMKill]] = {}

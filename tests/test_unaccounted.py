@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from datadog_checks.ebpf_probe.oom_kill.ledger import CACHE_KEY, KillLedger, kernel_oom_kills
+from datadog_checks.ebpf_probe.oom_kill.unaccounted import CACHE_KEY, UnaccountedKills, kernel_oom_kills
 
 pytestmark = pytest.mark.unit
 
@@ -17,27 +17,27 @@ class Kernel:
         self.boot = boot
 
 
-def ledger(kernel: Kernel, cache: dict) -> KillLedger:
-    return KillLedger(cache.get, cache.__setitem__, lambda: kernel.kills, lambda: kernel.boot)
+def unaccounted_kills(kernel: Kernel, cache: dict) -> UnaccountedKills:
+    return UnaccountedKills(cache.get, cache.__setitem__, lambda: kernel.kills, lambda: kernel.boot)
 
 
-def run(ledger: KillLedger, kernel: Kernel, reported: int = 0, kills_during_the_drain: int = 0):
+def run(kills: UnaccountedKills, kernel: Kernel, reported: int = 0, kills_during_the_drain: int = 0):
     """One check run: the kernel's count, then the drain (kills may land in between), then the account."""
-    ledger.count()
+    kills.count()
     kernel.kills += kills_during_the_drain
-    return ledger.settle(reported)
+    return kills.reconcile(reported)
 
 
 def test_a_first_run_counts_nothing_from_before_it():
     kernel, cache = Kernel(kills=57), {}
-    settlement = run(ledger(kernel, cache), kernel)
-    assert (settlement.unaccounted, settlement.over_reported, settlement.since_restart) == (0, 0, False)
+    reconciliation = run(unaccounted_kills(kernel, cache), kernel)
+    assert (reconciliation.unaccounted, reconciliation.over_reported, reconciliation.since_restart) == (0, 0, False)
     assert json.loads(cache[CACHE_KEY]) == {'boot_id': 'boot-1', 'oom_kill': 57}
 
 
 def test_every_reported_kill_balances_one_the_kernel_counted():
     kernel, cache = Kernel(), {}
-    book = ledger(kernel, cache)
+    book = unaccounted_kills(kernel, cache)
     run(book, kernel)
     kernel.kills += 3
     assert run(book, kernel, reported=3).unaccounted == 0
@@ -49,27 +49,27 @@ def test_every_reported_kill_balances_one_the_kernel_counted():
 
 def test_kills_while_the_check_was_stopped_are_counted_on_restart_once():
     kernel, cache = Kernel(kills=10), {}
-    run(ledger(kernel, cache), kernel)
+    run(unaccounted_kills(kernel, cache), kernel)
     kernel.kills += 2  # the Agent is restarting
-    restarted = ledger(kernel, cache)
-    settlement = run(restarted, kernel)
-    assert (settlement.unaccounted, settlement.since_restart) == (2, True)
+    restarted = unaccounted_kills(kernel, cache)
+    reconciliation = run(restarted, kernel)
+    assert (reconciliation.unaccounted, reconciliation.since_restart) == (2, True)
     again = run(restarted, kernel)
     assert (again.unaccounted, again.since_restart) == (0, False)
 
 
 def test_after_a_reboot_the_kills_of_the_new_boot_are_counted():
     kernel, cache = Kernel(kills=40), {}
-    run(ledger(kernel, cache), kernel)
+    run(unaccounted_kills(kernel, cache), kernel)
     rebooted = Kernel(kills=3, boot='boot-2')
-    settlement = run(ledger(rebooted, cache), rebooted)
-    assert settlement.unaccounted == 3
+    reconciliation = run(unaccounted_kills(rebooted, cache), rebooted)
+    assert reconciliation.unaccounted == 3
 
 
 def test_a_kill_reported_before_the_kernel_counts_it_is_carried_not_doubled():
     """The kprobe paths write the record before the kernel's counter moves."""
     kernel, cache = Kernel(), {}
-    book = ledger(kernel, cache)
+    book = unaccounted_kills(kernel, cache)
     run(book, kernel)
     first = run(book, kernel, reported=1, kills_during_the_drain=1)  # counted just after the count was read
     assert (first.unaccounted, first.over_reported) == (0, 0)
@@ -80,7 +80,7 @@ def test_a_kill_reported_before_the_kernel_counts_it_is_carried_not_doubled():
 def test_a_kill_counted_before_its_record_comes_is_neither_unaccounted_nor_over_reported():
     """The tracepoints: the kernel's counter moves a moment before the record is written."""
     kernel, cache = Kernel(), {}
-    book = ledger(kernel, cache)
+    book = unaccounted_kills(kernel, cache)
     run(book, kernel)
     kernel.kills += 1  # counted; its record comes after this run's drain
     first = run(book, kernel)
@@ -92,25 +92,25 @@ def test_a_kill_counted_before_its_record_comes_is_neither_unaccounted_nor_over_
 
 def test_kills_while_no_probe_runs_are_unaccounted_at_once():
     kernel, cache = Kernel(), {}
-    book = ledger(kernel, cache)
+    book = unaccounted_kills(kernel, cache)
     run(book, kernel)
     kernel.kills += 2
     book.count()
-    assert book.settle(0, probe_running=False).unaccounted == 2
+    assert book.reconcile(0, probe_running=False).unaccounted == 2
 
 
 def test_a_kill_reported_that_the_kernel_never_counted_is_said():
     kernel, cache = Kernel(), {}
-    book = ledger(kernel, cache)
+    book = unaccounted_kills(kernel, cache)
     run(book, kernel)
     assert run(book, kernel, reported=1).over_reported == 0  # maybe it comes next run
     assert run(book, kernel).over_reported == 1  # it did not
 
 
 def test_a_kernel_without_the_counter_gives_no_account():
-    book = KillLedger({}.get, {}.__setitem__, lambda: None, lambda: 'b')
+    book = UnaccountedKills({}.get, {}.__setitem__, lambda: None, lambda: 'b')
     book.count()
-    assert book.settle(3) is None
+    assert book.reconcile(3) is None
 
 
 def test_the_counter_is_read_from_vmstat(tmp_path):

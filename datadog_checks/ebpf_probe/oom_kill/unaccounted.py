@@ -43,14 +43,14 @@ def boot_id(path: str = BOOT_ID) -> str:
 
 
 @dataclass
-class Settlement:
-    unaccounted: int  # kills the kernel counted and nobody reported, since the last settlement
+class Reconciliation:
+    unaccounted: int  # kills the kernel counted and nobody reported, since the last reconciliation
     over_reported: int  # kills reported that the kernel has not counted (to be absorbed, else a mistake)
-    since_restart: bool  # this settlement covers the time the check was not running
+    since_restart: bool  # this reconciliation covers the time the check was not running
 
 
-class KillLedger:
-    """Kills counted by the kernel vs kills reported, one settlement per check run.
+class UnaccountedKills:
+    """Kills counted by the kernel vs kills reported, one reconciliation per check run.
 
     count() is taken before the probe is drained. The kernel's counter and the record of a kill
     are not written at once, in either order: the kprobe paths write the record first, the
@@ -70,9 +70,9 @@ class KillLedger:
         self._write_cache = write_cache
         self._read_count = read_count
         self._boot = read_boot_id()
-        self._last: int | None = None  # the kernel's count at the last settlement
+        self._last: int | None = None  # the kernel's count at the last reconciliation
         self._counted: int | None = None  # the kernel's count taken for the current run
-        self._carry = 0  # < 0: kills reported ahead of the kernel's count; > 0: counted, record not come yet
+        self._pending = 0  # < 0: kills reported ahead of the kernel's count; > 0: counted, record not come yet
         self._restarted = False
 
     def _start(self, now: int) -> int:
@@ -92,7 +92,7 @@ class KillLedger:
         """The kernel's count now, before the probe is drained."""
         self._counted = self._read_count()
 
-    def settle(self, reported: int, probe_running: bool = True) -> Settlement | None:
+    def reconcile(self, reported: int, probe_running: bool = True) -> Reconciliation | None:
         """Account for the kills reported this run (including those dropped); None where the kernel keeps no count.
 
         probe_running: False when no probe could report anything this run: every kill counted is unaccounted now.
@@ -102,7 +102,7 @@ class KillLedger:
             return None
         if self._last is None:
             self._last = self._start(now)
-        balance = now - self._last - reported + self._carry
+        balance = now - self._last - reported + self._pending
         self._last = now
         since_restart, self._restarted = self._restarted, False
         self._write_cache(CACHE_KEY, json.dumps({'boot_id': self._boot, 'oom_kill': now}))
@@ -110,10 +110,10 @@ class KillLedger:
             if since_restart or not probe_running:
                 unaccounted = balance  # kills no probe was there to see: no record is on its way
             else:  # what was held last run and is still unexplained; this run's own excess is held
-                unaccounted = min(max(self._carry, 0), balance)
-            self._carry = balance - unaccounted
-            return Settlement(unaccounted, 0, since_restart)
+                unaccounted = min(max(self._pending, 0), balance)
+            self._pending = balance - unaccounted
+            return Reconciliation(unaccounted, 0, since_restart)
         # More reported than counted: a kill whose count comes a moment later is absorbed by the
         # next run; what is still over then was never a kill the kernel made.
-        over, self._carry = (-balance, 0) if self._carry < 0 else (0, balance)
-        return Settlement(0, over, since_restart)
+        over, self._pending = (-balance, 0) if self._pending < 0 else (0, balance)
+        return Reconciliation(0, over, since_restart)
