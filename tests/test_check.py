@@ -8,10 +8,9 @@ import pytest
 
 from datadog_checks.base import AgentCheck
 from datadog_checks.dev.utils import get_metadata_metrics
-from datadog_checks.ebpf_probe import EbpfProbeCheck
+from datadog_checks.ebpf_probe import EbpfProbeCheck, lifecycle
 from datadog_checks.ebpf_probe import check as check_module
-from datadog_checks.ebpf_probe import probe as probe_module
-from datadog_checks.ebpf_probe.probe import ProbeLoadError
+from datadog_checks.ebpf_probe.lifecycle import ProbeLoadError
 
 from .bpf_objects import held_by_me
 from .kernel_report import KernelLog
@@ -155,7 +154,7 @@ class TestCannotLoad:
 
         monkeypatch.setattr(check_module, 'load_oom_kill_probe', failing_loader)
         clock = [1000.0]
-        monkeypatch.setattr(probe_module.time, 'monotonic', lambda: clock[0])
+        monkeypatch.setattr(lifecycle.time, 'monotonic', lambda: clock[0])
         check = make_check({'load_retry_max_interval': 60, 'collect_ebpf_stats': False})
         with caplog.at_level(logging.DEBUG):
             for _ in range(3):  # same instant: one attempt, then backoff
@@ -359,7 +358,7 @@ def test_one_probe_failing_during_a_run_leaves_the_other_reporting(
 @pytest.mark.oom
 def test_two_instances_never_report_a_kill_twice(dd_run_check, aggregator, memory_cgroup, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(probe_module.time, 'monotonic', lambda: clock[0])
+    monkeypatch.setattr(lifecycle.time, 'monotonic', lambda: clock[0])
     first = make_check({'tags': ['instance:1'], 'collect_ebpf_stats': False})
     second = make_check({'tags': ['instance:2'], 'collect_ebpf_stats': False})
     try:

@@ -20,12 +20,12 @@ from datadog_checks.ebpf_probe.kernel import bcc as kernel_bcc
 from datadog_checks.ebpf_probe.kernel import features, libbpf
 from datadog_checks.ebpf_probe.kernel.bcc import BccProgram
 from datadog_checks.ebpf_probe.kernel.btf import Btf
+from datadog_checks.ebpf_probe.lifecycle import ProbeLoadError
 from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, core, hooks, load_oom_kill_probe
 from datadog_checks.ebpf_probe.oom_kill.bcc import BCC_SOURCE, bcc_offsets
 from datadog_checks.ebpf_probe.oom_kill.core import CORE_OBJECT
 from datadog_checks.ebpf_probe.oom_kill.probe import PERF_SAMPLE_SIZE, RING_SAMPLE_SIZE
 from datadog_checks.ebpf_probe.oom_kill.record import RECORD, RECORD_FIELDS
-from datadog_checks.ebpf_probe.probe import ProbeLoadError
 from datadog_checks.ebpf_probe.resources import bpf_file
 
 from . import kernels

@@ -18,9 +18,8 @@ import pytest
 
 from datadog_checks.base import AgentCheck
 from datadog_checks.base.stubs import aggregator as stub_aggregator
-from datadog_checks.ebpf_probe import EbpfProbeCheck
+from datadog_checks.ebpf_probe import EbpfProbeCheck, lifecycle
 from datadog_checks.ebpf_probe import check as check_module
-from datadog_checks.ebpf_probe import probe as probe_module
 from datadog_checks.ebpf_probe.kernel import bcc as bcc_loader
 from datadog_checks.ebpf_probe.kernel import btf as kernel
 from datadog_checks.ebpf_probe.oom_kill.probe import RING_SAMPLE_SIZE
@@ -158,7 +157,7 @@ def test_as_an_unprivileged_user_the_check_says_which_capabilities_are_missing()
         logging.getLogger().addHandler(handler)
         logging.getLogger().setLevel(logging.DEBUG)
         clock = [1000.0]
-        probe_module.time.monotonic = lambda: clock[0]
+        lifecycle.time.monotonic = lambda: clock[0]
         attempts = []
         loader = check_module.load_oom_kill_probe
 

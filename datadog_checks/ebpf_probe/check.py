@@ -15,10 +15,10 @@ from .config_models import ConfigMixin, InstanceConfig, SharedConfig
 from .ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, MetricOptions, NamePatterns, StatsMetrics
 from .ebpf_stats.metrics import COUNT
 from .kernel.requirements import RequirementError
+from .lifecycle import Probe, ProbeNotGranted, ProbeSlot
 from .oom_kill import OOMKill, OOMKillProbe, OOMKillProbeOptions, load_oom_kill_probe, report
 from .oom_kill.containers import Container, parse_cgroup_path
 from .oom_kill.unaccounted import Reconciliation, UnaccountedKills
-from .probe import Probe, ProbeNotGranted, ProbeSlot
 
 # What Datadog shows as the source of the check's events: the manifest's source_type_name.
 SOURCE_TYPE_NAME = 'eBPF Probe'

@@ -104,7 +104,6 @@ class EbpfStatsProbe:
     """Every eBPF program and map of the host. Needs CAP_SYS_ADMIN (listing objects by id)."""
 
     variant = 'co-re'
-    core_error: str | None = None
 
     def __init__(self, options: EbpfStatsOptions, log: logging.Logger | logging.LoggerAdapter):
         self._options = options

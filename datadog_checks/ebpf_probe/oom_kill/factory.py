@@ -11,7 +11,7 @@ import resource
 
 from datadog_checks.ebpf_probe.kernel import requirements
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
-from datadog_checks.ebpf_probe.probe import ProbeLoadError
+from datadog_checks.ebpf_probe.lifecycle import ProbeLoadError
 
 from .core import CORE_ERRORS, CoreOOMKillProbe
 from .probe import Logger, OOMKillProbe, OOMKillProbeOptions, perf_buffer_pages, ring_buffer_size
@@ -67,4 +67,5 @@ def load_oom_kill_probe(options: OOMKillProbeOptions, log: Logger) -> OOMKillPro
                 f'CO-RE load failed: {core_error}; BCC runtime compilation failed too: {bcc_error}'
             ) from None
         probe.core_error = str(core_error)
+        probe.limitations = (f'it runs on the BCC fallback: CO-RE failed: {core_error}',)
         return probe

@@ -72,7 +72,8 @@ class OOMKillProbe:
         self.hooks = hooks_used
         self.rejected_hooks = rejected
         self.core_error: str | None = None
-        self.limitations: tuple[str, ...] = ()  # the OOM probe works fully or not at all
+        # The OOM probe works fully or not at all; on the BCC fallback, why CO-RE failed is said once.
+        self.limitations: tuple[str, ...] = ()
         self._pending: list[bytes] = []
         self._dropped_seen = 0
         self._flush_lock = threading.Lock()

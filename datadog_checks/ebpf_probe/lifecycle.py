@@ -1,6 +1,7 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""What both probes share: their shape, their load errors, and how the check holds one."""
+"""The life cycle of a probe in the check: its shape, its load errors, one per process (claims), and the
+slot that loads it, retries with a back-off, and closes it."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class Probe(Protocol):
     """A loaded probe: made by its feature's factory, read each run, released by close()."""
 
     @property
-    def variant(self) -> str: ...  # 'co-re' or 'bcc'
+    def variant(self) -> str: ...  # how it was loaded: 'co-re' or 'bcc'
 
     @property
     def hooks(self) -> Sequence[str]: ...  # what it attached or uses
@@ -39,10 +40,7 @@ class Probe(Protocol):
     def rejected_hooks(self) -> Mapping[str, str]: ...  # hook -> why it is not used here
 
     @property
-    def core_error(self) -> str | None: ...  # why CO-RE failed, when this is the BCC fallback
-
-    @property
-    def limitations(self) -> Sequence[str]: ...  # what works in a degraded way, said once each
+    def limitations(self) -> Sequence[str]: ...  # what works in a degraded way (or as a fallback), said once each
 
     def close(self) -> None: ...
 
@@ -144,11 +142,6 @@ class ProbeSlot(Generic[P]):
             log.info('%s probe: not using %s: %s', self.name, hook, reason)
         self._limitations_said = 0
         self.warn_of_new_limitations()
-        if probe.core_error:
-            # The factory logged it; keep it visible in the check's status too.
-            self._check.warnings.append(
-                f'The {self.name} probe runs on the BCC fallback: CO-RE failed: {probe.core_error}'
-            )
 
     def run_succeeded(self) -> None:
         """After a good run: say what the probe newly found it cannot do; a later failure is logged again."""
