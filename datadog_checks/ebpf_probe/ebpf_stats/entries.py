@@ -21,7 +21,7 @@ import errno
 import os
 from collections.abc import Callable
 
-from datadog_checks.ebpf_probe.kernel import libbpf
+from datadog_checks.ebpf_probe.kernel import libbpf, uapi
 from datadog_checks.ebpf_probe.kernel.uapi import (
     BPF_MAP_TYPE_HASH,
     BPF_MAP_TYPE_HASH_OF_MAPS,
@@ -94,7 +94,7 @@ class EntryCounter:
             said.append(f'{method} counting is unavailable{which}: {why}')
         return said
 
-    def count(self, fd: int, info: libbpf.BpfMapInfo) -> tuple[int | None, str | None]:
+    def count(self, fd: int, info: uapi.BpfMapInfo) -> tuple[int | None, str | None]:
         walks = [PER_MAP_ITERATOR]
         if info.max_entries >= LARGE_MAP and info.type in FOR_EACH_MAP_TYPES:
             walks.insert(0, FOR_EACH)
@@ -119,7 +119,7 @@ class EntryCounter:
         return (n, NEXT_KEY) if n is not None else (None, None)
 
     @staticmethod
-    def count_batch(fd: int, info: libbpf.BpfMapInfo) -> int | None:
+    def count_batch(fd: int, info: uapi.BpfMapInfo) -> int | None:
         """BPF_MAP_LOOKUP_BATCH over the whole map; None if the walk went wrong (the map changed under it)."""
         value_size = info.value_size
         if info.type in PERCPU_MAP_TYPES:
@@ -150,7 +150,7 @@ class EntryCounter:
             first = False
 
     @staticmethod
-    def count_next_key(fd: int, info: libbpf.BpfMapInfo) -> int | None:
+    def count_next_key(fd: int, info: uapi.BpfMapInfo) -> int | None:
         """get_next_key from the first key; None when the walk restarted.
 
         A deleted current key makes the kernel restart from the first key: that key seen again,

@@ -94,92 +94,6 @@ class _BpfObjectOpenOpts(ctypes.Structure):
     ]
 
 
-class BpfProgInfo(ctypes.Structure):
-    """struct bpf_prog_info (include/uapi/linux/bpf.h); the kernel fills as much as it knows."""
-
-    filled = 0  # bytes the kernel filled (prog_info())
-
-    def knows(self, field: str) -> bool:
-        """Whether the kernel filled this field (0 in a field it does not have means unknown)."""
-        member = getattr(BpfProgInfo, field)
-        return self.filled >= member.offset + member.size
-
-    _fields_ = [
-        ('type', ctypes.c_uint32),
-        ('id', ctypes.c_uint32),
-        ('tag', ctypes.c_uint8 * uapi.BPF_TAG_SIZE),
-        ('jited_prog_len', ctypes.c_uint32),
-        ('xlated_prog_len', ctypes.c_uint32),
-        ('jited_prog_insns', ctypes.c_uint64),
-        ('xlated_prog_insns', ctypes.c_uint64),
-        ('load_time', ctypes.c_uint64),
-        ('created_by_uid', ctypes.c_uint32),
-        ('nr_map_ids', ctypes.c_uint32),
-        ('map_ids', ctypes.c_uint64),
-        ('name', ctypes.c_char * uapi.BPF_OBJ_NAME_LEN),
-        ('ifindex', ctypes.c_uint32),
-        ('gpl_compatible', ctypes.c_uint32),
-        ('netns_dev', ctypes.c_uint64),
-        ('netns_ino', ctypes.c_uint64),
-        ('nr_jited_ksyms', ctypes.c_uint32),
-        ('nr_jited_func_lens', ctypes.c_uint32),
-        ('jited_ksyms', ctypes.c_uint64),
-        ('jited_func_lens', ctypes.c_uint64),
-        ('btf_id', ctypes.c_uint32),
-        ('func_info_rec_size', ctypes.c_uint32),
-        ('func_info', ctypes.c_uint64),
-        ('nr_func_info', ctypes.c_uint32),
-        ('nr_line_info', ctypes.c_uint32),
-        ('line_info', ctypes.c_uint64),
-        ('jited_line_info', ctypes.c_uint64),
-        ('nr_jited_line_info', ctypes.c_uint32),
-        ('line_info_rec_size', ctypes.c_uint32),
-        ('jited_line_info_rec_size', ctypes.c_uint32),
-        ('nr_prog_tags', ctypes.c_uint32),
-        ('prog_tags', ctypes.c_uint64),
-        ('run_time_ns', ctypes.c_uint64),
-        ('run_cnt', ctypes.c_uint64),
-        ('recursion_misses', ctypes.c_uint64),
-        ('verified_insns', ctypes.c_uint32),
-        ('attach_btf_obj_id', ctypes.c_uint32),
-        ('attach_btf_id', ctypes.c_uint32),
-        ('_pad', ctypes.c_uint32),
-    ]
-
-
-class BpfMapInfo(ctypes.Structure):
-    """struct bpf_map_info (include/uapi/linux/bpf.h)."""
-
-    _fields_ = [
-        ('type', ctypes.c_uint32),
-        ('id', ctypes.c_uint32),
-        ('key_size', ctypes.c_uint32),
-        ('value_size', ctypes.c_uint32),
-        ('max_entries', ctypes.c_uint32),
-        ('map_flags', ctypes.c_uint32),
-        ('name', ctypes.c_char * uapi.BPF_OBJ_NAME_LEN),
-        ('ifindex', ctypes.c_uint32),
-        ('btf_vmlinux_value_type_id', ctypes.c_uint32),
-        ('netns_dev', ctypes.c_uint64),
-        ('netns_ino', ctypes.c_uint64),
-        ('btf_id', ctypes.c_uint32),
-        ('btf_key_type_id', ctypes.c_uint32),
-        ('btf_value_type_id', ctypes.c_uint32),
-        ('_pad', ctypes.c_uint32),
-        ('map_extra', ctypes.c_uint64),
-    ]
-
-
-class _BpfFuncInfo(ctypes.Structure):
-    _fields_ = [('insn_off', ctypes.c_uint32), ('type_id', ctypes.c_uint32)]
-
-
-class _BpfBtfInfo(ctypes.Structure):
-    """struct bpf_btf_info: the first fields, enough to copy a BTF object out of the kernel."""
-
-    _fields_ = [('btf', ctypes.c_uint64), ('btf_size', ctypes.c_uint32), ('id', ctypes.c_uint32)]
-
-
 class _IterAttachOpts(ctypes.Structure):
     # struct bpf_iter_attach_opts; link_info points at union bpf_iter_link_info (map_fd first).
     _fields_ = [('sz', ctypes.c_size_t), ('link_info', ctypes.c_void_p), ('link_info_len', ctypes.c_uint32)]
@@ -434,8 +348,8 @@ def _info(fd: int, info: ctypes.Structure) -> int:
     return size.value
 
 
-def prog_info(fd: int) -> BpfProgInfo:
-    info = BpfProgInfo()
+def prog_info(fd: int) -> uapi.BpfProgInfo:
+    info = uapi.BpfProgInfo()
     info.filled = _info(fd, info)
     return info
 
@@ -445,7 +359,7 @@ def prog_map_ids(fd: int, count: int) -> list[int]:
     if count <= 0:
         return []
     ids = (ctypes.c_uint32 * count)()
-    info = BpfProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
+    info = uapi.BpfProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
     _info(fd, info)
     return list(ids[: min(count, info.nr_map_ids)])
 
@@ -456,24 +370,26 @@ def _kernel_btf_data(btf_id: int) -> bytes | None:
     if fd is None:
         return None
     try:
-        info = _BpfBtfInfo()
+        info = uapi.BpfBtfInfo()
         _info(fd, info)
         buf = ctypes.create_string_buffer(info.btf_size)
-        info = _BpfBtfInfo(btf=ctypes.addressof(buf), btf_size=info.btf_size)
+        info = uapi.BpfBtfInfo(btf=ctypes.addressof(buf), btf_size=info.btf_size)
         _info(fd, info)
         return buf.raw
     finally:
         os.close(fd)
 
 
-def prog_btf_func_name(fd: int, info: BpfProgInfo) -> str | None:
+def prog_btf_func_name(fd: int, info: uapi.BpfProgInfo) -> str | None:
     """The program's full function name from its BTF (the kernel keeps only 15 characters)."""
-    if not info.btf_id or not info.nr_func_info or info.func_info_rec_size < ctypes.sizeof(_BpfFuncInfo):
+    if not info.btf_id or not info.nr_func_info or info.func_info_rec_size < ctypes.sizeof(uapi.BpfFuncInfo):
         return None
     buf = ctypes.create_string_buffer(info.func_info_rec_size)
-    query = BpfProgInfo(nr_func_info=1, func_info_rec_size=info.func_info_rec_size, func_info=ctypes.addressof(buf))
+    query = uapi.BpfProgInfo(
+        nr_func_info=1, func_info_rec_size=info.func_info_rec_size, func_info=ctypes.addressof(buf)
+    )
     _info(fd, query)
-    type_id = _BpfFuncInfo.from_buffer(buf).type_id
+    type_id = uapi.BpfFuncInfo.from_buffer(buf).type_id
     data = _kernel_btf_data(info.btf_id)
     if data is None:
         return None
@@ -483,25 +399,10 @@ def prog_btf_func_name(fd: int, info: BpfProgInfo) -> str | None:
         return None
 
 
-def map_info(fd: int) -> BpfMapInfo:
-    info = BpfMapInfo()
+def map_info(fd: int) -> uapi.BpfMapInfo:
+    info = uapi.BpfMapInfo()
     _info(fd, info)
     return info
-
-
-class BpfLinkInfo(ctypes.Structure):
-    """struct bpf_link_info: the part every link has, then its type's part as bytes (decoded by the caller).
-
-    The kernel fills what it knows and requires the rest of a longer buffer to be zero.
-    """
-
-    _fields_ = [
-        ('type', ctypes.c_uint32),
-        ('id', ctypes.c_uint32),
-        ('prog_id', ctypes.c_uint32),
-        ('_pad', ctypes.c_uint32),
-        ('union', ctypes.c_uint8 * 112),
-    ]
 
 
 def link_info(fd: int, name_at: int | None = None, name_size: int = 512) -> bytes:
@@ -510,7 +411,7 @@ def link_info(fd: int, name_at: int | None = None, name_size: int = 512) -> byte
     name_at: the offset in the structure of a (buffer address, length) pair to fill in first, for
     the link types that return a name there (perf_event links fail or stay silent without one).
     """
-    info = BpfLinkInfo()
+    info = uapi.BpfLinkInfo()
     name = None
     if name_at is not None:
         name = ctypes.create_string_buffer(name_size)

@@ -1,8 +1,11 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""Numbers from the kernel's user-space API, in one place (include/uapi/linux/bpf.h and btf.h)."""
+"""The kernel's user-space API, in one place: numbers and the layouts of the structures the kernel fills
+(include/uapi/linux/bpf.h and btf.h)."""
 
 from __future__ import annotations
+
+import ctypes
 
 # enum bpf_map_type
 BPF_MAP_TYPE_HASH = 1
@@ -49,3 +52,107 @@ BTF_KIND_FLOAT = 16
 BTF_KIND_DECL_TAG = 17
 BTF_KIND_TYPE_TAG = 18
 BTF_KIND_ENUM64 = 19
+
+
+# --- Structures the kernel fills (BPF_OBJ_GET_INFO_BY_FD) --------------------------------------
+
+
+class BpfProgInfo(ctypes.Structure):
+    """struct bpf_prog_info (include/uapi/linux/bpf.h); the kernel fills as much as it knows."""
+
+    filled = 0  # bytes the kernel filled (prog_info())
+
+    def knows(self, field: str) -> bool:
+        """Whether the kernel filled this field (0 in a field it does not have means unknown)."""
+        member = getattr(BpfProgInfo, field)
+        return self.filled >= member.offset + member.size
+
+    _fields_ = [
+        ('type', ctypes.c_uint32),
+        ('id', ctypes.c_uint32),
+        ('tag', ctypes.c_uint8 * BPF_TAG_SIZE),
+        ('jited_prog_len', ctypes.c_uint32),
+        ('xlated_prog_len', ctypes.c_uint32),
+        ('jited_prog_insns', ctypes.c_uint64),
+        ('xlated_prog_insns', ctypes.c_uint64),
+        ('load_time', ctypes.c_uint64),
+        ('created_by_uid', ctypes.c_uint32),
+        ('nr_map_ids', ctypes.c_uint32),
+        ('map_ids', ctypes.c_uint64),
+        ('name', ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ('ifindex', ctypes.c_uint32),
+        ('gpl_compatible', ctypes.c_uint32),
+        ('netns_dev', ctypes.c_uint64),
+        ('netns_ino', ctypes.c_uint64),
+        ('nr_jited_ksyms', ctypes.c_uint32),
+        ('nr_jited_func_lens', ctypes.c_uint32),
+        ('jited_ksyms', ctypes.c_uint64),
+        ('jited_func_lens', ctypes.c_uint64),
+        ('btf_id', ctypes.c_uint32),
+        ('func_info_rec_size', ctypes.c_uint32),
+        ('func_info', ctypes.c_uint64),
+        ('nr_func_info', ctypes.c_uint32),
+        ('nr_line_info', ctypes.c_uint32),
+        ('line_info', ctypes.c_uint64),
+        ('jited_line_info', ctypes.c_uint64),
+        ('nr_jited_line_info', ctypes.c_uint32),
+        ('line_info_rec_size', ctypes.c_uint32),
+        ('jited_line_info_rec_size', ctypes.c_uint32),
+        ('nr_prog_tags', ctypes.c_uint32),
+        ('prog_tags', ctypes.c_uint64),
+        ('run_time_ns', ctypes.c_uint64),
+        ('run_cnt', ctypes.c_uint64),
+        ('recursion_misses', ctypes.c_uint64),
+        ('verified_insns', ctypes.c_uint32),
+        ('attach_btf_obj_id', ctypes.c_uint32),
+        ('attach_btf_id', ctypes.c_uint32),
+        ('_pad', ctypes.c_uint32),
+    ]
+
+
+class BpfMapInfo(ctypes.Structure):
+    """struct bpf_map_info (include/uapi/linux/bpf.h)."""
+
+    _fields_ = [
+        ('type', ctypes.c_uint32),
+        ('id', ctypes.c_uint32),
+        ('key_size', ctypes.c_uint32),
+        ('value_size', ctypes.c_uint32),
+        ('max_entries', ctypes.c_uint32),
+        ('map_flags', ctypes.c_uint32),
+        ('name', ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ('ifindex', ctypes.c_uint32),
+        ('btf_vmlinux_value_type_id', ctypes.c_uint32),
+        ('netns_dev', ctypes.c_uint64),
+        ('netns_ino', ctypes.c_uint64),
+        ('btf_id', ctypes.c_uint32),
+        ('btf_key_type_id', ctypes.c_uint32),
+        ('btf_value_type_id', ctypes.c_uint32),
+        ('_pad', ctypes.c_uint32),
+        ('map_extra', ctypes.c_uint64),
+    ]
+
+
+class BpfFuncInfo(ctypes.Structure):
+    _fields_ = [('insn_off', ctypes.c_uint32), ('type_id', ctypes.c_uint32)]
+
+
+class BpfBtfInfo(ctypes.Structure):
+    """struct bpf_btf_info: the first fields, enough to copy a BTF object out of the kernel."""
+
+    _fields_ = [('btf', ctypes.c_uint64), ('btf_size', ctypes.c_uint32), ('id', ctypes.c_uint32)]
+
+
+class BpfLinkInfo(ctypes.Structure):
+    """struct bpf_link_info: the part every link has, then its type's part as bytes (decoded by the caller).
+
+    The kernel fills what it knows and requires the rest of a longer buffer to be zero.
+    """
+
+    _fields_ = [
+        ('type', ctypes.c_uint32),
+        ('id', ctypes.c_uint32),
+        ('prog_id', ctypes.c_uint32),
+        ('_pad', ctypes.c_uint32),
+        ('union', ctypes.c_uint8 * 112),
+    ]
