@@ -26,8 +26,10 @@ def first_context_read(obj: Path) -> int:
         text=True,
         check=True,
     ).stdout
-    context = re.search(r'(r\d+) = r1\n', listing).group(1)  # the program keeps its context pointer in a register
-    return int(re.search(rf'= \*\(u64 \*\)\({context} \+ (\d+)\)', listing).group(1))
+    # The context pointer arrives in r1; the program may read through it there or keep it in another register.
+    context = {'r1', *re.findall(r'(r\d+) = r1\n', listing)}
+    reads = re.findall(r'= \*\(u64 \*\)\((r\d+) \+ (\d+)\)', listing)
+    return next(int(offset) for register, offset in reads if register in context)
 
 
 @pytest.mark.slow
