@@ -740,7 +740,7 @@ def test_a_program_the_kernel_refuses_costs_only_what_needs_it(objects, monkeypa
 def test_the_iterator_records_match_the_compiled_object_field_by_field(name, layout):
     obj = libbpf.BpfObject(str(bpf_file(STATS_OBJECT)))
     try:
-        btf = obj.btf()
+        btf = Btf.of_object(obj)
         record = btf.find(name, 4)
         assert btf.size(record) == layout.size
         in_btf = [(offset_bits // 8, btf.size(member_type)) for _name, member_type, offset_bits in btf.members(record)]

@@ -307,7 +307,7 @@ def record_offsets() -> dict[str, int]:
 def test_record_layout_matches_the_compiled_object_field_by_field():
     obj = libbpf.BpfObject(str(bpf_file(CORE_OBJECT)))
     try:
-        btf = obj.btf()
+        btf = Btf.of_object(obj)
         record = btf.find('oom_kill_record', 4)
         assert btf.size(record) == RECORD.size
         in_btf = {name: offset_bits // 8 for name, _type, offset_bits in btf.members(record)}
@@ -353,10 +353,10 @@ def test_a_kernel_without_kprobes_is_said_so():
 
 def test_the_task_hook_is_chosen_from_btf_not_the_version_number():
     with Btf.open() as btf:
-        quick = hooks.task_hook_in_btf(btf)
-        assert quick == hooks.mark_victim_passes_task(btf)  # the quick look and the prototype agree
+        by_fields = hooks.task_hook_in_btf(btf)
+        assert by_fields == hooks.mark_victim_passes_task(btf)  # the tracepoint's fields and its prototype agree
     if KERNEL is not None:
-        assert quick[0] is KERNEL.task_tracepoint
+        assert by_fields[0] is KERNEL.task_tracepoint
 
 
 @pytest.mark.bcc

@@ -23,7 +23,7 @@ import os
 import struct
 from collections.abc import Callable
 
-from datadog_checks.ebpf_probe.kernel import libbpf
+from datadog_checks.ebpf_probe.kernel import btf, libbpf
 from datadog_checks.ebpf_probe.kernel.uapi import BPF_OBJ_NAME_LEN
 
 from .entries import COUNTED_MAP_TYPES, ONE_PASS_ITERATOR, EntryCounter
@@ -275,7 +275,7 @@ class Inventory:
         info = libbpf.prog_info(fd)
         name = _name(info.name)
         if len(info.name) >= BPF_OBJ_NAME_LEN - 1:
-            name = libbpf.prog_btf_func_name(fd, info) or name
+            name = btf.program_function_name(fd, info) or name
         return name, info.jited_prog_len, tuple(libbpf.prog_map_ids(fd, info.nr_map_ids))
 
     def _programs_by_fd(self) -> list[ProgramRecord]:
@@ -291,7 +291,7 @@ class Inventory:
                     key = (prog_id, tag)
                     extras = self._program_extras.get(key)
                     if extras is None:
-                        full = libbpf.prog_btf_func_name(fd, info) or name
+                        full = btf.program_function_name(fd, info) or name
                         extras = self._program_extras[key] = (full, info.jited_prog_len, None)
                     seen_extras.add(key)
                     name = extras[0]

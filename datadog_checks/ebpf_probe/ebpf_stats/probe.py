@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 from datadog_checks.ebpf_probe.kernel import libbpf, requirements
-from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
+from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf, set_rodata
 from datadog_checks.ebpf_probe.kernel.features import kprobe_support
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.resources import bpf_file
@@ -221,7 +221,7 @@ class EbpfStatsProbe:
         self._obj = obj
         for program in ITERATORS:
             obj.set_autoload(program, program in programs)
-        obj.set_rodata({'nr_cpus': struct.pack('<I', self._nr_cpus)})
+        set_rodata(obj, {'nr_cpus': struct.pack('<I', self._nr_cpus)})
         obj.load()
         self._iters = {program: obj.attach_iter(program) for program in programs if program != 'map_elements'}
 
@@ -305,7 +305,7 @@ class EbpfStatsProbe:
             return wanted
         try:
             btf = Btf.open()
-        except (OSError, ValueError) as e:
+        except (OSError, libbpf.LibbpfUnavailable) as e:
             self._for_each_unavailable = f'unreadable BTF: {e}'
             for hook in ITERATORS.values():
                 reject(hook, f'unreadable BTF: {e}')

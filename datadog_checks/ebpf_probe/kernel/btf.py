@@ -1,86 +1,59 @@
 # (C) ebpf_probe authors
 # Licensed under a 3-clause BSD style license (see LICENSE)
-"""The one BTF reader: the kernel's type information, or a BPF object's, read in place.
+"""BTF, the kernel's type information or a BPF object's, through libbpf's btf__* calls.
 
-Looking a type up by name is cheap: the name is found in the string section, then the type
-records naming it (about 0.5 ms on the kernel's 5 MB, the file mapped rather than copied).
-Following type ids (struct members, pointers, prototypes) needs the position of every type:
-that index is built once, on first need (~75 ms on the kernel's BTF, nothing on an object's).
-The CO-RE start-up path only ever asks by name.
+libbpf parses and checks the BTF, finds types by name and id, names them and sizes them. What
+its header offers only as inline functions (a type's kind, members, array, enum values,
+prototype parameters, a section's variables) is read here from the type records it returns.
 """
 
 from __future__ import annotations
 
-import bisect
-import mmap
+import ctypes
 import os
 import struct
 from collections.abc import Iterator
 
-from . import uapi
+from . import libbpf, uapi
 
 VMLINUX_BTF = '/sys/kernel/btf/vmlinux'
 
-_HEADER = struct.Struct('<HBBIIIII')  # magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
-_MAGIC = 0xEB9F
-_TYPE = struct.Struct('<III')  # name_off, info, size_or_type
+_TYPE = struct.Struct('<III')  # struct btf_type: name_off, info, size_or_type
 _MODIFIERS = frozenset(
     {uapi.BTF_KIND_TYPEDEF, uapi.BTF_KIND_VOLATILE, uapi.BTF_KIND_CONST, uapi.BTF_KIND_RESTRICT, uapi.BTF_KIND_TYPE_TAG}
 )
-POINTER_SIZE = 8  # the kernels this reads are 64-bit
-
-
-def _trailing_size(kind: int, vlen: int) -> int:
-    """Bytes after a type record's 12-byte header."""
-    if kind in (uapi.BTF_KIND_INT, uapi.BTF_KIND_VAR, uapi.BTF_KIND_DECL_TAG):
-        return 4
-    if kind == uapi.BTF_KIND_ARRAY:
-        return 12
-    if kind in (uapi.BTF_KIND_STRUCT, uapi.BTF_KIND_UNION, uapi.BTF_KIND_DATASEC, uapi.BTF_KIND_ENUM64):
-        return 12 * vlen
-    if kind in (uapi.BTF_KIND_ENUM, uapi.BTF_KIND_FUNC_PROTO):
-        return 8 * vlen
-    return 0
 
 
 class Btf:
-    """Read-only BTF. Raises ValueError for data that is not BTF, OSError for a file it cannot read."""
+    """Read-only BTF. Opening raises OSError (LibbpfError) for a file that is missing or not BTF;
+    lookups of what is not there raise LookupError."""
 
-    def __init__(self, data: bytes | mmap.mmap):
-        self._data = data
-        if len(data) < _HEADER.size or _HEADER.unpack_from(data)[0] != _MAGIC:
-            self.close()
-            raise ValueError('not BTF')
-        _magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = _HEADER.unpack_from(data)
-        self._types, self._types_end = hdr_len + type_off, hdr_len + type_off + type_len
-        self._strings, self._strings_end = hdr_len + str_off, hdr_len + str_off + str_len
-        self._positions: list[int] | None = None  # type id - 1 -> position of its record
+    def __init__(self, ptr: int, owned: bool = True):
+        self._ptr = ptr
+        self._owned = owned
 
     @classmethod
     def open(cls, path: str | None = None) -> Btf:
+        """The kernel's BTF, or the BTF in a file (raw, or an ELF object's .BTF)."""
         path = path or VMLINUX_BTF
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            try:  # sysfs files can be mapped from 6.16 on; copy them on older kernels
-                data: bytes | mmap.mmap = mmap.mmap(
-                    fd, os.fstat(fd).st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ
-                )
-            except (OSError, ValueError):
-                chunks = []
-                while chunk := os.read(fd, 1 << 20):
-                    chunks.append(chunk)
-                data = b''.join(chunks)
-        finally:
-            os.close(fd)
-        try:
-            return cls(data)
-        except ValueError:
-            raise ValueError(f'{path} is not BTF') from None
+        lib = libbpf.lib()
+        return cls(libbpf.call_ptr(f'btf__parse({path})', lib.btf__parse, path.encode(), None))
+
+    @classmethod
+    def from_kernel(cls, btf_id: int) -> Btf:
+        """A BTF object the kernel holds (a loaded program's), by id."""
+        lib = libbpf.lib()
+        return cls(libbpf.call_ptr(f'btf__load_from_kernel_by_id({btf_id})', lib.btf__load_from_kernel_by_id, btf_id))
+
+    @classmethod
+    def of_object(cls, obj: libbpf.BpfObject) -> Btf:
+        """An opened BPF object's own BTF, valid while the object is open."""
+        return cls(libbpf.call_ptr('bpf_object__btf', libbpf.lib().bpf_object__btf, obj.pointer), owned=False)
 
     def close(self) -> None:
-        if isinstance(self._data, mmap.mmap):
-            self._data.close()
-        self._data = b''
+        if self._ptr and self._owned:
+            libbpf.lib().btf__free(self._ptr)
+        self._ptr = 0
 
     def __enter__(self) -> Btf:
         return self
@@ -88,132 +61,93 @@ class Btf:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- by name: no index -------------------------------------------------------------------------
-
-    def _string(self, offset: int) -> str:
-        start = self._strings + offset
-        if start >= self._strings_end:
-            return ''
-        return self._data[start : self._data.find(b'\0', start, self._strings_end)].decode('ascii', 'replace')
-
-    def _records(self, name: str, kind: int) -> Iterator[tuple[int, int]]:
-        """(position, info) of each type record of that kind and name."""
-        data = self._data
-        at = data.find(b'\0' + name.encode() + b'\0', self._strings, self._strings_end)
-        if at < 0:
-            return
-        needle = struct.pack('<I', at + 1 - self._strings)
-        position = self._types
-        while (position := data.find(needle, position, self._types_end)) >= 0:
-            if (position - self._types) % 4 == 0:
-                info = struct.unpack_from('<I', data, position + 4)[0]
-                if (info >> 24) & 0x1F == kind:
-                    yield position, info
-            position += 1
-
-    def has_function(self, name: str) -> bool:
-        """Whether a function of that name is in the BTF (the kernel lists its kfuncs so)."""
-        return next(self._records(name, uapi.BTF_KIND_FUNC), None) is not None
-
-    def has_struct(self, name: str) -> bool:
-        return next(self._records(name, uapi.BTF_KIND_STRUCT), None) is not None
-
-    def struct_members(self, name: str) -> list[str] | None:
-        """Member names of a struct; None when absent or when it has anonymous members (see members())."""
-        for position, info in self._records(name, uapi.BTF_KIND_STRUCT):
-            members = struct.iter_unpack('<III', self._data[position + 12 : position + 12 + 12 * (info & 0xFFFF)])
-            names = [self._string(m[0]) for m in members]
-            if names and all(names):
-                return names
-        return None
-
-    # --- by type id: the index ------------------------------------------------------------------
-
-    def _index(self) -> list[int]:
-        if self._positions is None:
-            positions = []
-            data, position, end = self._data, self._types, self._types_end
-            unpack = _TYPE.unpack_from
-            while position < end:
-                positions.append(position)
-                info = unpack(data, position)[1]
-                position += 12 + _trailing_size((info >> 24) & 0x1F, info & 0xFFFF)
-            self._positions = positions
-        return self._positions
-
-    def _type(self, type_id: int) -> tuple[int, int, int, int]:
-        """(position, kind, vlen, size_or_type) of a type; id 0 is void."""
-        positions = self._index()
-        if not 0 < type_id <= len(positions):
-            raise LookupError(f'no BTF type {type_id}')
-        position = positions[type_id - 1]
-        _name, info, size_or_type = _TYPE.unpack_from(self._data, position)
-        return position, (info >> 24) & 0x1F, info & 0xFFFF, size_or_type
+    # --- libbpf's lookups -------------------------------------------------------------------------
 
     def find(self, name: str, kind: int) -> int | None:
         """Type id of `name` of `kind`, or None."""
-        for position, _info in self._records(name, kind):
-            positions = self._index()
-            i = bisect.bisect_left(positions, position)
-            if i < len(positions) and positions[i] == position:
-                return i + 1
-        return None
+        type_id = libbpf.lib().btf__find_by_name_kind(self._ptr, name.encode(), kind)
+        return type_id if type_id > 0 else None
+
+    def has_function(self, name: str) -> bool:
+        """Whether a function of that name is in the BTF (the kernel lists its kfuncs so)."""
+        return self.find(name, uapi.BTF_KIND_FUNC) is not None
+
+    def has_struct(self, name: str) -> bool:
+        return self.find(name, uapi.BTF_KIND_STRUCT) is not None
+
+    def _type(self, type_id: int) -> tuple[int, int, int, int]:
+        """(address of its record, kind, vlen, size_or_type) of a type; id 0 is void."""
+        address = libbpf.lib().btf__type_by_id(self._ptr, type_id) if type_id > 0 else None
+        if not address:
+            raise LookupError(f'no BTF type {type_id}')
+        _name, info, size_or_type = _TYPE.unpack(ctypes.string_at(address, _TYPE.size))
+        return address, (info >> 24) & 0x1F, info & 0xFFFF, size_or_type
+
+    def _string(self, offset: int) -> str:
+        name = libbpf.lib().btf__name_by_offset(self._ptr, offset)
+        return name.decode('ascii', 'replace') if name else ''
+
+    def name(self, type_id: int) -> str:
+        return self._string(_TYPE.unpack(ctypes.string_at(self._type(type_id)[0], _TYPE.size))[0])
+
+    def size(self, type_id: int) -> int:
+        size = libbpf.lib().btf__resolve_size(self._ptr, type_id)
+        if size < 0:
+            raise LookupError(f'BTF type {type_id} has no size')
+        return size
+
+    # --- what libbpf's header gives as inline functions: the records after a type's header --------
+
+    def _items(self, address: int, vlen: int, layout: str) -> Iterator[tuple[int, ...]]:
+        size = struct.calcsize(layout)
+        return struct.iter_unpack(layout, ctypes.string_at(address + _TYPE.size, size * vlen))
 
     def kind(self, type_id: int) -> int:
         return self._type(type_id)[1]
 
-    def name(self, type_id: int) -> str:
-        return self._string(_TYPE.unpack_from(self._data, self._type(type_id)[0])[0])
-
     def skip_modifiers(self, type_id: int) -> int:
         """Follow typedefs, const, volatile... to the type they name."""
         while type_id:
-            _position, kind, _vlen, target = self._type(type_id)
+            _address, kind, _vlen, target = self._type(type_id)
             if kind not in _MODIFIERS:
                 break
             type_id = target
         return type_id
 
-    def size(self, type_id: int) -> int:
-        type_id = self.skip_modifiers(type_id)
-        position, kind, _vlen, size = self._type(type_id)
-        if kind == uapi.BTF_KIND_PTR:
-            return POINTER_SIZE
-        if kind == uapi.BTF_KIND_ARRAY:
-            element, _index_type, count = struct.unpack_from('<III', self._data, position + 12)
-            return count * self.size(element)
-        return size
-
     def pointee(self, type_id: int) -> int:
         """The type a pointer (after modifiers) points to."""
-        _position, kind, _vlen, target = self._type(self.skip_modifiers(type_id))
+        _address, kind, _vlen, target = self._type(self.skip_modifiers(type_id))
         if kind != uapi.BTF_KIND_PTR:
             raise LookupError(f'BTF type {type_id} is not a pointer')
         return target
 
     def array(self, type_id: int) -> tuple[int, int]:
         """(element type id, number of elements) of an array type."""
-        position, kind, _vlen, _size = self._type(self.skip_modifiers(type_id))
+        address, kind, _vlen, _size = self._type(self.skip_modifiers(type_id))
         if kind != uapi.BTF_KIND_ARRAY:
             raise LookupError(f'BTF type {type_id} is not an array')
-        element, _index_type, count = struct.unpack_from('<III', self._data, position + 12)
+        element, _index_type, count = next(self._items(address, 1, '<III'))
         return element, count
-
-    def _items(self, position: int, vlen: int, layout: str) -> Iterator[tuple[int, ...]]:
-        size = struct.calcsize(layout)
-        return struct.iter_unpack(layout, self._data[position + 12 : position + 12 + size * vlen])
 
     def members(self, type_id: int) -> list[tuple[str, int, int]]:
         """(name, type id, bit offset) of each member of a struct or union."""
         type_id = self.skip_modifiers(type_id)
-        position, kind, vlen, _size = self._type(type_id)
+        address, kind, vlen, _size = self._type(type_id)
         if kind not in (uapi.BTF_KIND_STRUCT, uapi.BTF_KIND_UNION):
             raise LookupError(f'BTF type {type_id} is not a struct or union')
-        bitfields = _TYPE.unpack_from(self._data, position)[1] >> 31
+        bitfields = _TYPE.unpack(ctypes.string_at(address, _TYPE.size))[1] >> 31
         return [
             (self._string(name), member_type, (offset & 0xFFFFFF) if bitfields else offset)
-            for name, member_type, offset in self._items(position, vlen, '<III')
+            for name, member_type, offset in self._items(address, vlen, '<III')
         ]
+
+    def struct_members(self, name: str) -> list[str] | None:
+        """Member names of a struct; None when absent or when it has anonymous members (see members())."""
+        type_id = self.find(name, uapi.BTF_KIND_STRUCT)
+        if type_id is None:
+            return None
+        names = [member for member, _type, _offset in self.members(type_id)]
+        return names if names and all(names) else None
 
     def member(self, type_id: int, name: str) -> tuple[int, int] | None:
         """(byte offset, type id) of a member, looking into anonymous structs and unions."""
@@ -248,8 +182,8 @@ class Btf:
             type_id = self.find(enum_name, kind)
             if type_id is None:
                 continue
-            position, _kind, vlen, _size = self._type(type_id)
-            for item in self._items(position, vlen, layout):
+            address, _kind, vlen, _size = self._type(type_id)
+            for item in self._items(address, vlen, layout):
                 if self._string(item[0]) == value_name:
                     return item[1] if kind == uapi.BTF_KIND_ENUM else (item[2] << 32) | item[1]
         return None
@@ -259,19 +193,49 @@ class Btf:
         type_id = self.skip_modifiers(type_id)
         if self.kind(type_id) == uapi.BTF_KIND_PTR:
             type_id = self.skip_modifiers(self.pointee(type_id))
-        position, kind, vlen, _size = self._type(type_id)
+        address, kind, vlen, _size = self._type(type_id)
         if kind != uapi.BTF_KIND_FUNC_PROTO:
             raise LookupError(f'BTF type {type_id} is not a function prototype')
-        return [param_type for _name, param_type in self._items(position, vlen, '<II')]
+        return [param_type for _name, param_type in self._items(address, vlen, '<II')]
 
     def datasec_vars(self, section: str) -> dict[str, tuple[int, int]]:
         """name -> (offset, size) of the variables in a data section (.rodata, .bss...)."""
         type_id = self.find(section, uapi.BTF_KIND_DATASEC)
         if type_id is None:
             return {}
-        position, _kind, vlen, _size = self._type(type_id)
-        return {self.name(var): (offset, size) for var, offset, size in self._items(position, vlen, '<III')}
+        address, _kind, vlen, _size = self._type(type_id)
+        return {self.name(var): (offset, size) for var, offset, size in self._items(address, vlen, '<III')}
 
 
 def has_vmlinux_btf() -> bool:
     return os.path.exists(VMLINUX_BTF)
+
+
+def set_rodata(obj: libbpf.BpfObject, values: dict[str, bytes]) -> None:
+    """Set an opened object's `const volatile` globals before load, by name (as a skeleton would)."""
+    variables = Btf.of_object(obj).datasec_vars('.rodata')
+    address, size = obj.map('.rodata').initial_value()
+    for name, value in values.items():
+        if name not in variables:
+            raise KeyError(f'{name} is not a .rodata variable of {os.path.basename(obj.path)}')
+        offset, var_size = variables[name]
+        if len(value) != var_size or offset + var_size > size:
+            raise ValueError(f'{name} is {var_size} bytes, got {len(value)}')
+        ctypes.memmove(address + offset, value, var_size)
+
+
+def program_function_name(fd: int, info: uapi.BpfProgInfo) -> str | None:
+    """A loaded program's full function name from its BTF (the kernel keeps only 15 characters)."""
+    if not info.btf_id or not info.nr_func_info or info.func_info_rec_size < ctypes.sizeof(uapi.BpfFuncInfo):
+        return None
+    buf = ctypes.create_string_buffer(info.func_info_rec_size)
+    query = uapi.BpfProgInfo(
+        nr_func_info=1, func_info_rec_size=info.func_info_rec_size, func_info=ctypes.addressof(buf)
+    )
+    libbpf.object_info(fd, query)
+    type_id = uapi.BpfFuncInfo.from_buffer(buf).type_id
+    try:
+        with Btf.from_kernel(info.btf_id) as btf:
+            return btf.name(type_id) or None
+    except (OSError, LookupError):  # the program and its BTF went away meanwhile
+        return None

@@ -22,7 +22,6 @@ from typing import Any
 from datadog_checks.ebpf_probe.resources import PACKAGE_DIR
 
 from . import uapi
-from .btf import Btf
 
 LIBBPF_SONAME = 'libbpf.so.1'
 # Built into the package by `make bundle` (libbpf 1.5.0, libelf and zlib linked in): a known
@@ -44,6 +43,7 @@ _LOG_LINES_KEPT = 40
 
 
 ENOTSUPP = 524
+LIBBPF_ERRNO_BASE = 4000  # enum libbpf_errno
 
 
 class LibbpfError(OSError):
@@ -52,8 +52,15 @@ class LibbpfError(OSError):
     def __init__(self, call: str, err: int, log: list[str] | None = None):
         self.call = call
         self.log = list(log or [])
-        # 524 is the kernel's own ENOTSUPP, which libc does not name.
-        reason = 'Operation not supported by this kernel' if err == ENOTSUPP else os.strerror(err)
+        # 524 is the kernel's own ENOTSUPP, which libc does not name; 4000 and up are libbpf's own.
+        if err == ENOTSUPP:
+            reason = 'Operation not supported by this kernel'
+        elif err >= LIBBPF_ERRNO_BASE:
+            buf = ctypes.create_string_buffer(128)
+            lib().libbpf_strerror(err, buf, len(buf))
+            reason = buf.value.decode('utf-8', 'replace')
+        else:
+            reason = os.strerror(err)
         message = f'{call} failed: {reason} (errno {err})'
         details = _useful_log_lines(self.log)
         if details:
@@ -138,6 +145,7 @@ _S = ctypes.c_char_p
 # name: (restype, argtypes)
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     'libbpf_set_print': (_P, [_PRINT_FN]),
+    'libbpf_strerror': (_I, [_I, _S, ctypes.c_size_t]),
     'bpf_object__open_file': (_P, [_S, ctypes.POINTER(_BpfObjectOpenOpts)]),
     'bpf_object__load': (_I, [_P]),
     'bpf_object__close': (None, [_P]),
@@ -157,7 +165,13 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     'bpf_map__set_value_size': (_I, [_P, _U32]),
     'bpf_map__initial_value': (_P, [_P, ctypes.POINTER(ctypes.c_size_t)]),
     'bpf_map__reuse_fd': (_I, [_P, _I]),
-    'btf__raw_data': (_P, [_P, ctypes.POINTER(_U32)]),
+    'btf__parse': (_P, [_S, _P]),
+    'btf__load_from_kernel_by_id': (_P, [_U32]),
+    'btf__free': (None, [_P]),
+    'btf__find_by_name_kind': (ctypes.c_int32, [_P, _S, _U32]),
+    'btf__type_by_id': (_P, [_P, _U32]),
+    'btf__name_by_offset': (_S, [_P, _U32]),
+    'btf__resolve_size': (ctypes.c_int64, [_P, _U32]),
     'ring_buffer__new': (_P, [_I, _RING_BUFFER_SAMPLE_FN, _P, _P]),
     'ring_buffer__consume': (_I, [_P]),
     'ring_buffer__free': (None, [_P]),
@@ -296,7 +310,6 @@ _NEXT_ID = {'prog': 'bpf_prog_get_next_id', 'map': 'bpf_map_get_next_id', 'link'
 _FD_BY_ID = {
     'prog': 'bpf_prog_get_fd_by_id',
     'map': 'bpf_map_get_fd_by_id',
-    'btf': 'bpf_btf_get_fd_by_id',
     'link': 'bpf_link_get_fd_by_id',
 }
 
@@ -339,7 +352,7 @@ def open_objects(kind: str) -> Iterator[tuple[int, int]]:
             os.close(fd)
 
 
-def _info(fd: int, info: ctypes.Structure) -> int:
+def object_info(fd: int, info: ctypes.Structure) -> int:
     """Fill info; returns how many bytes of it the kernel knows (an older kernel's struct is shorter)."""
     size = ctypes.c_uint32(ctypes.sizeof(info))
     ret = lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
@@ -350,7 +363,7 @@ def _info(fd: int, info: ctypes.Structure) -> int:
 
 def prog_info(fd: int) -> uapi.BpfProgInfo:
     info = uapi.BpfProgInfo()
-    info.filled = _info(fd, info)
+    info.filled = object_info(fd, info)
     return info
 
 
@@ -360,48 +373,13 @@ def prog_map_ids(fd: int, count: int) -> list[int]:
         return []
     ids = (ctypes.c_uint32 * count)()
     info = uapi.BpfProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
-    _info(fd, info)
+    object_info(fd, info)
     return list(ids[: min(count, info.nr_map_ids)])
-
-
-def _kernel_btf_data(btf_id: int) -> bytes | None:
-    """The raw BTF of a kernel BTF object (a program's), copied out; None if it went away."""
-    fd = fd_by_id('btf', btf_id)
-    if fd is None:
-        return None
-    try:
-        info = uapi.BpfBtfInfo()
-        _info(fd, info)
-        buf = ctypes.create_string_buffer(info.btf_size)
-        info = uapi.BpfBtfInfo(btf=ctypes.addressof(buf), btf_size=info.btf_size)
-        _info(fd, info)
-        return buf.raw
-    finally:
-        os.close(fd)
-
-
-def prog_btf_func_name(fd: int, info: uapi.BpfProgInfo) -> str | None:
-    """The program's full function name from its BTF (the kernel keeps only 15 characters)."""
-    if not info.btf_id or not info.nr_func_info or info.func_info_rec_size < ctypes.sizeof(uapi.BpfFuncInfo):
-        return None
-    buf = ctypes.create_string_buffer(info.func_info_rec_size)
-    query = uapi.BpfProgInfo(
-        nr_func_info=1, func_info_rec_size=info.func_info_rec_size, func_info=ctypes.addressof(buf)
-    )
-    _info(fd, query)
-    type_id = uapi.BpfFuncInfo.from_buffer(buf).type_id
-    data = _kernel_btf_data(info.btf_id)
-    if data is None:
-        return None
-    try:
-        return Btf(data).name(type_id) or None
-    except (ValueError, LookupError):
-        return None
 
 
 def map_info(fd: int) -> uapi.BpfMapInfo:
     info = uapi.BpfMapInfo()
-    _info(fd, info)
+    object_info(fd, info)
     return info
 
 
@@ -418,7 +396,7 @@ def link_info(fd: int, name_at: int | None = None, name_size: int = 512) -> byte
         raw = (ctypes.c_uint8 * ctypes.sizeof(info)).from_buffer(info)
         ctypes.c_uint64.from_buffer(raw, name_at).value = ctypes.addressof(name)
         ctypes.c_uint32.from_buffer(raw, name_at + 8).value = name_size
-    _info(fd, info)
+    object_info(fd, info)
     return bytes(info)
 
 
@@ -582,6 +560,11 @@ class BpfObject:
         )
         self._links: list[Link] = []
 
+    @property
+    def pointer(self) -> int:
+        """The struct bpf_object * (for the btf module)."""
+        return self._ptr
+
     def _program(self, name: str) -> int:
         return call_ptr(
             f'bpf_object__find_program_by_name({name})',
@@ -603,25 +586,6 @@ class BpfObject:
 
     def program_fd(self, program: str) -> int:
         return call_int(f'bpf_program__fd({program})', lib().bpf_program__fd, self._program(program))
-
-    def btf(self) -> Btf:
-        """The object's own BTF (its types, its programs and global variables), copied out."""
-        btf = call_ptr('bpf_object__btf', lib().bpf_object__btf, self._ptr)
-        size = ctypes.c_uint32(0)
-        data = call_ptr('btf__raw_data', lib().btf__raw_data, btf, ctypes.byref(size))
-        return Btf(ctypes.string_at(data, size.value))
-
-    def set_rodata(self, values: dict[str, bytes]) -> None:
-        """Set `const volatile` globals before load, by name (as a skeleton would)."""
-        variables = self.btf().datasec_vars('.rodata')
-        address, size = self.map('.rodata').initial_value()
-        for name, value in values.items():
-            if name not in variables:
-                raise KeyError(f'{name} is not a .rodata variable of {os.path.basename(self.path)}')
-            offset, var_size = variables[name]
-            if len(value) != var_size or offset + var_size > size:
-                raise ValueError(f'{name} is {var_size} bytes, got {len(value)}')
-            ctypes.memmove(address + offset, value, var_size)
 
     def load(self) -> None:
         call_int(f'bpf_object__load({os.path.basename(self.path)})', lib().bpf_object__load, self._ptr)

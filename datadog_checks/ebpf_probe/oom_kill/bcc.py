@@ -9,6 +9,7 @@ import resource
 from datadog_checks.ebpf_probe.kernel import features
 from datadog_checks.ebpf_probe.kernel.bcc import BccError, BccProgram
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
+from datadog_checks.ebpf_probe.kernel.libbpf import LibbpfUnavailable
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_ARRAY, BTF_KIND_STRUCT
 from datadog_checks.ebpf_probe.resources import bpf_file
@@ -121,7 +122,7 @@ class BccOOMKillProbe(OOMKillProbe):
         if has_vmlinux_btf():
             try:
                 btf = Btf.open()  # the struct offsets come from it
-            except (OSError, ValueError) as e:
+            except (OSError, LibbpfUnavailable) as e:
                 log.debug('kernel BTF unreadable, offsets come from kernel headers: %s', e)
         try:
             plan = hooks.plan_hooks(hooks.RAW_TP, options.mount_tracefs, lambda: cls._task_offered(btf, options))

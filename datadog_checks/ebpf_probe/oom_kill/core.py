@@ -82,12 +82,13 @@ class CoreOOMKillProbe(OOMKillProbe):
                 (hooks.TRACEPOINT, plan.use_tracepoint),
             ):
                 obj.set_autoload(hook.program, autoload)
-            obj.set_rodata(
+            kernel_btf.set_rodata(
+                obj,
                 {
                     'page_size_kb': struct.pack('<Q', record.PAGE_KB),
                     'kprobe_writes_records': struct.pack('<?', plan.kprobe_writes_records),
                     'use_ringbuf': struct.pack('<?', use_ringbuf),
-                }
+                },
             )
             if plan.kprobe_writes_records or not plan.use_kprobe:
                 obj.map('oom_controls').set_max_entries(1)  # only the kprobe beside a task hook fills it

@@ -139,8 +139,8 @@ def task_hook_in_btf(btf: Btf | None = None) -> tuple[bool, str]:
     """Whether the kernel's BTF shows the mark_victim tracepoint passing the victim's task.
 
     The task argument and the tracepoint's memory fields came in the same kernel change, so the
-    fields of trace_event_raw_mark_victim, found in a fraction of a millisecond, tell. When that
-    quick look cannot tell, the tracepoint's prototype does (indexing the BTF: ~75 ms).
+    fields of trace_event_raw_mark_victim tell; when that struct cannot be read, the tracepoint's
+    prototype does.
     """
     if btf is None and not has_vmlinux_btf():
         return False, 'the task hook needs the kernel BTF'
