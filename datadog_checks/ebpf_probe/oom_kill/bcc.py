@@ -104,10 +104,6 @@ def bcc_offsets(btf: Btf | None) -> dict[str, str]:
     return defines
 
 
-class KprobeRefused(BccError):
-    """The kprobe on oom_kill_process, the only hook planned besides the tracepoint, did not attach."""
-
-
 class BccOOMKillProbe(OOMKillProbe):
     variant = 'bcc'
 
@@ -137,55 +133,42 @@ class BccOOMKillProbe(OOMKillProbe):
             defines['RINGBUF_PAGES'] = str(ring_buffer_size(options.max_buffered_kills) // resource.getpagesize())
         else:
             perf_pages = perf_buffer_pages(options.max_buffered_kills)
-        try:
-            return cls._compile_and_attach(options, plan, defines, perf_pages, with_kprobe=plan.use_kprobe)
-        except KprobeRefused as e:
-            # As the CO-RE variant does: the kprobe was to be the only hook; the tracepoint instead.
-            plan.rejected[hooks.KPROBE.name] = str(e)
-            log.debug('kprobe on oom_kill_process not attached (%s): the tracepoint instead', e)
-            return cls._compile_and_attach(options, plan, defines, perf_pages, with_kprobe=False)
+        return hooks.load_by_plan(
+            plan, lambda plan: cls._compile_and_attach(options, plan, defines, perf_pages, log), log
+        )
 
     @classmethod
     def _compile_and_attach(
-        cls,
-        options: OOMKillProbeOptions,
-        plan: hooks.HookPlan,
-        common: dict[str, str],
-        perf_pages: int,
-        with_kprobe: bool,
+        cls, options: OOMKillProbeOptions, plan: hooks.HookPlan, common: dict[str, str], perf_pages: int, log: Logger
     ) -> BccOOMKillProbe:
         defines = dict(common)
         if plan.use_task:
             defines['HOOK_RAW_TP'] = '1'
         if plan.use_kill_kprobe:
             defines['HOOK_KILL_KPROBE'] = '1'
-        if with_kprobe:
+        if plan.use_kprobe:
             defines['HOOK_KPROBE'] = '1'
             if plan.kprobe_writes_records:
                 defines['KPROBE_WRITES_RECORDS'] = '1'
-        if plan.use_tracepoint and not with_kprobe:
+        # BCC attaches a TRACEPOINT_PROBE when it compiles it: compiled only when no kprobe is to attach.
+        tracepoint_loaded = plan.use_tracepoint and not plan.use_kprobe
+        if tracepoint_loaded:
             defines['HOOK_TRACEPOINT'] = '1'
             if plan.tracepoint_has_memory:
                 defines['MARK_VICTIM_HAS_MM'] = '1'
         program = BccProgram.compile(bpf_file(BCC_SOURCE), defines, options.bcc_module_path)
+        attach = {
+            hooks.RAW_TP.name: lambda: program.attach_raw_tracepoint('mark_victim', hooks.RAW_TP.program),
+            hooks.KILL_KPROBE.name: lambda: program.attach_kprobe(
+                hooks.KILL_FUNCTION, hooks.BCC_FUNCTIONS[hooks.KILL_KPROBE.name]
+            ),
+            hooks.KPROBE.name: lambda: program.attach_kprobe(
+                'oom_kill_process', hooks.BCC_FUNCTIONS[hooks.KPROBE.name]
+            ),
+            hooks.TRACEPOINT.name: lambda: None,  # attached when compiled
+        }
         try:
-            hooks_used = []
-            if plan.use_task:
-                program.attach_raw_tracepoint('mark_victim', hooks.RAW_TP.program)
-                hooks_used.append(hooks.RAW_TP.name)
-            if plan.use_kill_kprobe:  # records come from it: no attaching it is a failed load
-                program.attach_kprobe(hooks.KILL_FUNCTION, hooks.BCC_FUNCTIONS[hooks.KILL_KPROBE.name])
-                hooks_used.append(hooks.KILL_KPROBE.name)
-            if with_kprobe:
-                try:
-                    program.attach_kprobe('oom_kill_process', hooks.BCC_FUNCTIONS[hooks.KPROBE.name])
-                    hooks_used.append(hooks.KPROBE.name)
-                except BccError as e:
-                    plan.rejected[hooks.KPROBE.name] = str(e)
-                    if not hooks_used:
-                        raise KprobeRefused(str(e)) if plan.use_tracepoint else e from None
-            if 'HOOK_TRACEPOINT' in defines:
-                hooks_used.append(hooks.TRACEPOINT.name)  # BCC attached TRACEPOINT_PROBE when compiling
+            hooks_used = hooks.attach_by_plan(plan, lambda hook: attach[hook.name](), BccError, tracepoint_loaded, log)
             return cls(program, hooks_used, plan.rejected, perf_pages)
         except BaseException:
             program.close()

@@ -29,10 +29,6 @@ def core_object() -> Path:
 CORE_ERRORS = (RequirementError, libbpf.LibbpfError, libbpf.LibbpfUnavailable, OSError, ValueError)
 
 
-class KillKprobeRefused(Exception):
-    """The kprobe on __oom_kill_process loaded but the kernel refused to attach it."""
-
-
 class CoreOOMKillProbe(OOMKillProbe):
     variant = 'co-re'
 
@@ -62,13 +58,7 @@ class CoreOOMKillProbe(OOMKillProbe):
                 "CONFIG_DEBUG_INFO_BTF=y, or set btf_path to this kernel's BTF (e.g. from BTFHub)"
             )
         plan = hooks.plan_hooks(hooks.TP_BTF, options.mount_tracefs, cls._task_offered)
-        try:
-            return cls._load(path, plan, options, log)
-        except KillKprobeRefused as e:
-            # Whether records come from it is set before load: load again without it.
-            plan.use_kill_kprobe = False
-            plan.rejected[hooks.KILL_KPROBE.name] = str(e)
-            return cls._load(path, plan, options, log)
+        return hooks.load_by_plan(plan, lambda plan: cls._load(path, plan, options, log), log)
 
     @classmethod
     def _load(cls, path: Path, plan: hooks.HookPlan, options: OOMKillProbeOptions, log: Logger) -> CoreOOMKillProbe:
@@ -103,7 +93,9 @@ class CoreOOMKillProbe(OOMKillProbe):
                 events.set_value_size(4)
                 events.set_max_entries(0)  # libbpf sizes it to the number of CPUs
             obj.load()
-            hooks_used = cls._attach(obj, plan, log)
+            hooks_used = hooks.attach_by_plan(
+                plan, lambda hook: obj.attach(hook.program), libbpf.LibbpfError, plan.use_tracepoint, log
+            )
             return cls(obj, hooks_used, plan.rejected, perf_pages)
         except BaseException:
             obj.close()
@@ -114,32 +106,6 @@ class CoreOOMKillProbe(OOMKillProbe):
         if not kernel_btf.has_vmlinux_btf():
             return False, f"tp_btf needs the kernel's own BTF at {kernel_btf.VMLINUX_BTF}"
         return hooks.task_hook_in_btf()
-
-    @staticmethod
-    def _attach(obj: libbpf.BpfObject, plan: hooks.HookPlan, log: Logger) -> list[str]:
-        attached = []
-        if plan.use_task:
-            obj.attach(hooks.TP_BTF.program)
-            attached.append(hooks.TP_BTF.name)
-        if plan.use_kill_kprobe:
-            try:
-                obj.attach(hooks.KILL_KPROBE.program)
-            except libbpf.LibbpfError as e:
-                raise KillKprobeRefused(str(e)) from None
-            attached.append(hooks.KILL_KPROBE.name)
-        if plan.use_kprobe:
-            try:
-                obj.attach(hooks.KPROBE.program)
-                attached.append(hooks.KPROBE.name)
-            except libbpf.LibbpfError as e:
-                plan.rejected[hooks.KPROBE.name] = str(e)
-                if not attached and not plan.use_tracepoint:
-                    raise
-                log.debug('kprobe on oom_kill_process not attached: %s', e)
-        if plan.use_tracepoint and not attached:
-            obj.attach(hooks.TRACEPOINT.program)
-            attached.append(hooks.TRACEPOINT.name)
-        return attached
 
     def _consume(self) -> None:
         if self._ring is not None:

@@ -9,8 +9,10 @@ backported to some stable releases of older series.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from datadog_checks.ebpf_probe.kernel import features, kallsyms
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
@@ -79,6 +81,81 @@ class HookPlan:
     def kprobe_writes_records(self) -> bool:
         """Beside a hook that sees each victim's task, the kprobe only leaves its oom_control facts for it."""
         return not (self.use_task or self.use_kill_kprobe)
+
+    def drop(self, hook: Hook, reason: str) -> None:
+        """Plan without this hook from now on."""
+        if hook is self.task:
+            self.use_task = False
+        elif hook is KILL_KPROBE:
+            self.use_kill_kprobe = False
+        elif hook is KPROBE:
+            self.use_kprobe = False
+        elif hook is TRACEPOINT:
+            self.use_tracepoint = False
+        self.rejected[hook.name] = reason
+
+
+class HookRefused(Exception):
+    """A hook the programs were built around did not attach: they are to be loaded again without it."""
+
+    def __init__(self, hook: Hook, reason: str):
+        super().__init__(reason)
+        self.hook = hook
+
+
+Loaded = TypeVar('Loaded')
+
+
+def load_by_plan(
+    plan: HookPlan, load: Callable[[HookPlan], Loaded], log: logging.Logger | logging.LoggerAdapter
+) -> Loaded:
+    """load(plan); once more without a hook the kernel refused to attach, when the programs were built around it."""
+    try:
+        return load(plan)
+    except HookRefused as e:
+        log.debug('%s not attached (%s): loading the probe again without it', e.hook.name, e)
+        plan.drop(e.hook, str(e))
+        return load(plan)
+
+
+def attach_by_plan(
+    plan: HookPlan,
+    attach: Callable[[Hook], object],
+    refusal: type[Exception],
+    tracepoint_loaded: bool,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> list[str]:
+    """Attach the planned hooks, in the order the variants share; returns the names of those attached.
+
+    attach(hook) raises `refusal` when the kernel refuses it. The kprobe on oom_kill_process is
+    optional beside another hook; without one, the classic tracepoint takes its place (raising
+    HookRefused when that needs another load).
+    """
+    attached = []
+    if plan.use_task:
+        attach(plan.task)
+        attached.append(plan.task.name)
+    if plan.use_kill_kprobe:
+        try:
+            attach(KILL_KPROBE)
+        except refusal as e:
+            raise HookRefused(KILL_KPROBE, str(e)) from None  # whether the kprobe writes records depends on it
+        attached.append(KILL_KPROBE.name)
+    if plan.use_kprobe:
+        try:
+            attach(KPROBE)
+            attached.append(KPROBE.name)
+        except refusal as e:
+            plan.rejected[KPROBE.name] = str(e)
+            if not attached and not plan.use_tracepoint:
+                raise
+            if not attached and not tracepoint_loaded:
+                raise HookRefused(KPROBE, str(e)) from None
+            log.debug('%s not attached: %s', KPROBE.name, e)
+    if plan.use_tracepoint and not attached:
+        attach(TRACEPOINT)
+        attached.append(TRACEPOINT.name)
+    return attached
 
 
 def plan_hooks(task: Hook, mount_tracefs: bool, task_offered: Callable[[], tuple[bool, str]]) -> HookPlan:
