@@ -416,7 +416,7 @@ PROBE_PROCESS = """
 import dataclasses, json, logging, sys
 from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, load_oom_kill_probe
 probe = load_oom_kill_probe(OOMKillProbeOptions(), logging.getLogger('probe'))
-print(json.dumps({'variant': probe.variant, 'hooks': probe.hooks, 'core_error': probe.core_error}), flush=True)
+print(json.dumps({'variant': probe.variant, 'hooks': probe.hooks, 'limitations': probe.limitations}), flush=True)
 sys.stdin.readline()
 kills = probe.get_and_flush().kills
 print(json.dumps([{**dataclasses.asdict(k), 'trigger_type': k.trigger_type} for k in kills]), flush=True)
@@ -440,7 +440,8 @@ def test_without_btf_bcc_compiles_against_this_kernels_headers_and_reports_a_kil
     try:
         loaded = json.loads(read_until(proc.stdout, '{').splitlines()[-1])
         assert loaded['variant'] == 'bcc'
-        assert 'BTF' in loaded['core_error']
+        [fallback] = loaded['limitations']
+        assert fallback.startswith('it runs on the BCC fallback: CO-RE failed: ') and 'BTF' in fallback
         if KERNEL is not None:
             assert tuple(loaded['hooks']) == KERNEL.bcc_hooks
         with KernelLog(full=True) as kernel_log:
@@ -522,7 +523,10 @@ class TestFallback:
             probe = load_oom_kill_probe(options, log)
         try:
             assert probe.variant == 'bcc'
-            assert probe.core_error.startswith('bpf_object__open_file(corrupt.bpf.o) failed')
+            [fallback] = probe.limitations
+            assert fallback.startswith(
+                'it runs on the BCC fallback: CO-RE failed: bpf_object__open_file(corrupt.bpf.o) failed'
+            )
             [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
             assert 'CO-RE load of the OOM kill probe failed' in warning.getMessage()
             assert 'bpf_object__open_file' in warning.getMessage()

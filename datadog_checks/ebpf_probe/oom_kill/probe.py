@@ -71,7 +71,6 @@ class OOMKillProbe:
     def __init__(self, hooks_used: list[str], rejected: dict[str, str]):
         self.hooks = hooks_used
         self.rejected_hooks = rejected
-        self.core_error: str | None = None
         # The OOM probe works fully or not at all; on the BCC fallback, why CO-RE failed is said once.
         self.limitations: tuple[str, ...] = ()
         self._pending: list[bytes] = []
