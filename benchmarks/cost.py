@@ -23,10 +23,13 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
 from datadog_checks.base.stubs import aggregator
 from datadog_checks.ebpf_probe import EbpfProbeCheck
 from datadog_checks.ebpf_probe.ebpf_stats import probe as stats_probe
 from tests.bpf_syscalls import map_create, prog_load, prog_test_run_timed
+from tests.seams import OwnerScans, StatisticsWindows
 
 from .common import PYTHON, REPO, Results, Row, summary
 
@@ -118,13 +121,14 @@ def bench_owners(results: Results, processes: int, fds_each: int, runs: int) -> 
     say(f'owners: check runs on a quiet host, then with {total:,} more open files in {processes} processes')
     check = new_check()
     busy: list[Holder] = []
+    patches = pytest.MonkeyPatch()
+    walks = OwnerScans(patches)
     try:
         quiet = Runs(check, runs)
         busy = holders(processes, fds=fds_each)
-        probe = check._ebpf_stats.probe
-        scans = probe.owner_scans
+        scans = walks.count
         steady = Runs(check, runs)
-        steady_scans = probe.owner_scans - scans
+        steady_scans = walks.count - scans
         made: list[int] = []
 
         def a_new_map() -> None:  # a new object: its owner is needed at once, so the run scans
@@ -136,6 +140,7 @@ def bench_owners(results: Results, processes: int, fds_each: int, runs: int) -> 
         for fd in made:
             os.close(fd)
     finally:
+        patches.undo()
         for holder in busy:
             holder.close()
         check.cancel()
@@ -265,6 +270,8 @@ class Phase:
         self.intervals: list[tuple[int, dict[str, float], str | None]] = []
         self.windows, self.share_on = 0, 0.0
         check = None
+        patches = pytest.MonkeyPatch()
+        windows = StatisticsWindows(patches)
         workload.take()
         started = time.monotonic()
         try:
@@ -290,10 +297,10 @@ class Phase:
                                        probe.run_time_source))  # fmt: skip
                 made_at_run = made
             if check is not None:
-                probe = check._ebpf_stats.probe
-                self.windows = probe.statistics_windows
-                self.share_on = probe.statistics_seconds / (time.monotonic() - started)
+                self.windows = windows.opened
+                self.share_on = windows.seconds / (time.monotonic() - started)
         finally:
+            patches.undo()
             self.ns_per_run, made, in_window, elsewhere = workload.take()
             workload.window_open = None
             if check is not None:

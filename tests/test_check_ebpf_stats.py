@@ -12,6 +12,7 @@ from datadog_checks.ebpf_probe import EbpfProbeCheck
 
 from . import kernels
 from .bpf_objects import OWNER_COMM, bpftool, counted_with_statistics_off, held_by_me, make_test_objects
+from .seams import StatisticsWindows
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -220,13 +221,14 @@ def program_series(aggregator, objects, metric):
     return [m.value for m in aggregator.metrics(f'ebpf_probe.program.{metric}') if m.tags == tags]
 
 
-def test_run_time_at_defaults_is_there_and_scaled_to_the_interval(dd_run_check, aggregator, objects):
+def test_run_time_at_defaults_is_there_and_scaled_to_the_interval(dd_run_check, aggregator, objects, monkeypatch):
     """Statistics on for 5% of the interval (the default), the figures scaled to all of it.
 
     Asserted as what holds however a (possibly emulated, busy) CPU schedules the windows and the
     workload: how close the scaled figures come to a steady workload is measured by make bench.
     """
     check = EbpfProbeCheck('ebpf_probe', {}, [{**INSTANCE, 'min_collection_interval': 2}])
+    windows = StatisticsWindows(monkeypatch)
     objects.start_pacing(20, 5)  # 4,000 runs a second
     try:
         made, shortest, longest = paced_interval(check, dd_run_check, aggregator, objects, 2.0)
@@ -234,8 +236,7 @@ def test_run_time_at_defaults_is_there_and_scaled_to_the_interval(dd_run_check, 
         if probe.run_time_source == 'external':  # counters moved outside our windows: whose doing?
             counted_with_statistics_off(mine_allowed=True)
         assert probe.run_time_source == 'sampled'
-        assert probe.statistics_windows >= 1  # the first one opens right after the first run
-        assert probe.statistics_seconds > 0
+        assert windows.opened >= 1 and windows.closed >= 1  # the first one opens right after the first run
         [runs] = program_series(aggregator, objects, 'run_count')
         [run_time] = program_series(aggregator, objects, 'run_time')
         assert made > 0 and runs >= 0 and run_time >= 0
@@ -250,8 +251,9 @@ def test_run_time_at_defaults_is_there_and_scaled_to_the_interval(dd_run_check, 
         check.cancel()
 
 
-def test_collect_program_runtime_false_never_turns_statistics_on(dd_run_check, aggregator, objects):
+def test_collect_program_runtime_false_never_turns_statistics_on(dd_run_check, aggregator, objects, monkeypatch):
     check = EbpfProbeCheck('ebpf_probe', {}, [{**INSTANCE, 'collect_program_runtime': False}])
+    windows = StatisticsWindows(monkeypatch)
     try:
         dd_run_check(check)
         before = objects.program_run_count()
@@ -262,7 +264,7 @@ def test_collect_program_runtime_false_never_turns_statistics_on(dd_run_check, a
             counted_with_statistics_off()
         assert objects.program_run_count() == before  # the kernel never counted: no statistics, no tax
         assert aggregator.metrics('ebpf_probe.program.run_count') == []
-        assert check._ebpf_stats.probe.statistics_windows == 0
+        assert windows.opened == 0
         # Recursion misses the kernel counts all the time: reported all the same, where the program
         # iterator reads them (5.19+; before, only with run time, which pays an fd per program).
         tags = [f'program_name:{objects.program_name}', 'program_type:socket_filter', f'owner:{ME}', 'team:kernel']

@@ -52,6 +52,7 @@ from .bpf_syscalls import (
     obj_pin,
     prog_load,
 )
+from .seams import OwnerScans, StatisticsWindows
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures('root')]
 
@@ -459,25 +460,27 @@ def without_counting_programs(before: set[int]) -> None:
         time.sleep(0.05)
 
 
-def test_owners_are_not_looked_for_again_on_a_steady_host(objects, probe):
+def test_owners_are_not_looked_for_again_on_a_steady_host(objects, probe, monkeypatch):
     """Two runs that see the same objects with the same holders: the second walks no file descriptors."""
+    walks = OwnerScans(monkeypatch)
     baseline = counting_programs()
     without_counting_programs(baseline)
     previous = object_ids(probe.snapshot())
     for _ in range(20):  # until the host is steady: objects of earlier tests may still be going
         without_counting_programs(baseline)
-        scans = probe.owner_scans
+        scans = walks.count
         now = object_ids(probe.snapshot())
-        if now == previous and probe.owner_scans == scans:
+        if now == previous and walks.count == scans:
             return
         previous = now
-    raise AssertionError(f'every run walked the file descriptors again ({probe.owner_scans} walks)')
+    raise AssertionError(f'every run walked the file descriptors again ({walks.count} walks)')
 
 
 def test_counting_maps_one_by_one_does_not_make_owners_looked_for_again(objects, monkeypatch):
     """Without the kfunc, counting attaches links and loads programs for a moment: not new objects."""
     monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', frozenset({'list_maps_count'}))
     probe = EbpfStatsProbe.load(EbpfStatsOptions(), log)
+    walks = OwnerScans(monkeypatch)
     try:
         baseline = counting_programs()
         ids = object_ids(probe.snapshot())
@@ -486,24 +489,25 @@ def test_counting_maps_one_by_one_does_not_make_owners_looked_for_again(objects,
             # The kernel frees what a run's counting held (a program, its references to the map) a
             # moment later, after its programs go: a run before then sees references change.
             without_counting_programs(baseline)
-            scans = probe.owner_scans
+            scans = walks.count
             if object_ids(probe.snapshot()) != ids:  # another process on this machine (a VM row: a failure)
                 pytest.skip('objects came or went meanwhile: another process loads BPF objects here')
-            steady = steady + 1 if probe.owner_scans == scans else 0
+            steady = steady + 1 if walks.count == scans else 0
             if steady == 3:
                 return
-        raise AssertionError(f'runs kept walking the file descriptors ({probe.owner_scans} walks)')
+        raise AssertionError(f'runs kept walking the file descriptors ({walks.count} walks)')
     finally:
         probe.close()
 
 
-def test_the_owner_of_a_new_object_is_there_on_the_first_run_that_sees_it(objects, probe):
+def test_the_owner_of_a_new_object_is_there_on_the_first_run_that_sees_it(objects, probe, monkeypatch):
+    walks = OwnerScans(monkeypatch)
     probe.snapshot()
-    scans = probe.owner_scans
+    scans = walks.count
     map_id = objects.new_map()
     record = map_record(probe, map_id)
     assert record.owners == fixture_owner(objects)
-    assert probe.owner_scans == scans + 1  # one walk of every fd, for the new map
+    assert walks.count == scans + 1  # one walk of every fd, for the new map
 
 
 def test_an_owner_that_exits_is_noticed(probe):
@@ -541,13 +545,14 @@ def test_an_owner_that_closes_its_fd_but_lives_is_noticed(objects, probe):
 # --- Run time: statistics on for a window of each interval ------------------------------------------------
 
 
-def test_statistics_are_on_only_for_a_window_after_a_snapshot(objects):
+def test_statistics_are_on_only_for_a_window_after_a_snapshot(objects, monkeypatch):
     probe = EbpfStatsProbe.load(EbpfStatsOptions(interval=1.0), log)  # windows of 5% of 1 s
+    windows = StatisticsWindows(monkeypatch)
     try:
         assert len(sampler_threads()) == 1
         probe.snapshot()  # the first window opens at once, for 0.05 s
         deadline = time.monotonic() + 60
-        while probe.statistics_windows < 1 and time.monotonic() < deadline:
+        while windows.opened < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         # The sampler's thread closes the window: its fd leaves /proc at once, and the kernel turns
         # statistics off when that close has run its course (slow under an emulated CPU). Until a
@@ -563,22 +568,23 @@ def test_statistics_are_on_only_for_a_window_after_a_snapshot(objects):
         if objects.program_run_count() != before:
             counted_with_statistics_off()
         assert objects.program_run_count() == before  # off between windows: no tax
-        assert probe.statistics_windows == 1  # one window per interval, none without a snapshot
+        assert windows.opened == 1  # one window per interval, none without a snapshot
     finally:
         probe.close()
     assert sampler_threads() == []  # close() stops its thread
 
 
-def test_with_someone_else_holding_statistics_the_counts_are_raw(objects):
+def test_with_someone_else_holding_statistics_the_counts_are_raw(objects, monkeypatch):
     """bpftop (here, this test) keeps statistics on: the counters are not scaled, whatever our windows."""
     # One window of 0.1 s right after the first snapshot, and no other before the second.
     probe = EbpfStatsProbe.load(EbpfStatsOptions(interval=100.0, runtime_sampling=0.001), log)
+    windows = StatisticsWindows(monkeypatch)
     try:
         first = probe.snapshot()
         deadline = time.monotonic() + 30
-        while probe.statistics_seconds == 0 and time.monotonic() < deadline:
+        while windows.closed == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert probe.statistics_windows == 1
+        assert windows.opened == 1
         time.sleep(0.3)  # our window is over and settled (its last runs counted)
         other = libbpf.enable_stats()
         try:

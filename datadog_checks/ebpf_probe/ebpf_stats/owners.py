@@ -226,7 +226,6 @@ class OwnerTracker:
         self._refcounts: dict[int, dict[int, int]] = {}  # kind -> id -> references, at the previous run
         self._holders: dict[int, dict[int, tuple[Owner, ...]]] = {}  # kind -> id -> holders
         self._pinned: PinnedObjects = PinnedObjects()
-        self.scans = 0  # how many times it scanned (for tests and benchmarks)
 
     def _why_scan(self, objects: dict[int, set[int]], refcounts: dict[int, dict[int, int]]) -> str | None:
         if self._known is None:
@@ -281,7 +280,6 @@ class OwnerTracker:
             holders.setdefault(kind, {})[object_id] = shared
         self._holders = holders
         self._pinned = PinnedObjects()  # bpffs walked again, if some object has no holder
-        self.scans += 1
         if self._watch_holders:
             self._watch.watch({o.pid for owners in interned for o in owners} - {self._own_pid})
 

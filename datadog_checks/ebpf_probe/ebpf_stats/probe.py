@@ -394,24 +394,9 @@ class EbpfStatsProbe:
         return self._run_time is not None
 
     @property
-    def owner_scans(self) -> int:
-        """How many times the probe walked every process's file descriptors (tests, benchmarks)."""
-        return self._owners.scans
-
-    @property
-    def statistics_windows(self) -> int:
-        """How many times the probe turned run-time statistics on for a window (tests, benchmarks)."""
-        return self._run_time.windows if isinstance(self._run_time, RunTimeSampler) else 0
-
-    @property
     def run_time_source(self) -> str | None:
         """How the last snapshot's run time was counted: held, sampled, sysctl, external (logs, benchmarks)."""
         return self._run_time_source
-
-    @property
-    def statistics_seconds(self) -> float:
-        """How long those windows were open, in all (tests, benchmarks)."""
-        return self._run_time.seconds_on if isinstance(self._run_time, RunTimeSampler) else 0.0
 
     # --- collection -------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from datadog_checks.ebpf_probe.kernel import libbpf
+from datadog_checks.ebpf_probe.kernel.libbpf import enable_stats
 
 from .records import ALWAYS_COUNTED, RunTimeCoverage
 
@@ -68,7 +68,7 @@ class HeldStats:
     """Statistics on for the probe's whole life: exact counts, the full tax (fraction 1)."""
 
     def __init__(self) -> None:
-        self._fd: int | None = libbpf.enable_stats()
+        self._fd: int | None = enable_stats()
 
     def observe(self, read: Callable[[], tuple[T, Counters]]) -> tuple[T, RunTimeCoverage]:
         return read()[0], ALWAYS_COUNTED
@@ -117,8 +117,6 @@ class RunTimeSampler:
         self._external = False  # counters moved while ours were off, since the last snapshot
         self._last_snapshot: float | None = None
         self._next_window: tuple[float, float] | None = None  # (start, length) of the window to open
-        self.windows = 0  # windows opened (for tests and benchmarks)
-        self.seconds_on = 0.0  # how long they were open, in all
         self.error: str | None = None  # why windows stopped (BPF_ENABLE_STATS refused...)
         self._thread = threading.Thread(target=self._run, name='ebpf-probe-run-time-sampler', daemon=True)
         self._thread.start()
@@ -212,15 +210,13 @@ class RunTimeSampler:
             counters = self._read_counters()
             if self._baseline is not None and moved(self._baseline, counters):
                 self._external = True
-            self._fd = libbpf.enable_stats()
-            self.windows += 1
-            self._counted_since = opened = self._clock()
+            self._fd = enable_stats()
+            self._counted_since = self._clock()
             self._baseline = None
             closes = self._counted_since + length
             completed = self._wait_until(closes)
             self._counted += self._clock() - self._counted_since
             self._close_fd()
-            self.seconds_on += self._clock() - opened
             if not completed:
                 return False
             self._settling = True
