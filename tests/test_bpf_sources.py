@@ -49,3 +49,22 @@ def test_the_bcc_variant_gets_the_same_offsets_from_btf_as_from_kernel_headers()
     read = set(re.findall(r'\b(OFF_\w+|UPID_SIZE|RSS_STAT_STRIDE|MEMORY_CGRP_ID)\b', source.replace(block, '')))
     assert from_headers == from_btf
     assert read <= from_btf
+
+
+def kernel_types_members() -> dict[str, set[str]]:
+    """struct -> the members bpf/kernel_types.h declares for CO-RE, its flavors (struct x___y) merged in."""
+    members: dict[str, set[str]] = {}
+    source = (BPF / 'kernel_types.h').read_text()
+    for name, body in re.findall(r'^struct (\w+) \{(.*?)^\}', source, re.M | re.S):
+        members.setdefault(name.split('___')[0], set()).update(re.findall(r'(\w+)(?:\[[^\]]*\])?;', body))
+    return members
+
+
+def test_both_variants_read_the_same_fields_of_the_kernels_structs():
+    """The CO-RE variant reads what kernel_types.h declares; the BCC variant what _BTF_OFFSETS lists.
+    For every kernel struct the BCC variant reads, the two lists name the same members."""
+    by_bcc: dict[str, set[str]] = {}
+    for struct_name, paths in _BTF_OFFSETS.values():
+        by_bcc.setdefault(struct_name, set()).update(path.split('.')[0] for path in paths)
+    by_core = kernel_types_members()
+    assert {name: by_core.get(name, set()) for name in by_bcc} == by_bcc
