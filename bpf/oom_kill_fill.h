@@ -211,15 +211,17 @@ static __always_inline void fill_parent(struct oom_kill_record *r, struct task_s
 
 static __always_inline void fill_victim(struct oom_kill_record *r, struct task_struct *task)
 {
+	struct task_struct *leader = read_task_group_leader(task);
+
 	r->victim_pid = read_task_tgid(task);
 	r->victim_tid = read_task_tid(task);
 	r->victim_uid = read_task_uid(task);
 	r->oom_score_adj = read_task_oom_score_adj(task);
 	read_task_comm(task, r->victim_comm);
 	r->flags |= OOM_F_VICTIM_TASK;
-	if (read_task_ns_pid(read_task_group_leader(task), &r->victim_ns_pid, &r->pid_ns_level)) {
+	if (read_task_ns_pid(leader, &r->victim_ns_pid, &r->pid_ns_level)) {
 		r->flags |= OOM_F_PID_NS;
-		fill_parent(r, read_task_group_leader(task));
+		fill_parent(r, leader);
 	}
 	fill_memory(r, task);
 	fill_cgroup(r, task);
