@@ -86,6 +86,21 @@ def test_a_refused_kill_kprobe_loads_again_without_it_as_the_kprobe_then_writes_
     assert hooks.KILL_KPROBE.name in p.rejected
 
 
+def test_refusals_one_after_the_other_each_load_again_until_the_tracepoint_alone():
+    """The BCC variant's case: the kill kprobe refused, then the kprobe, whose load left out the tracepoint."""
+    loads = []
+
+    def load(p: hooks.HookPlan) -> list[str]:
+        loads.append((p.use_kill_kprobe, p.use_kprobe))
+        attach, _ = attacher({hooks.KILL_KPROBE.name, hooks.KPROBE.name})
+        return hooks.attach_by_plan(p, attach, Refused, p.use_tracepoint and not p.use_kprobe, log)
+
+    p = plan(use_kill_kprobe=True, use_kprobe=True, use_tracepoint=True)
+    assert hooks.load_by_plan(p, load, log) == [hooks.TRACEPOINT.name]
+    assert loads == [(True, True), (False, True), (False, False)]
+    assert {hooks.KILL_KPROBE.name, hooks.KPROBE.name} <= p.rejected.keys()
+
+
 def test_a_refused_lone_kprobe_without_a_tracepoint_fails_the_load_with_the_kernels_reason():
     attach, _ = attacher({hooks.KPROBE.name})
     with pytest.raises(Refused, match='refused'):

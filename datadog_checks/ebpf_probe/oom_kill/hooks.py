@@ -109,13 +109,15 @@ Loaded = TypeVar('Loaded')
 def load_by_plan(
     plan: HookPlan, load: Callable[[HookPlan], Loaded], log: logging.Logger | logging.LoggerAdapter
 ) -> Loaded:
-    """load(plan); once more without a hook the kernel refused to attach, when the programs were built around it."""
-    try:
-        return load(plan)
-    except HookRefused as e:
-        log.debug('%s not attached (%s): loading the probe again without it', e.hook.name, e)
-        plan.drop(e.hook, str(e))
-        return load(plan)
+    """load(plan); again without each hook the kernel refused to attach, when the programs were built around it.
+
+    Each refusal takes a hook out of the plan, so this ends."""
+    while True:
+        try:
+            return load(plan)
+        except HookRefused as e:
+            log.debug('%s not attached (%s): loading the probe again without it', e.hook.name, e)
+            plan.drop(e.hook, str(e))
 
 
 def attach_by_plan(
