@@ -37,7 +37,7 @@ class Btf:
         """The kernel's BTF, or the BTF in a file (raw, or an ELF object's .BTF)."""
         path = path or VMLINUX_BTF
         lib = libbpf.lib()
-        return cls(libbpf.call_ptr(f'btf__parse({path})', lib.btf__parse, path.encode(), None))
+        return cls(libbpf.call_ptr(f'reading the BTF in {path} (btf__parse)', lib.btf__parse, path.encode(), None))
 
     @classmethod
     def from_kernel(cls, btf_id: int) -> Btf:
