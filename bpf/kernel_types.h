@@ -89,9 +89,28 @@ struct kernfs_node___rcu_parent {
 	struct kernfs_node *__parent;
 } PA;
 
+/* Pressure stall averages, avg[NR_PSI_STATES - 1][3] in the source, one row of three (10 s, 60 s,
+ * 300 s) per state; BTF keeps it flat. FIXED_1 (2048) = 100%. */
+struct psi_group {
+	unsigned long avg[18];
+} PA;
+
+enum psi_states {
+	PSI_IO_SOME,
+	PSI_IO_FULL,
+	PSI_MEM_SOME,
+	PSI_MEM_FULL,
+};
+
 struct cgroup {
 	int level;	/* depth below the hierarchy's root */
 	struct kernfs_node *kn;
+	struct psi_group *psi;	/* 6.1+ */
+} PA;
+
+/* Before 6.1: the pressure group is in the cgroup. */
+struct cgroup___psi_embedded {
+	struct psi_group psi;
 } PA;
 
 struct cgroup_subsys_state {
@@ -104,10 +123,21 @@ struct page_counter {
 	unsigned long max;
 } PA;
 
+/* memory.events, in the order the file shows them (oom_group_kill from 5.17). */
+enum memcg_memory_event {
+	MEMCG_LOW,
+	MEMCG_HIGH,
+	MEMCG_MAX,
+	MEMCG_OOM,
+	MEMCG_OOM_KILL,
+	MEMCG_OOM_GROUP_KILL,
+};
+
 struct mem_cgroup {
 	struct cgroup_subsys_state css;
 	struct page_counter memory;
 	bool oom_group;	/* memory.oom.group (cgroup v2) */
+	atomic_long_t memory_events[9];	/* what memory.events shows (hierarchical) */
 } PA;
 
 struct upid {
@@ -143,11 +173,15 @@ struct task_struct {
 	struct css_set *cgroups;
 	struct task_struct *group_leader;
 	u64 start_time;	/* ns since boot */
+	u64 start_boottime;	/* the same, counting suspend: what /proc/PID/stat's starttime shows */
 	struct pid *thread_pid;
 	struct task_struct *real_parent;	/* the reaper once its parent has exited */
 	struct list_head children;	/* oldest first: forks and adopted orphans are added at the tail */
 	struct list_head sibling;	/* its place in its parent's children */
 } PA;
+
+/* signal_generate's siginfo, used through its pointer only. */
+struct kernel_siginfo;
 
 struct oom_control {
 	struct mem_cgroup *memcg;

@@ -16,6 +16,9 @@
  *    record of the chosen victim.
  *  - tracepoint/oom/mark_victim: the classic tracepoint's fields, for kernels
  *    that offer none of the above.
+ * And the kills user space sends: tp_btf/signal_generate sees every signal;
+ * SIGKILL and SIGTERM from a known memory killer, and SIGKILL to a container's
+ * main process, are recorded with the victim's memory cgroup as they found it.
  * Records go to a ring buffer, or a perf buffer where the kernel has none
  * (user space decides, and sets use_ringbuf); a record that finds no room is
  * counted in dropped_kills, once.
@@ -200,6 +203,55 @@ static __always_inline bool read_memcg_oom_group(struct mem_cgroup *memcg)
 	return BPF_CORE_READ(memcg, oom_group);
 }
 
+static __always_inline __u64 read_task_start_boottime(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, start_boottime);
+}
+
+static __always_inline long read_memcg_event(struct mem_cgroup *memcg, int event)
+{
+	long count = 0;
+
+	bpf_core_read(&count, sizeof(count), &memcg->memory_events[event].counter);
+	return count;
+}
+
+static __always_inline bool read_memcg_events(struct mem_cgroup *memcg, __u64 *events)
+{
+	events[0] = read_memcg_event(memcg, bpf_core_enum_value(enum memcg_memory_event, MEMCG_LOW));
+	events[1] = read_memcg_event(memcg, bpf_core_enum_value(enum memcg_memory_event, MEMCG_HIGH));
+	events[2] = read_memcg_event(memcg, bpf_core_enum_value(enum memcg_memory_event, MEMCG_MAX));
+	events[3] = read_memcg_event(memcg, bpf_core_enum_value(enum memcg_memory_event, MEMCG_OOM));
+	events[4] = read_memcg_event(memcg, bpf_core_enum_value(enum memcg_memory_event, MEMCG_OOM_KILL));
+	if (!bpf_core_enum_value_exists(enum memcg_memory_event, MEMCG_OOM_GROUP_KILL))
+		return false;
+	events[5] = read_memcg_event(memcg, bpf_core_enum_value(enum memcg_memory_event, MEMCG_OOM_GROUP_KILL));
+	return true;
+}
+
+static __always_inline bool read_memcg_psi(struct mem_cgroup *memcg, __u32 *some, __u32 *full)
+{
+	struct cgroup *cgroup = BPF_CORE_READ(memcg, css.cgroup);
+	struct psi_group *psi;
+	unsigned long avg = 0;
+
+	if (!cgroup)
+		return false;
+	if (bpf_core_field_size(cgroup->psi) == sizeof(void *))
+		psi = BPF_CORE_READ(cgroup, psi);	/* 6.1+: a pointer */
+	else
+		psi = (void *)&((struct cgroup___psi_embedded *)cgroup)->psi;
+	if (!psi)
+		return false;
+	if (bpf_core_read(&avg, sizeof(avg), &psi->avg[bpf_core_enum_value(enum psi_states, PSI_MEM_SOME) * 3]))
+		return false;
+	*some = avg;
+	if (bpf_core_read(&avg, sizeof(avg), &psi->avg[bpf_core_enum_value(enum psi_states, PSI_MEM_FULL) * 3]))
+		return false;
+	*full = avg;
+	return true;
+}
+
 /* --- Maps and output ------------------------------------------------------- */
 
 struct {
@@ -238,6 +290,19 @@ struct {
 	__type(key, struct oom_reported_key);
 	__type(value, __u8);
 } reported_kills SEC(".maps");
+
+/* The names (comm) of user-space memory killers, set by user space after load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, char[OOM_COMM_LEN]);
+	__type(value, __u8);
+} memory_killers SEC(".maps");
+
+static __always_inline bool is_memory_killer(const char *comm)
+{
+	return bpf_map_lookup_elem(&memory_killers, comm) != NULL;
+}
 
 static __always_inline bool remember_reported(struct oom_reported_key *key)
 {
@@ -332,6 +397,15 @@ int BPF_KPROBE(oom_kill_process, struct oom_control *oc)
 	} else if (newly_killed(victim, false)) {
 		report_kill(ctx, victim, OOM_HOOK_KPROBE, &info);
 	}
+	return 0;
+}
+
+SEC("tp_btf/signal_generate")
+int BPF_PROG(signal_generate_btf, int sig, struct kernel_siginfo *info, struct task_struct *task, int group,
+	     int result)
+{
+	if (kill_signal_sent(sig, info, result) && kill_to_report(task, sig))
+		report_signal(ctx, task, sig, OOM_HOOK_SIGNAL);
 	return 0;
 }
 

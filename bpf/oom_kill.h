@@ -23,6 +23,11 @@
 #define OOM_HOOK_TRACEPOINT 3	/* tracepoint/oom/mark_victim */
 #define OOM_HOOK_RAW_TP 4	/* raw_tracepoint/mark_victim (BCC) */
 #define OOM_HOOK_KILL_KPROBE 5	/* kprobe/__oom_kill_process: each kill, group members too */
+#define OOM_HOOK_SIGNAL 6	/* tp_btf/signal_generate: a kill signal sent from user space */
+#define OOM_HOOK_SIGNAL_RAW_TP 7	/* raw_tracepoint/signal_generate (BCC) */
+
+/* memory.events entries kept: low, high, max, oom, oom_kill, oom_group_kill. */
+#define OOM_MEMCG_EVENTS 6
 
 /* record.flags */
 #define OOM_F_MEMCG (1U << 0)		/* a memory cgroup, not the system, was out of memory */
@@ -40,6 +45,9 @@
 #define OOM_F_PID_NS (1U << 12)		/* victim_ns_pid, pid_ns_level filled */
 #define OOM_F_PARENT (1U << 13)		/* parent_pid, parent_ns_pid, parent_comm filled */
 #define OOM_F_OLDEST_CHILD (1U << 14)	/* the victim is its parent's oldest living child */
+#define OOM_F_MEMCG_STATE (1U << 15)	/* signal hooks: domain_* are the victim's memory cgroup's, memcg_events filled */
+#define OOM_F_PSI (1U << 16)		/* psi_memory_*_avg10 filled */
+#define OOM_F_OOM_GROUP_KILL_EVENT (1U << 17)	/* memcg_events' oom_group_kill is the kernel's (5.17+) */
 
 struct oom_kill_record {
 	__u64 timestamp_ns;	/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -53,15 +61,19 @@ struct oom_kill_record {
 	__u64 cgroup_id;	/* kernfs id of the victim's memory cgroup */
 	__u64 domain_usage_pages;	/* the OOM domain's memory use and limit when the victim was chosen */
 	__u64 domain_limit_pages;
+	__u64 victim_start_time;	/* signal hooks: the victim's start_boottime, ns (tells a reused pid apart) */
+	__u64 memcg_events[OOM_MEMCG_EVENTS];	/* signal hooks: the victim's memory.events */
 	__u32 victim_pid;	/* tgid */
 	__u32 victim_tid;	/* the thread the kernel marked */
 	__u32 victim_uid;
-	__u32 trigger_pid;
+	__u32 trigger_pid;	/* the task running the hook: the allocation that failed, or the signal's sender */
 	__u32 trigger_tid;
 	__u32 flags;
 	__u32 victim_ns_pid;	/* its pid in its own pid namespace: 1 is a container's main process */
 	__u32 parent_pid;	/* the victim's parent (its reaper, once the parent has exited) */
 	__u32 parent_ns_pid;	/* the parent's pid in the victim's pid namespace; 0: outside it */
+	__u32 psi_memory_some_avg10;	/* signal hooks: the victim cgroup's memory pressure, FIXED_1 (2048) = 100% */
+	__u32 psi_memory_full_avg10;
 	__s16 oom_score_adj;
 	__u8 hook;
 	__u8 cgroup_depth;	/* levels filled in cgroup_names */
@@ -69,6 +81,8 @@ struct oom_kill_record {
 	__u8 domain_level;	/* the OOM domain's: the victim's cgroup or one of its ancestors */
 	__u8 group_level;	/* the memory.oom.group cgroup's (the group killed with it); 0: none */
 	__u8 pid_ns_level;	/* 0: the host's pid namespace */
+	__u8 signal;	/* signal hooks: SIGKILL or SIGTERM */
+	__u8 _pad[7];	/* keeps kernel_stack 8-byte aligned */
 	__u32 kernel_stack_depth;	/* frames filled in kernel_stack */
 	char victim_comm[OOM_COMM_LEN];
 	char trigger_comm[OOM_COMM_LEN];

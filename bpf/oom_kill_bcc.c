@@ -10,6 +10,7 @@
  *                   one of the two above is built too
  *   HOOK_TRACEPOINT tracepoint oom:mark_victim; MARK_VICTIM_HAS_MM when its
  *                   format has the memory fields (~6.9+)
+ *   HOOK_SIGNAL     raw_tracepoint/signal_generate: kill signals from user space
  *   USE_RINGBUF     ring buffer of RINGBUF_PAGES pages, else a perf buffer
  *
  * Kernel structs are read at byte offsets given as OFF_* macros. User space
@@ -89,6 +90,25 @@ struct mem_cgroup;
 #define OFF_OC_TOTALPAGES offsetof(struct oom_control, totalpages)
 #define OFF_OC_CHOSEN offsetof(struct oom_control, chosen)
 #define OFF_OC_CHOSEN_POINTS offsetof(struct oom_control, chosen_points)
+#define OFF_TASK_START_BOOTTIME offsetof(struct task_struct, start_boottime)
+#define OFF_MEMCG_EVENTS offsetof(struct mem_cgroup, memory_events)
+#define MEMCG_EVENT_LOW MEMCG_LOW
+#define MEMCG_EVENT_HIGH MEMCG_HIGH
+#define MEMCG_EVENT_MAX MEMCG_MAX
+#define MEMCG_EVENT_OOM MEMCG_OOM
+#define MEMCG_EVENT_OOM_KILL MEMCG_OOM_KILL
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 17, 0)
+#define MEMCG_EVENT_OOM_GROUP_KILL MEMCG_OOM_GROUP_KILL
+#endif
+#define OFF_CGROUP_PSI offsetof(struct cgroup, psi)
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 1, 0)
+#define CGROUP_PSI_IS_POINTER 1
+#else
+#define CGROUP_PSI_IS_POINTER 0
+#endif
+#define OFF_PSI_AVG offsetof(struct psi_group, avg)
+#define PSI_MEM_SOME_ROW PSI_MEM_SOME
+#define PSI_MEM_FULL_ROW PSI_MEM_FULL
 #endif /* OFFSETS_FROM_HEADERS */
 
 #define SIGKILL_BIT (1UL << (9 - 1))
@@ -266,6 +286,45 @@ static inline bool read_memcg_oom_group(struct mem_cgroup *memcg)
 	return READ_VALUE(bool, memcg, OFF_MEMCG_OOM_GROUP);
 }
 
+static inline u64 read_task_start_boottime(struct task_struct *task)
+{
+	return READ_VALUE(u64, task, OFF_TASK_START_BOOTTIME);
+}
+
+static inline bool read_memcg_events(struct mem_cgroup *memcg, u64 *events)
+{
+	events[0] = READ_VALUE(long, memcg, OFF_MEMCG_EVENTS + MEMCG_EVENT_LOW * sizeof(long));
+	events[1] = READ_VALUE(long, memcg, OFF_MEMCG_EVENTS + MEMCG_EVENT_HIGH * sizeof(long));
+	events[2] = READ_VALUE(long, memcg, OFF_MEMCG_EVENTS + MEMCG_EVENT_MAX * sizeof(long));
+	events[3] = READ_VALUE(long, memcg, OFF_MEMCG_EVENTS + MEMCG_EVENT_OOM * sizeof(long));
+	events[4] = READ_VALUE(long, memcg, OFF_MEMCG_EVENTS + MEMCG_EVENT_OOM_KILL * sizeof(long));
+#ifdef MEMCG_EVENT_OOM_GROUP_KILL	/* 5.17+ */
+	events[5] = READ_VALUE(long, memcg, OFF_MEMCG_EVENTS + MEMCG_EVENT_OOM_GROUP_KILL * sizeof(long));
+	return true;
+#else
+	return false;
+#endif
+}
+
+static inline bool read_memcg_psi(struct mem_cgroup *memcg, u32 *some, u32 *full)
+{
+	void *cgroup = read_memcg_cgroup(memcg), *psi;
+
+	if (!cgroup)
+		return false;
+#if CGROUP_PSI_IS_POINTER
+	psi = READ_VALUE(void *, cgroup, OFF_CGROUP_PSI);
+#else
+	psi = cgroup + OFF_CGROUP_PSI;
+#endif
+	if (!psi)
+		return false;
+	/* avg[state][0], rows of three averages (10 s, 60 s, 300 s) */
+	*some = READ_VALUE(unsigned long, psi, OFF_PSI_AVG + PSI_MEM_SOME_ROW * 3 * sizeof(long));
+	*full = READ_VALUE(unsigned long, psi, OFF_PSI_AVG + PSI_MEM_FULL_ROW * 3 * sizeof(long));
+	return true;
+}
+
 /* --- Maps ------------------------------------------------------------------ */
 
 #ifdef USE_RINGBUF
@@ -276,6 +335,12 @@ BPF_PERCPU_ARRAY(heap, struct oom_kill_record, 1);
 #endif
 BPF_ARRAY(dropped_kills, u64, 1);
 BPF_TABLE("lru_hash", struct oom_reported_key, u8, reported_kills, 4096);
+#ifdef HOOK_SIGNAL
+struct killer_name {
+	char comm[OOM_COMM_LEN];
+};
+BPF_HASH(memory_killers, struct killer_name, u8, 64);
+#endif
 #if defined(HOOK_KPROBE) && !defined(KPROBE_WRITES_RECORDS)
 BPF_TABLE("lru_hash", u32, struct oom_control_info, oom_controls, 256);
 #endif
@@ -285,6 +350,18 @@ static inline bool remember_reported(struct oom_reported_key *key)
 	u8 one = 1;
 
 	return reported_kills.insert(key, &one) == 0;
+}
+
+static inline bool is_memory_killer(const char *comm)
+{
+#ifdef HOOK_SIGNAL
+	struct killer_name name = {};
+
+	__builtin_memcpy(name.comm, comm, OOM_COMM_LEN);
+	return memory_killers.lookup(&name) != NULL;
+#else
+	return false;
+#endif
 }
 
 /* --- Output ----------------------------------------------------------------- */
@@ -393,6 +470,19 @@ int oom_kill_process_kprobe(struct pt_regs *ctx)
 	return 0;
 }
 #endif /* HOOK_KPROBE */
+
+#ifdef HOOK_SIGNAL
+/* signal_generate(sig, info, task, group, result) */
+int signal_generate_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+	int sig = (int)ctx->args[0];
+	struct task_struct *task = (struct task_struct *)ctx->args[2];
+
+	if (kill_signal_sent(sig, (void *)ctx->args[1], (int)ctx->args[4]) && kill_to_report(task, sig))
+		report_signal(ctx, task, sig, OOM_HOOK_SIGNAL_RAW_TP);
+	return 0;
+}
+#endif /* HOOK_SIGNAL */
 
 #ifdef HOOK_TRACEPOINT
 TRACEPOINT_PROBE(oom, mark_victim)

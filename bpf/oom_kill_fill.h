@@ -21,6 +21,11 @@
  *   bool read_memcg_oom_group(...)
  *   struct kernfs_node *read_kn_parent(...); const char *read_kn_name(...); __u64 read_kn_id(...)
  *   bool remember_reported(struct oom_reported_key *)  true the first time (a map of its own)
+ *   __u64 read_task_start_boottime(...)
+ *   bool read_memcg_events(struct mem_cgroup *, __u64 *events)  OOM_MEMCG_EVENTS of memory.events;
+ *                                                  true when oom_group_kill is the kernel's own
+ *   bool read_memcg_psi(struct mem_cgroup *, __u32 *some, __u32 *full)  memory pressure, avg10
+ *   bool is_memory_killer(const char *comm)        a name in the memory_killers map
  * and how it writes records:
  *   struct oom_kill_record *record_reserve(void); void record_submit(void *ctx, record)
  *   struct oom_control_info *oom_control_of_trigger(void)   the kprobe's facts, or NULL
@@ -300,6 +305,93 @@ static __always_inline void report_kill(void *ctx, struct task_struct *task, __u
 		guess_domain(r);
 	}
 	fill_group(r, task);
+	record_submit(ctx, r);
+}
+
+/* --- Kill signals sent from user space ------------------------------------------------------ */
+
+/* Named here: the kernel headers BCC may include define some of them too. */
+#define OOM_SIGKILL 9
+#define OOM_SIGTERM 15
+#define OOM_TRACE_SIGNAL_DELIVERED 0	/* signal_generate's result */
+#define OOM_SEND_SIG_PRIV ((void *)1)	/* the siginfo of a signal the kernel sends itself */
+
+/* The first test every signal on the host meets (SIGCHLD at every exit): cheap. A signal the
+ * kernel sends itself (SEND_SIG_PRIV: its OOM killer, a pid namespace's end) is not user space's;
+ * one ignored, or already pending, changes nothing. */
+static __always_inline bool kill_signal_sent(int sig, const void *info, int result)
+{
+	return (sig == OOM_SIGKILL || sig == OOM_SIGTERM) && result == OOM_TRACE_SIGNAL_DELIVERED &&
+	       info != OOM_SEND_SIG_PRIV;
+}
+
+/* Whether the target's pid namespace sees it, or its process's parent, as pid 1 (a container's
+ * main process, or the child of its minimal init). */
+static __always_inline bool container_main_candidate(struct task_struct *leader, struct task_struct *sender)
+{
+	struct task_struct *parent;
+	__u32 nr = 0, parent_nr = 0;
+	__u8 level = 0, parent_level = 0;
+
+	if (!read_task_ns_pid(leader, &nr, &level) || level == 0)
+		return false;	/* in the host's pid namespace: no container of its own */
+	if (nr == 1)
+		return true;
+	parent = read_task_real_parent(leader);
+	if (!parent || read_task_tgid(parent) == read_task_tgid(sender))
+		return false;	/* a process killing its own child: its business */
+	return read_task_ns_pid(parent, &parent_nr, &parent_level) && parent_level == level && parent_nr == 1;
+}
+
+/* A kill signal worth a record: from a known memory killer (to anyone), or a SIGKILL that may end
+ * a container (exit 137), from anyone but the target itself. */
+static __always_inline bool kill_to_report(struct task_struct *task, int sig)
+{
+	struct task_struct *sender = (struct task_struct *)bpf_get_current_task();
+	struct task_struct *leader;
+	char comm[OOM_COMM_LEN] = {};
+
+	if (read_task_tgid(sender) == read_task_tgid(task))
+		return false;
+	bpf_get_current_comm(comm, sizeof(comm));
+	if (is_memory_killer(comm))
+		return true;
+	if (sig != OOM_SIGKILL)
+		return false;
+	leader = read_task_group_leader(task);
+	return leader && container_main_candidate(leader, sender);
+}
+
+/* The victim's memory cgroup as the signal found it: it is often gone by the next check run. */
+static __always_inline void fill_memcg_state(struct oom_kill_record *r, struct task_struct *task)
+{
+	struct mem_cgroup *memcg = read_task_memcg(task);
+
+	if (!memcg)
+		return;
+	r->domain_level = read_memcg_level(memcg);
+	r->domain_usage_pages = read_memcg_usage(memcg);
+	r->domain_limit_pages = read_memcg_max(memcg);
+	if (read_memcg_events(memcg, r->memcg_events))
+		r->flags |= OOM_F_OOM_GROUP_KILL_EVENT;
+	r->flags |= OOM_F_MEMCG_STATE;
+	if (read_memcg_psi(memcg, &r->psi_memory_some_avg10, &r->psi_memory_full_avg10))
+		r->flags |= OOM_F_PSI;
+}
+
+static __always_inline void report_signal(void *ctx, struct task_struct *task, int sig, __u8 hook)
+{
+	struct oom_kill_record *r = record_reserve();
+	struct task_struct *leader = read_task_group_leader(task);
+
+	if (!r)
+		return;
+	record_init(r, hook);	/* the trigger is the sender */
+	r->signal = sig;
+	fill_victim(r, task);
+	if (leader)
+		r->victim_start_time = read_task_start_boottime(leader);
+	fill_memcg_state(r, task);
 	record_submit(ctx, r);
 }
 

@@ -17,6 +17,7 @@ from datadog_checks.ebpf_probe.kernel.libbpf import (
     MapBatchOpts,
     call_int,
     lib,
+    map_update_elem,
     prog_test_run_result,
 )
 
@@ -47,15 +48,9 @@ def _declare() -> ctypes.CDLL:
                                   ctypes.c_void_p]  # fmt: skip
     bpf.bpf_obj_pin.restype = ctypes.c_int
     bpf.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-    bpf.bpf_map_update_elem.restype = ctypes.c_int
-    bpf.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
     bpf.bpf_map_delete_elem.restype = ctypes.c_int
     bpf.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     return bpf
-
-
-def map_update_elem(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
-    call_int('bpf_map_update_elem', _declare().bpf_map_update_elem, fd, key, value, flags)
 
 
 def map_delete_elem(fd: int, key: bytes) -> None:

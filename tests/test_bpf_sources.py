@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from datadog_checks.ebpf_probe.oom_kill import record as r
-from datadog_checks.ebpf_probe.oom_kill.bcc import _BTF_OFFSETS
+from datadog_checks.ebpf_probe.oom_kill.bcc import _BTF_ENUMS, _BTF_OFFSETS
 
 pytestmark = pytest.mark.unit
 
@@ -35,6 +35,7 @@ def test_the_decoders_flags_hook_ids_and_sizes_are_the_headers():
         'OOM_CGROUP_MAX_DEPTH': r.CGROUP_MAX_DEPTH,
         'OOM_CGROUP_NAME_LEN': r.CGROUP_NAME_LEN,
         'OOM_STACK_DEPTH': r.STACK_DEPTH,
+        'OOM_MEMCG_EVENTS': r.MEMCG_EVENTS,
     }
     assert mirrored == defines
 
@@ -45,8 +46,17 @@ def test_the_bcc_variant_gets_the_same_offsets_from_btf_as_from_kernel_headers()
     source = (BPF / 'oom_kill_bcc.c').read_text()
     block = source[source.index('#ifdef OFFSETS_FROM_HEADERS') : source.index('#endif /* OFFSETS_FROM_HEADERS */')]
     from_headers = set(re.findall(r'^#define (\w+)', block, re.M))
-    from_btf = set(_BTF_OFFSETS) | {'RSS_STAT_STRIDE', 'OFF_RSS_COUNT', 'UPID_SIZE', 'MEMORY_CGRP_ID'}
-    read = set(re.findall(r'\b(OFF_\w+|UPID_SIZE|RSS_STAT_STRIDE|MEMORY_CGRP_ID)\b', source.replace(block, '')))
+    from_btf = (
+        set(_BTF_OFFSETS)
+        | set(_BTF_ENUMS)
+        | {'RSS_STAT_STRIDE', 'OFF_RSS_COUNT', 'UPID_SIZE', 'MEMORY_CGRP_ID', 'CGROUP_PSI_IS_POINTER'}
+    )
+    read = set(
+        re.findall(
+            r'\b(OFF_\w+|UPID_SIZE|RSS_STAT_STRIDE|MEMORY_CGRP_ID|MEMCG_EVENT_\w+|PSI_MEM_\w+_ROW|CGROUP_PSI_IS_POINTER)\b',
+            source.replace(block, ''),
+        )
+    )
     assert from_headers == from_btf
     assert read <= from_btf
 
@@ -56,7 +66,7 @@ def kernel_types_members() -> dict[str, set[str]]:
     members: dict[str, set[str]] = {}
     source = (BPF / 'kernel_types.h').read_text()
     for name, body in re.findall(r'^struct (\w+) \{(.*?)^\}', source, re.M | re.S):
-        members.setdefault(name.split('___')[0], set()).update(re.findall(r'(\w+)(?:\[[^\]]*\])?;', body))
+        members.setdefault(name.split('___')[0], set()).update(re.findall(r'(\w+)(?:\[[^\]]*\])*;', body))
     return members
 
 

@@ -55,8 +55,11 @@ def raw_record(**fields) -> bytes:
             packed += list(stack) + [0] * (STACK_DEPTH - len(stack))
         elif name == 'cgroup_names':
             packed.append(b''.join(n.ljust(CGROUP_NAME_LEN, b'\0')[:CGROUP_NAME_LEN] for n in names))
-        else:
-            packed.append(values.get(name, b'' if layout.endswith('s') else 0))
+        elif layout.endswith('s'):
+            packed.append(values.get(name, b''))
+        elif not layout.endswith('x'):
+            count = int(layout[:-1] or 1)
+            packed += list(values.get(name, (0,) * count)) if count > 1 else [values.get(name, 0)]
     return RECORD.pack(*packed)
 
 

@@ -180,6 +180,9 @@ class BccProgram:
         else:
             self._bpf.perf_buffer_poll(timeout=0)
 
+    def table_fd(self, table: str) -> int:
+        return int(self._bpf[table.encode()].map_fd)
+
     def array_u64(self, table: str, index: int = 0) -> int:
         return int(self._bpf[table.encode()][ctypes.c_int(index)].value)
 

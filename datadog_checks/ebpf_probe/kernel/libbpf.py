@@ -192,6 +192,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     'bpf_obj_get': (_I, [_S]),
     'bpf_enable_stats': (_I, [_I]),
     'bpf_map_lookup_elem': (_I, [_I, _P, _P]),
+    'bpf_map_update_elem': (_I, [_I, _P, _P, ctypes.c_uint64]),
     'bpf_map_lookup_batch': (_I, [_I, _P, _P, _P, _P, ctypes.POINTER(_U32), _P]),
     'bpf_map_get_next_key': (_I, [_I, _P, _P]),
     'bpf_prog_test_run_opts': (_I, [_I, _P]),
@@ -446,6 +447,10 @@ def map_lookup_elem(fd: int, key: bytes, value_size: int) -> bytes:
     value = ctypes.create_string_buffer(value_size)
     call_int('bpf_map_lookup_elem', lib().bpf_map_lookup_elem, fd, key, value)
     return value.raw
+
+
+def map_update_elem(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    call_int('bpf_map_update_elem', lib().bpf_map_update_elem, fd, key, value, flags)
 
 
 def map_lookup_batch(fd: int, in_batch: Any, out_batch: Any, keys: Any, values: Any, count: int) -> tuple[int, bool]:

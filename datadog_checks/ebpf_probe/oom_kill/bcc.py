@@ -11,7 +11,7 @@ from datadog_checks.ebpf_probe.kernel.bcc import BccError, BccProgram
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf
 from datadog_checks.ebpf_probe.kernel.libbpf import LibbpfUnavailable
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
-from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_ARRAY, BTF_KIND_STRUCT
+from datadog_checks.ebpf_probe.kernel.uapi import BTF_KIND_ARRAY, BTF_KIND_PTR, BTF_KIND_STRUCT
 from datadog_checks.ebpf_probe.resources import bpf_file
 
 from . import hooks, record
@@ -60,6 +60,21 @@ _BTF_OFFSETS: dict[str, tuple[str, tuple[str, ...]]] = {
     'OFF_OC_TOTALPAGES': ('oom_control', ('totalpages',)),
     'OFF_OC_CHOSEN': ('oom_control', ('chosen',)),
     'OFF_OC_CHOSEN_POINTS': ('oom_control', ('chosen_points',)),
+    'OFF_TASK_START_BOOTTIME': ('task_struct', ('start_boottime',)),
+    'OFF_MEMCG_EVENTS': ('mem_cgroup', ('memory_events',)),
+    'OFF_CGROUP_PSI': ('cgroup', ('psi',)),
+    'OFF_PSI_AVG': ('psi_group', ('avg',)),
+}
+# macro -> (enum, value): the memory.events entries and pressure rows the signal hook reads.
+_BTF_ENUMS: dict[str, tuple[str, str]] = {
+    'MEMCG_EVENT_LOW': ('memcg_memory_event', 'MEMCG_LOW'),
+    'MEMCG_EVENT_HIGH': ('memcg_memory_event', 'MEMCG_HIGH'),
+    'MEMCG_EVENT_MAX': ('memcg_memory_event', 'MEMCG_MAX'),
+    'MEMCG_EVENT_OOM': ('memcg_memory_event', 'MEMCG_OOM'),
+    'MEMCG_EVENT_OOM_KILL': ('memcg_memory_event', 'MEMCG_OOM_KILL'),
+    'MEMCG_EVENT_OOM_GROUP_KILL': ('memcg_memory_event', 'MEMCG_OOM_GROUP_KILL'),  # 5.17+: left undefined before
+    'PSI_MEM_SOME_ROW': ('psi_states', 'PSI_MEM_SOME'),
+    'PSI_MEM_FULL_ROW': ('psi_states', 'PSI_MEM_FULL'),
 }
 
 
@@ -101,6 +116,15 @@ def bcc_offsets(btf: Btf | None) -> dict[str, str]:
     defines['UPID_SIZE'] = str(btf.size(upid))
     memory_id = btf.enum_value('cgroup_subsys_id', 'memory_cgrp_id')
     defines['MEMORY_CGRP_ID'] = str(memory_id if memory_id is not None else -1)
+    for macro, (enum_name, value_name) in _BTF_ENUMS.items():
+        value = btf.enum_value(enum_name, value_name)
+        if value is not None:
+            defines[macro] = str(value)
+        elif macro != 'MEMCG_EVENT_OOM_GROUP_KILL':
+            raise BccError(f'the kernel BTF has no {enum_name} {value_name}')
+    # struct cgroup's psi: a pointer from 6.1, the group itself before.
+    _, psi_type = btf.member_path('cgroup', 'psi')
+    defines['CGROUP_PSI_IS_POINTER'] = '1' if btf.kind(btf.skip_modifiers(psi_type)) == BTF_KIND_PTR else '0'
     return defines
 
 
@@ -121,7 +145,10 @@ class BccOOMKillProbe(OOMKillProbe):
             except (OSError, LibbpfUnavailable) as e:
                 log.debug('kernel BTF unreadable, offsets come from kernel headers: %s', e)
         try:
-            plan = hooks.plan_hooks(hooks.RAW_TP, options.mount_tracefs, lambda: cls._task_offered(btf, options))
+            signal = hooks.SIGNAL_RAW_TP if options.user_space_kills else None
+            plan = hooks.plan_hooks(
+                hooks.RAW_TP, options.mount_tracefs, lambda: cls._task_offered(btf, options), signal
+            )
             defines = bcc_offsets(btf)
         finally:
             if btf is not None:
@@ -150,13 +177,21 @@ class BccOOMKillProbe(OOMKillProbe):
             defines['HOOK_KPROBE'] = '1'
             if plan.kprobe_writes_records:
                 defines['KPROBE_WRITES_RECORDS'] = '1'
+        if plan.signal is not None:
+            defines['HOOK_SIGNAL'] = '1'
         # BCC attaches a TRACEPOINT_PROBE when it compiles it: compiled only when no kprobe is to attach.
         tracepoint_loaded = plan.use_tracepoint and not plan.use_kprobe
         if tracepoint_loaded:
             defines['HOOK_TRACEPOINT'] = '1'
             if plan.tracepoint_has_memory:
                 defines['MARK_VICTIM_HAS_MM'] = '1'
-        program = BccProgram.compile(bpf_file(BCC_SOURCE), defines, options.bcc_module_path)
+        try:
+            program = BccProgram.compile(bpf_file(BCC_SOURCE), defines, options.bcc_module_path)
+        except BccError as e:
+            if plan.signal is None:
+                raise
+            # The kill signals' program is beside the OOM hooks: without it, they still load.
+            raise hooks.HookRefused(plan.signal, f'not loaded: {e}') from None
         attach = {
             hooks.RAW_TP.name: lambda: program.attach_raw_tracepoint('mark_victim', hooks.RAW_TP.program),
             hooks.KILL_KPROBE.name: lambda: program.attach_kprobe(
@@ -166,8 +201,13 @@ class BccOOMKillProbe(OOMKillProbe):
                 'oom_kill_process', hooks.BCC_FUNCTIONS[hooks.KPROBE.name]
             ),
             hooks.TRACEPOINT.name: lambda: None,  # attached when compiled
+            hooks.SIGNAL_RAW_TP.name: lambda: program.attach_raw_tracepoint(
+                'signal_generate', hooks.SIGNAL_RAW_TP.program
+            ),
         }
         try:
+            if plan.signal is not None:
+                cls.name_memory_killers(program.table_fd('memory_killers'), options.memory_killers)
             hooks_used = hooks.attach_by_plan(plan, lambda hook: attach[hook.name](), BccError, tracepoint_loaded, log)
             return cls(program, hooks_used, plan.rejected, perf_pages)
         except BaseException:

@@ -57,7 +57,8 @@ class CoreOOMKillProbe(OOMKillProbe):
                 f'the kernel has no BTF ({kernel_btf.VMLINUX_BTF}), which CO-RE needs: use a kernel built with '
                 "CONFIG_DEBUG_INFO_BTF=y, or set btf_path to this kernel's BTF (e.g. from BTFHub)"
             )
-        plan = hooks.plan_hooks(hooks.TP_BTF, options.mount_tracefs, cls._task_offered)
+        signal = hooks.SIGNAL if options.user_space_kills else None
+        plan = hooks.plan_hooks(hooks.TP_BTF, options.mount_tracefs, cls._task_offered, signal)
         return hooks.load_by_plan(plan, lambda plan: cls._load(path, plan, options, log), log)
 
     @classmethod
@@ -70,6 +71,7 @@ class CoreOOMKillProbe(OOMKillProbe):
                 (hooks.KILL_KPROBE, plan.use_kill_kprobe),
                 (hooks.KPROBE, plan.use_kprobe),
                 (hooks.TRACEPOINT, plan.use_tracepoint),
+                (hooks.SIGNAL, plan.signal is not None),
             ):
                 obj.set_autoload(hook.program, autoload)
             kernel_btf.set_rodata(
@@ -92,7 +94,15 @@ class CoreOOMKillProbe(OOMKillProbe):
                 events.set_key_size(4)
                 events.set_value_size(4)
                 events.set_max_entries(0)  # libbpf sizes it to the number of CPUs
-            obj.load()
+            try:
+                obj.load()
+            except libbpf.LibbpfError as e:
+                if plan.signal is None:
+                    raise
+                # The kill signals' program is beside the OOM hooks: without it, they still load.
+                raise hooks.HookRefused(plan.signal, f'not loaded: {e}') from None
+            if plan.signal is not None:
+                cls.name_memory_killers(obj.map('memory_killers').fd, options.memory_killers)
             hooks_used = hooks.attach_by_plan(
                 plan, lambda hook: obj.attach(hook.program), libbpf.LibbpfError, plan.use_tracepoint, log
             )

@@ -66,5 +66,5 @@ def load_oom_kill_probe(options: OOMKillProbeOptions, log: Logger) -> OOMKillPro
             raise ProbeLoadError(
                 f'CO-RE load failed: {core_error}; BCC runtime compilation failed too: {bcc_error}'
             ) from None
-        probe.limitations = (f'it runs on the BCC fallback: CO-RE failed: {core_error}',)
+        probe.limitations = (f'it runs on the BCC fallback: CO-RE failed: {core_error}', *probe.limitations)
         return probe

@@ -53,7 +53,16 @@ TRACEPOINT = Hook(
     'mark_victim_tracepoint',
     "the tracepoint's fields (only the victim thread's id before ~6.9); no cgroup",
 )
-HOOKS = (TP_BTF, RAW_TP, KILL_KPROBE, KPROBE, TRACEPOINT)
+SIGNAL = Hook(
+    'tp_btf/signal_generate',
+    record.HOOK_SIGNAL,
+    'signal_generate_btf',
+    "kill signals sent from user space: a memory killer's SIGKILL and SIGTERM, a container's main process's SIGKILL",
+)
+SIGNAL_RAW_TP = Hook(
+    'raw_tracepoint/signal_generate', record.HOOK_SIGNAL_RAW_TP, 'signal_generate_raw', 'the same, for BCC'
+)
+HOOKS = (TP_BTF, RAW_TP, KILL_KPROBE, KPROBE, TRACEPOINT, SIGNAL, SIGNAL_RAW_TP)
 HOOK_NAMES = {hook.record_id: hook.name for hook in HOOKS}
 # The BCC source's functions for the kprobes (its tracepoint hooks are named as in the object).
 BCC_FUNCTIONS = {KILL_KPROBE.name: 'oom_kill_victim_kprobe', KPROBE.name: 'oom_kill_process_kprobe'}
@@ -69,6 +78,8 @@ WITHHELD_REASON = 'withheld (a test of the other hooks)'
 @dataclass
 class HookPlan:
     task: Hook  # the hook with the victim's task: TP_BTF (CO-RE) or RAW_TP (BCC)
+    # The kill signals' hook, SIGNAL (CO-RE) or SIGNAL_RAW_TP (BCC); None when not asked for.
+    signal: Hook | None = None
     use_task: bool = False
     use_kill_kprobe: bool = False
     use_kprobe: bool = False
@@ -92,6 +103,8 @@ class HookPlan:
             self.use_kprobe = False
         elif hook is TRACEPOINT:
             self.use_tracepoint = False
+        elif hook is self.signal:
+            self.signal = None
         self.rejected[hook.name] = reason
 
 
@@ -157,12 +170,23 @@ def attach_by_plan(
     if plan.use_tracepoint and not attached:
         attach(TRACEPOINT)
         attached.append(TRACEPOINT.name)
+    if plan.signal is not None:  # beside the OOM hooks, never instead of one: a refusal is only said
+        try:
+            attach(plan.signal)
+            attached.append(plan.signal.name)
+        except refusal as e:
+            plan.rejected[plan.signal.name] = str(e)
     return attached
 
 
-def plan_hooks(task: Hook, mount_tracefs: bool, task_offered: Callable[[], tuple[bool, str]]) -> HookPlan:
-    """Which hooks to use here; task_offered() says whether the kernel offers the task hook, and why not."""
-    plan = HookPlan(task)
+def plan_hooks(
+    task: Hook, mount_tracefs: bool, task_offered: Callable[[], tuple[bool, str]], signal: Hook | None = None
+) -> HookPlan:
+    """Which hooks to use here; task_offered() says whether the kernel offers the task hook, and why not;
+    signal: the kill signals' hook, when asked for."""
+    plan = HookPlan(task, signal=signal if signal is None or signal.name not in WITHHELD else None)
+    if signal is not None and plan.signal is None:
+        plan.rejected[signal.name] = WITHHELD_REASON
     disabled = WITHHELD
     if task.name in disabled:
         plan.rejected[task.name] = WITHHELD_REASON

@@ -14,6 +14,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from datadog_checks.ebpf_probe.kernel import libbpf
 from datadog_checks.ebpf_probe.kernel.kallsyms import KernelSymbols
 
 from . import hooks, record
@@ -24,6 +25,10 @@ Logger = logging.Logger | logging.LoggerAdapter
 # A perf-buffer sample: perf_event_header (8 bytes) and the u32 size before the record, padded to 8.
 PERF_SAMPLE_SIZE = (8 + 4 + record.RECORD.size + 7) // 8 * 8
 RING_SAMPLE_SIZE = 8 + record.RECORD.size  # the ring buffer's 8-byte header, then the record
+
+
+# Processes that kill for want of memory from user space, by name (comm: at most 15 characters).
+DEFAULT_MEMORY_KILLERS = ('systemd-oomd', 'earlyoom', 'oomd', 'nohang', 'lmkd')
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,9 @@ class OOMKillProbeOptions:
     # Kills the kernel side holds between two flushes (the buffer is sized for at least this;
     # a perf buffer, per CPU: any CPU may see all of them).
     max_buffered_kills: int = 512
+    # Kill signals from user space: by these memory killers, and SIGKILLs that end containers.
+    user_space_kills: bool = True
+    memory_killers: tuple[str, ...] = DEFAULT_MEMORY_KILLERS
 
 
 def _pow2_pages(size: int) -> int:
@@ -71,13 +79,24 @@ class OOMKillProbe:
     def __init__(self, hooks_used: list[str], rejected: dict[str, str]):
         self.hooks = hooks_used
         self.rejected_hooks = rejected
-        # The OOM probe works fully or not at all; on the BCC fallback, why CO-RE failed is said once.
-        self.limitations: tuple[str, ...] = ()
+        # Said once: why the kill signals' hook did not attach; on the BCC fallback, why CO-RE failed.
+        self.limitations: tuple[str, ...] = tuple(
+            f'kills sent from user space (memory killers, container runtimes) are not reported: {rejected[hook.name]}'
+            for hook in (hooks.SIGNAL, hooks.SIGNAL_RAW_TP)
+            if hook.name in rejected and rejected[hook.name] != hooks.WITHHELD_REASON
+        )
         self._pending: list[bytes] = []
         self._dropped_seen = 0
         self._flush_lock = threading.Lock()
         if hooks.KPROBE.name not in hooks_used:
             self._symbols.prefetch()  # have kallsyms ready for the first kill
+
+    @staticmethod
+    def name_memory_killers(map_fd: int, names: tuple[str, ...]) -> None:
+        """Fill the kernel side's map of memory killers' names, as the kernel keeps a name (comm)."""
+        for name in names:
+            key = name.encode()[: record.COMM_LEN - 1].ljust(record.COMM_LEN, b'\0')
+            libbpf.map_update_elem(map_fd, key, b'\1')
 
     def _on_record(self, raw: bytes) -> None:
         self._pending.append(raw)

@@ -20,6 +20,12 @@ PAGE_KB = max(1, resource.getpagesize() // 1024)
 CGROUP_MAX_DEPTH = 8
 CGROUP_NAME_LEN = 128
 STACK_DEPTH = 20
+MEMCG_EVENTS = 6
+# memory.events, as the file names them, in the record's order.
+MEMCG_EVENT_NAMES = ('low', 'high', 'max', 'oom', 'oom_kill', 'oom_group_kill')
+SIGKILL, SIGTERM = 9, 15
+SIGNAL_NAMES = {SIGKILL: 'SIGKILL', SIGTERM: 'SIGTERM'}
+PSI_FIXED_1 = 2048  # the kernel's fixed point for pressure averages: 100%
 
 # record.hook: which hook wrote it (OOM_HOOK_* in oom_kill.h; names in hooks.py).
 HOOK_TP_BTF = 1
@@ -27,6 +33,9 @@ HOOK_KPROBE = 2
 HOOK_TRACEPOINT = 3
 HOOK_RAW_TP = 4
 HOOK_KILL_KPROBE = 5
+HOOK_SIGNAL = 6
+HOOK_SIGNAL_RAW_TP = 7
+SIGNAL_HOOKS = frozenset({HOOK_SIGNAL, HOOK_SIGNAL_RAW_TP})
 
 # record.flags (OOM_F_* in oom_kill.h)
 F_MEMCG = 1 << 0
@@ -44,6 +53,9 @@ F_DOMAIN_GUESSED = 1 << 11
 F_PID_NS = 1 << 12
 F_PARENT = 1 << 13
 F_OLDEST_CHILD = 1 << 14
+F_MEMCG_STATE = 1 << 15
+F_PSI = 1 << 16
+F_OOM_GROUP_KILL_EVENT = 1 << 17
 
 # struct oom_kill_record, field by field, in order (a test compares each offset with the
 # compiled object's BTF).
@@ -59,6 +71,8 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ('cgroup_id', 'Q'),
     ('domain_usage_pages', 'Q'),
     ('domain_limit_pages', 'Q'),
+    ('victim_start_time', 'Q'),
+    ('memcg_events', f'{MEMCG_EVENTS}Q'),
     ('victim_pid', 'I'),
     ('victim_tid', 'I'),
     ('victim_uid', 'I'),
@@ -68,6 +82,8 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ('victim_ns_pid', 'I'),
     ('parent_pid', 'I'),
     ('parent_ns_pid', 'I'),
+    ('psi_memory_some_avg10', 'I'),
+    ('psi_memory_full_avg10', 'I'),
     ('oom_score_adj', 'h'),
     ('hook', 'B'),
     ('cgroup_depth', 'B'),
@@ -75,6 +91,8 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ('domain_level', 'B'),
     ('group_level', 'B'),
     ('pid_ns_level', 'B'),
+    ('signal', 'B'),
+    ('_pad', '7x'),
     ('kernel_stack_depth', 'I'),
     ('victim_comm', f'{COMM_LEN}s'),
     ('trigger_comm', f'{COMM_LEN}s'),
@@ -111,6 +129,33 @@ class VictimMemory:
     @property
     def rss_kb(self) -> int:
         return self.anon_rss_kb + self.file_rss_kb + self.shmem_rss_kb
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """The victim's memory cgroup when a kill signal was sent to it (often gone by the next run)."""
+
+    level: int  # depth below the hierarchy's root
+    usage_kb: int
+    limit_kb: int
+    events: dict[str, int]  # memory.events: low, high, max, oom, oom_kill (oom_group_kill from 5.17)
+    # Memory pressure (PSI), the 10 s averages in percent, as memory.pressure shows them; None where
+    # the kernel keeps none for the cgroup.
+    pressure_some_avg10: float | None
+    pressure_full_avg10: float | None
+
+
+@dataclass(frozen=True)
+class KillSignal:
+    """A kill signal sent from user space: the sender is the record's trigger."""
+
+    number: int  # SIGKILL or SIGTERM
+    victim_start_time_ns: int  # the victim's start time since boot (suspend counted), as /proc/PID/stat's
+    cgroup_memory: CgroupMemory | None
+
+    @property
+    def name(self) -> str:
+        return SIGNAL_NAMES.get(self.number, str(self.number))
 
 
 @dataclass(frozen=True)
@@ -193,6 +238,8 @@ class OOMKill:
     ns_pid: int | None = None
     pid_ns_level: int | None = None
     parent: Parent | None = None
+    # A kill signal from user space (the trigger sent it), not the kernel's OOM killer.
+    signal: KillSignal | None = None
 
     @property
     def trigger_type(self) -> str:
@@ -284,11 +331,8 @@ def decode_record(
     raw: bytes, boot_to_unix: float, symbols: SymbolTable, hook_names: dict[int, str], page_kb: int | None = None
 ) -> OOMKill:
     page_kb = page_kb or PAGE_KB
-    values = RECORD.unpack_from(raw)
-    # Every field is one value but the last two: the stack (STACK_DEPTH values) and the names.
-    scalars = len(RECORD_FIELDS) - 2
-    r = dict(zip((name for name, _layout in RECORD_FIELDS[:scalars]), values[:scalars], strict=True))
-    stack, names = tuple(values[scalars : scalars + STACK_DEPTH]), values[-1]
+    r = _fields(RECORD.unpack_from(raw))
+    stack, names = r['kernel_stack'], r['cgroup_names']
     flags = r['flags']
     victim_task = bool(flags & F_VICTIM_TASK)
 
@@ -346,7 +390,45 @@ def decode_record(
         ns_pid=r['victim_ns_pid'] if flags & F_PID_NS else None,
         pid_ns_level=r['pid_ns_level'] if flags & F_PID_NS else None,
         parent=_parent(r) if flags & F_PARENT else None,
+        signal=_kill_signal(r, page_kb) if r['hook'] in SIGNAL_HOOKS else None,
     )
+
+
+def _fields(values: tuple) -> dict:
+    """The record's fields by name: arrays as tuples, strings as bytes, padding left out."""
+    r, i = {}, 0
+    for name, layout in RECORD_FIELDS:
+        count, kind = int(layout[:-1] or 1), layout[-1]
+        if kind == 'x':
+            continue
+        if kind == 's' or count == 1:
+            r[name], i = values[i], i + 1
+        else:
+            r[name], i = tuple(values[i : i + count]), i + count
+    return r
+
+
+def _kill_signal(r: dict, page_kb: int) -> KillSignal:
+    flags = r['flags']
+    memory = None
+    if flags & F_MEMCG_STATE:
+        kept = MEMCG_EVENTS if flags & F_OOM_GROUP_KILL_EVENT else MEMCG_EVENTS - 1
+        psi = bool(flags & F_PSI)
+        memory = CgroupMemory(
+            level=r['domain_level'],
+            usage_kb=r['domain_usage_pages'] * page_kb,
+            limit_kb=r['domain_limit_pages'] * page_kb,
+            events=dict(zip(MEMCG_EVENT_NAMES[:kept], r['memcg_events'][:kept], strict=True)),
+            pressure_some_avg10=_percent(r['psi_memory_some_avg10']) if psi else None,
+            pressure_full_avg10=_percent(r['psi_memory_full_avg10']) if psi else None,
+        )
+    return KillSignal(number=r['signal'], victim_start_time_ns=r['victim_start_time'], cgroup_memory=memory)
+
+
+def _percent(avg: int) -> float:
+    """A pressure average as memory.pressure prints it: percent, two decimals, truncated."""
+    whole, fraction = avg >> 11, ((avg & (PSI_FIXED_1 - 1)) * 100) >> 11
+    return whole + fraction / 100
 
 
 def _parent(r: dict) -> Parent:
