@@ -277,6 +277,8 @@ def test_metric_tags_follow_the_tag_cardinality_and_events_carry_the_pod(
             'trigger_type:cgroup',
             'container_runtime:containerd',
             'kube_qos:burstable',
+            'killer:kernel',  # all memory kills in one query, by killer
+            'killer_type:kernel',
         },
         1: {f'pod_uid:{POD_UID}'},
         2: {f'container_id:{CONTAINER}', f'cgroup_name:cri-containerd-{CONTAINER}.scope'},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,7 +19,9 @@ from .kernel.requirements import RequirementError
 from .lifecycle import Probe, ProbeNotGranted, ProbeSlot
 from .oom_kill import OOMKill, OOMKillProbe, OOMKillProbeOptions, load_oom_kill_probe, report
 from .oom_kill.containers import Container, parse_cgroup_path
+from .oom_kill.probe import DEFAULT_MEMORY_KILLERS
 from .oom_kill.unaccounted import Reconciliation, UnaccountedKills
+from .oom_kill.user_space import MEMORY_KILLER, SignalKills, killer_type
 
 # What Datadog shows as the source of the check's events: the manifest's source_type_name.
 SOURCE_TYPE_NAME = 'eBPF Probe'
@@ -66,6 +69,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._stats_metrics: StatsMetrics | None = None
         self._unaccounted_kills = UnaccountedKills(self._read_host_cache, self._write_host_cache)
         self._said_of_the_count: set[str] = set()
+        self._signal_kills = SignalKills(())
         # Runs after the base class has validated the config models.
         self.check_initializations.append(self._configure)
 
@@ -79,7 +83,12 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             btf_path=config.btf_path,
             bcc_module_path=config.bcc_module_path,
             max_buffered_kills=configured(config.max_buffered_oom_kills),
+            user_space_kills=configured(config.collect_user_space_kills),
+            memory_killers=(
+                tuple(config.memory_killers) if config.memory_killers is not None else DEFAULT_MEMORY_KILLERS
+            ),
         )
+        self._signal_kills = SignalKills(options.memory_killers)
         if not (options.enable_core or options.allow_runtime_compiled_fallback):
             raise ConfigurationError(
                 '`enable_core` and `allow_runtime_compiled_fallback` are both false: the probe has no way to load'
@@ -252,7 +261,9 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
     def _collect_oom_kills(self, probe: OOMKillProbe) -> int:
         """Submit the kills drained from the probe; how many the kernel counted of them, dropped ones included."""
         result = probe.get_and_flush()
-        grouped = report.group_members_together(result.kills)
+        user_space = self._signal_kills.sort(result.signals, time.monotonic())
+        grouped = report.group_members_together(result.kills) + [[kill] for kill in user_space.kills]
+        grouped.sort(key=lambda kills: kills[0].timestamp)
         # An event each, up to max_oom_kill_events; the rest of a kill storm in one summary event.
         described, rest = grouped[: self._max_events], grouped[self._max_events :]
         for kills in described:
@@ -263,6 +274,18 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             last = max(kill.timestamp for kills in rest for kill in kills)
             title, text = report.storm_title(rest), report.storm_text(rest, len(described))
             self._oom_event(int(last), title, text, 'oom_kill_storm', ['oom_kill_storm:true'])
+        for kill in user_space.survived:
+            container = parse_cgroup_path(kill.cgroup_path)
+            tags = report.oom_kill_tags(kill, container, report.HIGH) + report.killer_tags(kill, MEMORY_KILLER)
+            tags += self._container_tags(container, report.ORCHESTRATOR)
+            self._oom_event(
+                int(kill.timestamp),
+                report.survived_title(kill),
+                report.survived_text(kill, container),
+                report.aggregation_key(kill, container),
+                tags,
+                alert_type='warning',
+            )
         self.count('oom_kill.dropped', result.dropped + result.undecodable, tags=self._tags)
         if result.dropped:
             self.log.warning(
@@ -277,7 +300,11 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 result.decode_error,
             )
         # The kernel kills, and counts, the chosen victim of a group kill again with its group.
-        group_kills = sum(1 for kills in grouped if kills[0].group_cgroup_path and any(k.chosen for k in kills))
+        group_kills = sum(
+            1
+            for kills in grouped
+            if kills[0].group_cgroup_path and kills[0].signal is None and any(k.chosen for k in kills)
+        )
         return len(result.kills) + result.dropped + result.undecodable + group_kills
 
     def _collect_ebpf_stats(self, probe: EbpfStatsProbe) -> int:
@@ -290,13 +317,20 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         return len(points)
 
     def _count_oom_kills(self, kills: list[OOMKill]) -> None:
-        """A point per process killed. The metric is a count users pay per series for: its tags
-        follow the cardinality asked for."""
+        """A point per process killed: for memory (oom_kill.count), and, a container's main process,
+        for stopping its container (container_kill.count). The metrics are counts users pay per series
+        for: their tags follow the cardinality asked for."""
         for member in kills:
             member_container = parse_cgroup_path(member.cgroup_path)
+            kind = killer_type(member, self._signal_kills.memory_killers)
             metric_tags = report.oom_kill_tags(member, member_container, self._cardinality)
+            metric_tags += report.killer_tags(member, kind)
             metric_tags += self._container_tags(member_container, self._cardinality) + self._tags
-            self.count('oom_kill.count', 1, tags=list(dict.fromkeys(metric_tags)))
+            metric_tags = list(dict.fromkeys(metric_tags))
+            if member.signal is None or kind == MEMORY_KILLER:
+                self.count('oom_kill.count', 1, tags=metric_tags)
+            if member.container_main_process:
+                self.count('container_kill.count', 1, tags=metric_tags)
 
     def _submit_oom_kills(self, kills: list[OOMKill]) -> None:
         """A point per process killed, and one event for them: a kill, or the members of a group kill.
@@ -304,25 +338,27 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._count_oom_kills(kills)
         kill = next((k for k in kills if k.chosen), kills[0])
         container = parse_cgroup_path(kill.cgroup_path)
-        event_tags = report.oom_kill_tags(kill, container, report.HIGH)
+        kind = killer_type(kill, self._signal_kills.memory_killers)
+        event_tags = report.oom_kill_tags(kill, container, report.HIGH) + report.killer_tags(kill, kind)
         event_tags += self._container_tags(container, report.ORCHESTRATOR)
-        group = len(kills) > 1
-        self._oom_event(
-            int(kill.timestamp),
-            report.group_kill_title(kills) if group else report.oom_kill_title(kill),
-            report.group_kill_text(kills, container) if group else report.oom_kill_text(kill, container),
-            report.aggregation_key(kill, container),
-            event_tags,
-        )
+        if kill.signal is not None:
+            title, text = report.signal_kill_title(kill, kind), report.signal_kill_text(kill, container, kind)
+        elif len(kills) > 1:
+            title, text = report.group_kill_title(kills), report.group_kill_text(kills, container)
+        else:
+            title, text = report.oom_kill_title(kill), report.oom_kill_text(kill, container)
+        self._oom_event(int(kill.timestamp), title, text, report.aggregation_key(kill, container), event_tags)
 
-    def _oom_event(self, timestamp: int, title: str, text: str, aggregation_key: str, tags: list[str]) -> None:
+    def _oom_event(
+        self, timestamp: int, title: str, text: str, aggregation_key: str, tags: list[str], alert_type: str = 'error'
+    ) -> None:
         self.event(
             {
                 'timestamp': timestamp,
                 'event_type': 'oom_kill',
                 'msg_title': title,
                 'msg_text': text,
-                'alert_type': 'error',
+                'alert_type': alert_type,
                 'priority': 'normal',
                 'source_type_name': SOURCE_TYPE_NAME,
                 'aggregation_key': aggregation_key,

@@ -24,6 +24,10 @@ def instance_collect_program_runtime():
     return True
 
 
+def instance_collect_user_space_kills():
+    return True
+
+
 def instance_disable_generic_tags():
     return False
 

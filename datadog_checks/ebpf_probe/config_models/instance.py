@@ -38,6 +38,7 @@ class InstanceConfig(BaseModel):
     collect_ebpf_stats: Optional[bool] = None
     collect_oom_kill: Optional[bool] = None
     collect_program_runtime: Optional[bool] = None
+    collect_user_space_kills: Optional[bool] = None
     disable_generic_tags: Optional[bool] = None
     empty_default_hostname: Optional[bool] = None
     enable_core: Optional[bool] = None
@@ -50,6 +51,7 @@ class InstanceConfig(BaseModel):
     max_maps_reported: Optional[int] = Field(None, ge=0)
     max_oom_kill_events: Optional[int] = Field(None, ge=0)
     max_programs_reported: Optional[int] = Field(None, ge=0)
+    memory_killers: Optional[tuple[str, ...]] = None
     metric_patterns: Optional[MetricPatterns] = None
     min_collection_interval: Optional[float] = None
     mount_tracefs: Optional[bool] = None

@@ -126,7 +126,9 @@ class OOMKillProbe:
                 undecodable += 1
                 decode_error = decode_error or f'{type(e).__name__}: {e} ({len(raw)} bytes)'
         kills.sort(key=lambda kill: kill.timestamp)  # perf buffers are per CPU: drained CPU by CPU
-        return FlushResult(kills, dropped, undecodable, decode_error)
+        signals = [kill for kill in kills if kill.signal is not None]
+        kernel = [kill for kill in kills if kill.signal is None]
+        return FlushResult(kernel, signals, dropped, undecodable, decode_error)
 
     def close(self) -> None:
         with self._flush_lock:

@@ -26,6 +26,8 @@ MEMCG_EVENT_NAMES = ('low', 'high', 'max', 'oom', 'oom_kill', 'oom_group_kill')
 SIGKILL, SIGTERM = 9, 15
 SIGNAL_NAMES = {SIGKILL: 'SIGKILL', SIGTERM: 'SIGTERM'}
 PSI_FIXED_1 = 2048  # the kernel's fixed point for pressure averages: 100%
+# A memory cgroup's limit at least this large is none (memory.max "max": the page counter's maximum).
+NO_LIMIT_KB = 1 << 50
 
 # record.hook: which hook wrote it (OOM_HOOK_* in oom_kill.h; names in hooks.py).
 HOOK_TP_BTF = 1
@@ -152,6 +154,7 @@ class KillSignal:
     number: int  # SIGKILL or SIGTERM
     victim_start_time_ns: int  # the victim's start time since boot (suspend counted), as /proc/PID/stat's
     cgroup_memory: CgroupMemory | None
+    after_sigterm: bool = False  # a SIGKILL the same killer sent after a SIGTERM (one kill, both said)
 
     @property
     def name(self) -> str:
@@ -282,7 +285,9 @@ class OOMKill:
 
 @dataclass
 class FlushResult:
-    kills: list[OOMKill] = field(default_factory=list)
+    kills: list[OOMKill] = field(default_factory=list)  # by the kernel's OOM killer
+    # Kill signals from user space, as records: user_space.SignalKills makes kills of them.
+    signals: list[OOMKill] = field(default_factory=list)
     dropped: int = 0  # kills the kernel side had no room for since the last flush
     # Records that could not be decoded (each costs only itself), and the first one's error.
     undecodable: int = 0

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from datadog_checks.ebpf_probe.formatting import kb, markdown_text, plain_text, tag
 
-from . import record
+from . import record, user_space
 from .containers import Container, parse_cgroup_path
 from .record import OOMKill
 
@@ -43,6 +43,14 @@ def oom_kill_tags(kill: OOMKill, container: Container | None, cardinality: str) 
             tags.append(tag('container_id', container.id))
         if kill.cgroup_name is not None:
             tags.append(tag('cgroup_name', kill.cgroup_name))
+    return tags
+
+
+def killer_tags(kill: OOMKill, killer_type: str) -> list[str]:
+    """Who killed: killer:kernel for the kernel's OOM killer, else the sender's name; and its kind."""
+    tags = [tag('killer', user_space.killer_name(kill)), tag('killer_type', killer_type)]
+    if kill.signal is not None:
+        tags.append(tag('signal', kill.signal.name))
     return tags
 
 
@@ -176,6 +184,104 @@ def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
     if kill.memory is not None:
         lines.append(f'| Memory | {_memory(kill)} |')
     lines.append(f'| Seen by | {kill.hook} |')
+    lines.append('%%%')
+    return '\n'.join(lines)
+
+
+# What each kind of sender is, as an event says it.
+_KILLER_KINDS = {
+    user_space.MEMORY_KILLER: 'a user-space memory killer (memory_killers)',
+    user_space.CONTAINER_RUNTIME: (
+        'a container runtime: a stop (docker, podman or crictl stop or kill), a Kubernetes eviction or a failed '
+        "liveness probe; the pod's Kubernetes events tell which"
+    ),
+    user_space.OTHER: 'another process, neither a memory killer nor a container runtime',
+}
+
+
+def signal_kill_title(kill: OOMKill, killer_type: str) -> str:
+    name = plain_text(kill.victim_comm) if kill.victim_comm is not None else 'process'
+    killer = plain_text(kill.trigger_comm)
+    if killer_type == user_space.MEMORY_KILLER:
+        return f'Memory kill by {killer}: {name} ({victim_label(kill)})'
+    return f"Container's main process killed by {killer} (SIGKILL, exit 137): {name} ({victim_label(kill)})"
+
+
+def _signals(kill: OOMKill) -> str:
+    signal = kill.signal
+    assert signal is not None
+    if signal.number == record.SIGTERM:
+        return 'SIGTERM: the process was gone by the next check run'
+    if signal.after_sigterm:
+        return 'SIGTERM, then SIGKILL (the process was still there)'
+    return 'SIGKILL'
+
+
+def _cgroup_memory_rows(kill: OOMKill) -> list[str]:
+    memory = kill.signal.cgroup_memory if kill.signal is not None else None
+    if memory is None:
+        return []
+    limit = f'a {kb(memory.limit_kb)} limit' if memory.limit_kb < record.NO_LIMIT_KB else 'no limit'
+    rows = [f'| Memory cgroup use | {kb(memory.usage_kb)} of {limit}, when the signal was sent |']
+    events = ', '.join(f'{name} {count:,}' for name, count in memory.events.items())
+    rows.append(f'| memory.events | {events} |')
+    if memory.pressure_some_avg10 is not None:
+        rows.append(
+            f'| Memory pressure | some avg10={memory.pressure_some_avg10:.2f}%, '
+            f'full avg10={memory.pressure_full_avg10:.2f}% |'
+        )
+    return rows
+
+
+def signal_kill_text(kill: OOMKill, container: Container | None, killer_type: str) -> str:
+    """The event body of a kill sent from user space: who sent it, and the victim's cgroup as it found it."""
+    victim = _name(kill)
+    killer = f'**{markdown_text(kill.trigger_comm)}** (pid {kill.trigger_pid})'
+    if killer_type == user_space.MEMORY_KILLER:
+        first = f'{victim} ({victim_label(kill)}) was killed by the memory killer {killer}, not by the kernel.'
+    else:
+        first = (
+            f"{victim} ({victim_label(kill)}), its container's main process, was killed with SIGKILL by {killer}: "
+            'the container stopped with exit code 137, and no OOM kill was involved.'
+        )
+    lines = ['%%%', first, '', '| | |', '|---|---|']
+    details = [victim_label(kill)]
+    if kill.victim_uid is not None:
+        details.append(f'uid {kill.victim_uid}')
+    lines.append(f'| Victim | {victim} ({", ".join(details)}) |')
+    lines.append(f'| Killed by | {killer}: {_KILLER_KINDS[killer_type]} |')
+    lines.append(f'| Signals | {_signals(kill)} |')
+    if kill.cgroup_path is not None:
+        lines.append(f'| Memory cgroup | {markdown_text(kill.cgroup_path)} |')
+    lines += _cgroup_memory_rows(kill)
+    lines += _container_rows(kill, container)
+    if kill.memory is not None:
+        lines.append(f'| Memory | {_memory(kill)} |')
+    lines.append(f'| Seen by | {kill.hook} |')
+    lines.append('%%%')
+    return '\n'.join(lines)
+
+
+def survived_title(kill: OOMKill) -> str:
+    name = plain_text(kill.victim_comm) if kill.victim_comm is not None else 'process'
+    return f'{name} ({victim_label(kill)}) survived a SIGTERM from {plain_text(kill.trigger_comm)}'
+
+
+def survived_text(kill: OOMKill, container: Container | None) -> str:
+    victim = _name(kill)
+    lines = [
+        '%%%',
+        f'The memory killer **{markdown_text(kill.trigger_comm)}** (pid {kill.trigger_pid}) sent {victim} '
+        f'({victim_label(kill)}) SIGTERM, and it was still running {user_space.SIGTERM_GRACE_SECONDS:.0f} s later: '
+        'no kill.',
+        '',
+        '| | |',
+        '|---|---|',
+    ]
+    if kill.cgroup_path is not None:
+        lines.append(f'| Memory cgroup | {markdown_text(kill.cgroup_path)} |')
+    lines += _cgroup_memory_rows(kill)
+    lines += _container_rows(kill, container)
     lines.append('%%%')
     return '\n'.join(lines)
 

@@ -1,0 +1,126 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""Kills sent from user space as signals: who sent them, one occurrence per victim.
+
+The kernel side records each SIGKILL and SIGTERM a known memory killer sends, and each SIGKILL to
+a process whose death may end its container (pid 1 of a pid namespace, or a child of it). Here
+they become kills:
+
+- a memory killer's SIGTERM then SIGKILL to one victim is one kill, which says it took both; a
+  SIGTERM alone is held until the victim is gone (a kill, by SIGTERM) or has outlived
+  SIGTERM_GRACE_SECONDS (a warning: it survived, no kill);
+- a SIGKILL to a container's main process is a kill (exit 137), its killer a memory killer, a
+  container runtime (a stop, an eviction, a failed liveness probe) or another process; to a
+  process that is not, or not known to be, its container's main process, from anyone but a
+  memory killer: nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import record
+from .record import OOMKill
+
+# Who killed: the kernel's OOM killer, or the sender's kind.
+KERNEL = 'kernel'
+MEMORY_KILLER = 'memory_killer'
+CONTAINER_RUNTIME = 'container_runtime'
+OTHER = 'other'
+# Container runtimes and engines that stop containers, by name (comm, at most 15 characters:
+# containerd-shim-runc-v2 is containerd-shim).
+CONTAINER_RUNTIMES = frozenset(
+    {'runc', 'crun', 'youki', 'runsc', 'containerd-shim', 'containerd', 'conmon', 'podman', 'dockerd', 'docker'}
+)
+# A process still there this long after a memory killer's SIGTERM survived it (earlyoom and nohang
+# send SIGKILL within seconds when SIGTERM does not do).
+SIGTERM_GRACE_SECONDS = 60.0
+
+_TICKS_PER_SECOND = os.sysconf('SC_CLK_TCK')
+
+
+def killer_type(kill: OOMKill, memory_killers: frozenset[str]) -> str:
+    if kill.signal is None:
+        return KERNEL
+    name = kill.trigger_comm
+    if name in memory_killers:
+        return MEMORY_KILLER
+    return CONTAINER_RUNTIME if name in CONTAINER_RUNTIMES else OTHER
+
+
+def killer_name(kill: OOMKill) -> str:
+    return KERNEL if kill.signal is None else kill.trigger_comm
+
+
+def still_running(pid: int, start_time_ns: int) -> bool:
+    """Whether the process with this pid and start time (since boot, suspend counted) is alive:
+    not gone, not another process with its pid, not a zombie."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b')') + 2 :].split()
+    state, start_ticks = fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+    return state not in (b'Z', b'X') and start_ticks == start_time_ns * _TICKS_PER_SECOND // 1_000_000_000
+
+
+@dataclass
+class _Held:
+    sigterm: OOMKill
+    since: float  # monotonic seconds
+
+
+@dataclass
+class UserSpaceKills:
+    """What one flush made of the signal records."""
+
+    kills: list[OOMKill] = dataclasses.field(default_factory=list)
+    survived: list[OOMKill] = dataclasses.field(default_factory=list)  # SIGTERMs the victim outlived
+
+
+class SignalKills:
+    """Signal records in, kills out; SIGTERMs held between flushes until their outcome is known."""
+
+    def __init__(
+        self,
+        memory_killers: tuple[str, ...],
+        alive: Callable[[int, int], bool] = still_running,
+        grace: float = SIGTERM_GRACE_SECONDS,
+    ):
+        # As the kernel keeps names: the first 15 characters.
+        self.memory_killers = frozenset(name[: record.COMM_LEN - 1] for name in memory_killers)
+        self._alive = alive
+        self._grace = grace
+        self._held: dict[tuple[int, int, str], _Held] = {}  # (victim pid, start time, killer) -> its SIGTERM
+
+    def sort(self, signals: list[OOMKill], now: float) -> UserSpaceKills:
+        """The kills among these records (in the order sent) and the SIGTERMs held that ended."""
+        out = UserSpaceKills()
+        for kill in signals:
+            assert kill.signal is not None and kill.victim_pid is not None
+            by_memory_killer = kill.trigger_comm in self.memory_killers
+            if not by_memory_killer and kill.container_main_process is not True:
+                continue  # a SIGKILL that did not end a container, from no memory killer
+            key = (kill.victim_pid, kill.signal.victim_start_time_ns, kill.trigger_comm)
+            if kill.signal.number == record.SIGTERM:
+                self._held.setdefault(key, _Held(kill, now))
+                continue
+            held = self._held.pop(key, None)
+            if held is not None:
+                kill = dataclasses.replace(kill, signal=dataclasses.replace(kill.signal, after_sigterm=True))
+            out.kills.append(kill)
+        for key, held in list(self._held.items()):
+            pid, start_time, _killer = key
+            if not self._alive(pid, start_time):
+                out.kills.append(held.sigterm)  # gone: the SIGTERM did it
+            elif now - held.since >= self._grace:
+                out.survived.append(held.sigterm)
+            else:
+                continue
+            del self._held[key]
+        out.kills.sort(key=lambda kill: kill.timestamp)
+        return out
