@@ -55,6 +55,8 @@ def test_a_real_oom_kill_is_one_metric_point_and_one_event(
             'trigger_process_name:check-victim',
             'trigger_type:cgroup',
             f'cgroup_name:{memory_cgroup.name}',
+            'killer:kernel',
+            'killer_type:kernel',
             *instance['tags'],
         ]
         aggregator.assert_metric('ebpf_probe.oom_kill.count', value=1, count=1, tags=expected_tags)

@@ -15,6 +15,7 @@ from datadog_checks.base.utils.tagging import tagger
 from .config_models import ConfigMixin, InstanceConfig, SharedConfig
 from .ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, MetricOptions, NamePatterns, StatsMetrics
 from .ebpf_stats.metrics import COUNT
+from .kernel import features
 from .kernel.requirements import RequirementError
 from .lifecycle import Probe, ProbeNotGranted, ProbeSlot
 from .oom_kill import OOMKill, OOMKillProbe, OOMKillProbeOptions, load_oom_kill_probe, report
@@ -88,7 +89,11 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 tuple(config.memory_killers) if config.memory_killers is not None else DEFAULT_MEMORY_KILLERS
             ),
         )
-        self._signal_kills = SignalKills(options.memory_killers)
+        self._signal_kills = SignalKills(
+            options.memory_killers,
+            cgroup_v2=features.memory_cgroup_v2(),
+            pressure=features.has_pressure_stall_info(),
+        )
         if not (options.enable_core or options.allow_runtime_compiled_fallback):
             raise ConfigurationError(
                 '`enable_core` and `allow_runtime_compiled_fallback` are both false: the probe has no way to load'

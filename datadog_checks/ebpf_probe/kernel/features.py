@@ -108,3 +108,23 @@ def has_ring_buffer() -> bool:
         return False
     os.close(fd)
     return True
+
+
+def memory_cgroup_v2() -> bool:
+    """Whether the memory controller is on cgroup v2, where the kernel keeps memory.events and
+    pressure (PSI) per cgroup: /proc/cgroups puts it on hierarchy 0, enabled (a v1 mount would give
+    it a hierarchy of its own)."""
+    try:
+        with open('/proc/cgroups') as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] == 'memory':
+                    return fields[1] == '0' and fields[3] == '1'
+    except (OSError, IndexError):
+        pass
+    return False
+
+
+def has_pressure_stall_info() -> bool:
+    """Whether the kernel keeps pressure stall information (CONFIG_PSI, not disabled at boot)."""
+    return os.path.exists('/proc/pressure/memory')

@@ -21,7 +21,9 @@ def oom_kill_tags(kill: OOMKill, container: Container | None, cardinality: str) 
     """The kill's own tags, as many as the cardinality allows (the Agent's rules: a pod is
     orchestrator cardinality, a container high; a host cgroup, i.e. a service, is bounded)."""
     level = CARDINALITIES.index(cardinality)
-    tags = [tag('trigger_type', kill.trigger_type), tag('trigger_process_name', kill.trigger_comm)]
+    tags = []
+    if kill.signal is None:  # a kill sent from user space has a killer (killer_tags), no trigger
+        tags += [tag('trigger_type', kill.trigger_type), tag('trigger_process_name', kill.trigger_comm)]
     if kill.victim_comm is not None:
         tags.append(tag('process_name', kill.victim_comm))
     if kill.group_cgroup_path is not None:
@@ -223,8 +225,9 @@ def _cgroup_memory_rows(kill: OOMKill) -> list[str]:
         return []
     limit = f'a {kb(memory.limit_kb)} limit' if memory.limit_kb < record.NO_LIMIT_KB else 'no limit'
     rows = [f'| Memory cgroup use | {kb(memory.usage_kb)} of {limit}, when the signal was sent |']
-    events = ', '.join(f'{name} {count:,}' for name, count in memory.events.items())
-    rows.append(f'| memory.events | {events} |')
+    if memory.events:
+        events = ', '.join(f'{name} {count:,}' for name, count in memory.events.items())
+        rows.append(f'| memory.events | {events} |')
     if memory.pressure_some_avg10 is not None:
         rows.append(
             f'| Memory pressure | some avg10={memory.pressure_some_avg10:.2f}%, '

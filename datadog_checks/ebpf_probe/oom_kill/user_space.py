@@ -89,12 +89,18 @@ class SignalKills:
         self,
         memory_killers: tuple[str, ...],
         alive: Callable[[int, int], bool] = still_running,
-        grace: float = SIGTERM_GRACE_SECONDS,
+        grace: float | None = None,
+        cgroup_v2: bool = True,
+        pressure: bool = True,
     ):
         # As the kernel keeps names: the first 15 characters.
         self.memory_killers = frozenset(name[: record.COMM_LEN - 1] for name in memory_killers)
         self._alive = alive
-        self._grace = grace
+        self._grace = SIGTERM_GRACE_SECONDS if grace is None else grace
+        # On cgroup v1 the kernel keeps no memory.events file and no pressure per cgroup: what the
+        # record read there is not what a user could check, so it is left out.
+        self._cgroup_v2 = cgroup_v2
+        self._pressure = pressure and cgroup_v2  # PSI off at boot leaves zeros where the kernel keeps it
         self._held: dict[tuple[int, int, str], _Held] = {}  # (victim pid, start time, killer) -> its SIGTERM
 
     def sort(self, signals: list[OOMKill], now: float) -> UserSpaceKills:
@@ -102,6 +108,13 @@ class SignalKills:
         out = UserSpaceKills()
         for kill in signals:
             assert kill.signal is not None and kill.victim_pid is not None
+            memory = kill.signal.cgroup_memory
+            if memory is not None and not (self._cgroup_v2 and self._pressure):
+                if not self._pressure:
+                    memory = dataclasses.replace(memory, pressure_some_avg10=None, pressure_full_avg10=None)
+                if not self._cgroup_v2:
+                    memory = dataclasses.replace(memory, events={})
+                kill = dataclasses.replace(kill, signal=dataclasses.replace(kill.signal, cgroup_memory=memory))
             by_memory_killer = kill.trigger_comm in self.memory_killers
             if not by_memory_killer and kill.container_main_process is not True:
                 continue  # a SIGKILL that did not end a container, from no memory killer

@@ -1,0 +1,250 @@
+# (C) ebpf_probe authors
+# Licensed under a 3-clause BSD style license (see LICENSE)
+"""Kills sent from user space, on the real kernel: a process named as each memory killer signals a
+process in a memory cgroup of its own; the records name both and hold the cgroup's memory as the
+kernel's own files show it. An ordinary `kill -9` is not recorded."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, load_oom_kill_probe, record
+from datadog_checks.ebpf_probe.oom_kill.probe import DEFAULT_MEMORY_KILLERS
+from datadog_checks.ebpf_probe.oom_kill.user_space import SignalKills
+
+from .processes import read_until
+
+pytestmark = [pytest.mark.kernel]
+
+log = logging.getLogger(__name__)
+
+# Names itself as the killer (PR_SET_NAME: the kernel's comm of the thread that sends), then signals.
+KILLER = """
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+os.kill(int(sys.argv[2]), int(sys.argv[3]))
+"""
+# The kernel's per-CPU charge batch (MEMCG_CHARGE_BATCH, pages): a cgroup's usage moves by this much
+# without its processes doing anything, as CPUs return what they held.
+CHARGE_BATCH_PAGES = 64
+
+
+@pytest.fixture(scope='module')
+def probe():
+    probe = load_oom_kill_probe(OOMKillProbeOptions(), log)
+    try:
+        yield probe
+    finally:
+        probe.close()
+
+
+def signal_records(probe, victim_pid: int, deadline: float = 10.0) -> list[record.OOMKill]:
+    """Every signal record drained until one for this victim is in (the kernel side writes it a moment later)."""
+    ends = time.monotonic() + deadline
+    drained: list[record.OOMKill] = []
+    while time.monotonic() < ends:
+        drained += probe.get_and_flush().signals
+        if any(kill.victim_pid == victim_pid for kill in drained):
+            break
+        time.sleep(0.05)
+    return drained
+
+
+def cgroup_file(memory_cgroup, name: str) -> dict[str, str]:
+    """A flat-keyed cgroup file (memory.events) or memory.pressure's lines, as {key: rest}."""
+    with open(os.path.join(memory_cgroup.dir, name)) as f:
+        return dict(line.split(' ', 1) for line in f.read().splitlines())
+
+
+def pressure_avg10(line: str) -> float:
+    return float(dict(item.split('=') for item in line.split())['avg10'])
+
+
+def usage_and_limit_kb(memory_cgroup) -> tuple[int, int]:
+    names = (
+        ('memory.usage_in_bytes', 'memory.limit_in_bytes')
+        if memory_cgroup.version == 1
+        else ('memory.current', 'memory.max')
+    )
+    values = []
+    for name in names:
+        with open(os.path.join(memory_cgroup.dir, name)) as f:
+            values.append(int(f.read()) // 1024)
+    return values[0], values[1]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL], ids=['SIGTERM', 'SIGKILL'])
+@pytest.mark.parametrize('killer', DEFAULT_MEMORY_KILLERS)
+def test_a_memory_killers_signal_is_recorded_with_the_victims_cgroup_as_the_kernel_shows_it(
+    probe, memory_cgroup, killer, sig
+):
+    if probe.limitations:
+        pytest.fail(f'the kill signals hook is not there: {probe.limitations}')
+    victim = memory_cgroup.start('mk-victim', alloc_mb=8, mode='hold')
+    try:
+        read_until(victim.stdout, 'ready')
+        probe.get_and_flush()
+        usage_kb, limit_kb = usage_and_limit_kb(memory_cgroup)
+        if memory_cgroup.version == 2:
+            events = cgroup_file(memory_cgroup, 'memory.events')
+            has_pressure = os.path.exists(os.path.join(memory_cgroup.dir, 'memory.pressure'))
+            pressure = cgroup_file(memory_cgroup, 'memory.pressure') if has_pressure else {}
+        sender = subprocess.run([sys.executable, '-c', KILLER, killer, str(victim.pid), str(int(sig))], check=True)
+        assert sender.returncode == 0
+        assert victim.wait(timeout=30) == -sig
+        [kill] = [k for k in signal_records(probe, victim.pid) if k.victim_pid == victim.pid]
+    finally:
+        victim.kill()
+        victim.wait()
+    assert kill.signal is not None and kill.signal.number == sig
+    assert kill.trigger_comm == killer[: record.COMM_LEN - 1]
+    assert kill.victim_comm == 'mk-victim'
+    assert kill.cgroup_path == memory_cgroup.path
+    memory = kill.signal.cgroup_memory
+    assert memory is not None
+    assert memory.limit_kb == limit_kb
+    assert abs(memory.usage_kb - usage_kb) <= CHARGE_BATCH_PAGES * record.PAGE_KB, (memory.usage_kb, usage_kb)
+    if memory_cgroup.version == 2:  # what the kernel read at the signal, as its files showed it just before
+        assert {name: int(count) for name, count in events.items()} == {name: memory.events[name] for name in events}
+    if memory_cgroup.version == 2 and pressure:
+        # The 10 s averages move every 2 s: an idle victim's stay where they were, up to rounding.
+        assert abs(memory.pressure_some_avg10 - pressure_avg10(pressure['some'])) <= 0.5
+        assert abs(memory.pressure_full_avg10 - pressure_avg10(pressure['full'])) <= 0.5
+    # Made a kill: the victim is gone, so a SIGTERM did it.
+    out = SignalKills(DEFAULT_MEMORY_KILLERS).sort([kill], time.monotonic())
+    assert [k.victim_pid for k in out.kills] == [victim.pid] and out.survived == []
+
+
+def test_an_ordinary_kill_is_not_recorded(probe, memory_cgroup):
+    victim = memory_cgroup.start('plain-victim', alloc_mb=8, mode='hold')
+    try:
+        read_until(victim.stdout, 'ready')
+        probe.get_and_flush()
+        subprocess.run(['kill', '-9', str(victim.pid)], check=True)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+        # A marker kill by a memory killer after it: once that one is in, the plain one would be too.
+        marker = memory_cgroup.start('marker', alloc_mb=1, mode='hold')
+        read_until(marker.stdout, 'ready')
+        subprocess.run([sys.executable, '-c', KILLER, 'earlyoom', str(marker.pid), '9'], check=True)
+        marker.wait(timeout=30)
+        records = signal_records(probe, marker.pid)
+    finally:
+        victim.kill()
+        victim.wait()
+    assert [k.victim_comm for k in records] == ['marker']  # the kill -9 before it left no record
+
+
+# Joins the cgroup, catches SIGTERM (a process that cleans up and carries on, as many do), waits.
+STUBBORN = """
+import signal, sys, time
+with open(sys.argv[1], 'w') as f:
+    f.write('0')
+signal.signal(signal.SIGTERM, lambda *_: print('sigterm', flush=True))
+blob = bytearray(4 * 1024 * 1024)
+print('ready', flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def stubborn(memory_cgroup) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, '-c', STUBBORN, os.path.join(memory_cgroup.dir, 'cgroup.procs')],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    read_until(proc.stdout, 'ready')
+    return proc
+
+
+def send(killer: str, pid: int, sig: int) -> None:
+    subprocess.run([sys.executable, '-c', KILLER, killer, str(pid), str(int(sig))], check=True)
+
+
+@pytest.mark.parametrize(
+    'variant_options',
+    [
+        pytest.param({'enable_core': True, 'allow_runtime_compiled_fallback': False}, id='co-re'),
+        pytest.param({'enable_core': False}, id='bcc', marks=pytest.mark.bcc),
+    ],
+)
+def test_a_memory_killers_sigterm_then_sigkill_is_one_kill_in_the_check_as_users_see_it(
+    dd_run_check, aggregator, instance, memory_cgroup, variant_options
+):
+    from datadog_checks.ebpf_probe import EbpfProbeCheck
+
+    check = EbpfProbeCheck('ebpf_probe', {}, [{**instance, **variant_options, 'collect_ebpf_stats': False}])
+    try:
+        dd_run_check(check)
+        assert check._oom_kill.probe.limitations == ()  # the kill signals' hook is there
+        aggregator.reset()
+        victim = stubborn(memory_cgroup)
+        try:
+            send('earlyoom', victim.pid, signal.SIGTERM)
+            read_until(victim.stdout, 'sigterm')  # it took the SIGTERM and carried on
+            dd_run_check(check)  # the SIGTERM alone: held, no kill yet
+            assert aggregator.metrics('ebpf_probe.oom_kill.count') == [] and aggregator.events == []
+            send('earlyoom', victim.pid, signal.SIGKILL)
+            assert victim.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            victim.kill()
+            victim.wait()
+        dd_run_check(check)
+        tags = [
+            'process_name:python3',
+            f'cgroup_name:{memory_cgroup.name}',
+            'killer:earlyoom',
+            'killer_type:memory_killer',
+            'signal:SIGKILL',
+            *instance['tags'],
+        ]
+        aggregator.assert_metric('ebpf_probe.oom_kill.count', value=1, count=1, tags=tags)
+        aggregator.assert_metric('ebpf_probe.oom_kill.unaccounted', value=0, count=1)  # not the kernel's kill
+        assert aggregator.metrics('ebpf_probe.container_kill.count') == []  # no container of its own
+        [event] = aggregator.events
+        assert event['msg_title'] == f'Memory kill by earlyoom: python3 (pid {victim.pid})'
+        assert sorted(event['tags']) == sorted(tags)
+        text = event['msg_text']
+        assert 'was killed by the memory killer **earlyoom**' in text
+        assert '| Signals | SIGTERM, then SIGKILL (the process was still there) |' in text
+        assert f'| Memory cgroup | /{memory_cgroup.name.replace("-", chr(92) + "-")} |' in text
+        assert ' of a 32,768 kB limit, when the signal was sent |' in text
+    finally:
+        check.cancel()
+
+
+def test_a_sigterm_the_process_outlives_is_a_warning_not_a_kill(
+    dd_run_check, aggregator, instance, memory_cgroup, monkeypatch
+):
+    from datadog_checks.ebpf_probe import EbpfProbeCheck
+    from datadog_checks.ebpf_probe.oom_kill import user_space
+
+    monkeypatch.setattr(user_space, 'SIGTERM_GRACE_SECONDS', 0.5)  # not a minute
+    check = EbpfProbeCheck('ebpf_probe', {}, [{**instance, 'collect_ebpf_stats': False}])
+    try:
+        dd_run_check(check)
+        aggregator.reset()
+        victim = stubborn(memory_cgroup)
+        try:
+            send('nohang', victim.pid, signal.SIGTERM)
+            read_until(victim.stdout, 'sigterm')
+            dd_run_check(check)
+            time.sleep(0.6)
+            dd_run_check(check)
+            assert victim.poll() is None  # still running
+        finally:
+            victim.kill()
+            victim.wait()
+        assert aggregator.metrics('ebpf_probe.oom_kill.count') == []
+        [event] = aggregator.events
+        assert event['alert_type'] == 'warning'
+        assert event['msg_title'] == f'python3 (pid {victim.pid}) survived a SIGTERM from nohang'
+    finally:
+        check.cancel()
