@@ -10,11 +10,14 @@
 9. thousands of objects: 2,000 maps and 1,000 programs held by another process: a steady run,
    the first run that sees them, the object-by-object way (the previous design, bpftool's), and
    the submissions a run makes.
+10. kill signals: the OOM probe's signal hook sees every signal on the host; two processes passing
+   a signal back and forth as fast as they can, without the probe and with it, turn by turn.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -28,10 +31,12 @@ import pytest
 from datadog_checks.base.stubs import aggregator
 from datadog_checks.ebpf_probe import EbpfProbeCheck
 from datadog_checks.ebpf_probe.ebpf_stats import probe as stats_probe
+from datadog_checks.ebpf_probe.kernel import libbpf
+from datadog_checks.ebpf_probe.oom_kill import OOMKillProbeOptions, load_oom_kill_probe
 from tests.bpf_syscalls import map_create, prog_load, prog_test_run_timed
 from tests.seams import OwnerScans, StatisticsWindows
 
-from .common import PYTHON, REPO, Results, Row, summary
+from .common import PYTHON, REPO, Results, Row, build_c, program_ns_per_run, summary
 
 MAP_HASH = 1
 PROG_SOCKET_FILTER = 1
@@ -416,3 +421,42 @@ def bench_many_objects(results: Results, maps: int, programs: int, runs: int) ->
         check.cancel()
         if holder is not None:
             holder.close()
+
+
+# --- 10. Kill signals -------------------------------------------------------------------------------
+
+
+def bench_kill_signals(results: Results, seconds: float, turns: int) -> None:
+    say(f'kill signals: {turns} turns of {seconds:g} s of signal ping-pong without the OOM probe, then with it')
+    pingpong = build_c('signal_pingpong.c', 'signal_pingpong')
+
+    def rate() -> float:
+        return float(subprocess.run([str(pingpong), str(seconds)], check=True, capture_output=True, text=True).stdout)
+
+    without, with_probe = [], []
+    log = logging.getLogger('bench')
+    ns_per_signal = None
+    for turn in range(turns):
+        without.append(rate())
+        probe = load_oom_kill_probe(OOMKillProbeOptions(), log)
+        try:
+            assert any('signal_generate' in hook for hook in probe.hooks), probe.hooks
+            if turn == 0:  # the program's own cost per signal, with statistics held on for that turn
+                stats = libbpf.enable_stats()
+                try:
+                    with_probe.append(rate())
+                    ns_per_signal = program_ns_per_run('signal_generate')
+                finally:
+                    os.close(stats)
+            else:
+                with_probe.append(rate())
+        finally:
+            probe.close()
+    section = '10. kill signals'
+    results.add(Row(section, 'signals a second, no probe', '/s', summary(without)))
+    results.add(Row(section, 'signals a second, the OOM probe loaded (its signal hook on every signal)', '/s',
+                    summary(with_probe)))  # fmt: skip
+    ratio = statistics.median(with_probe) / statistics.median(without)
+    results.add(Row(section, 'with the probe / without', 'x', value=ratio, goal='>= 0.95', met=ratio >= 0.95))
+    if ns_per_signal is not None:
+        results.add(Row(section, "the hook's own time per signal (kernel-timed)", 'ns', value=ns_per_signal))

@@ -34,8 +34,8 @@ from datadog_checks.ebpf_probe.resources import bpf_file
 from tests.bpf_syscalls import libbpf_version, map_create, map_update_batch, prog_load
 from tests.cgroups import MemoryCgroup
 
-from .common import PYTHON, REPO, Results, Row, build_c, run_child, status_kb, summary
-from .cost import bench_many_objects, bench_owners, bench_runtime_statistics
+from .common import PYTHON, REPO, Results, Row, build_c, program_ns_per_run, run_child, status_kb, summary
+from .cost import bench_kill_signals, bench_many_objects, bench_owners, bench_runtime_statistics
 
 log = logging.getLogger('bench')
 MAP_HASH = 1
@@ -332,7 +332,7 @@ def bench_oom_burst(results: Results, kills: int, workers: int, bursts: int) -> 
         results.add(Row('4. OOM burst', 'time of the run that reports them', 'ms', times, goal='<= 100 ms',
                         met=times['median'] <= 100))  # fmt: skip
         results.add(Row('4. OOM burst', 'run time per kill', 'us', value=round(times['median'] * 1000 / kills, 1)))
-        per_kill = _program_ns_per_run('mark_victim_btf')
+        per_kill = program_ns_per_run('mark_victim_btf')
         if per_kill is not None:
             results.add(Row('4. OOM burst', "BPF program's run time per kill (bpf stats)", 'ns', value=per_kill))
     finally:
@@ -364,16 +364,6 @@ def _burst(victim: Path, cgroups: list[MemoryCgroup], kills: int) -> tuple[list[
     for t in threads:
         t.join()
     return pids, time.perf_counter() - started
-
-
-def _program_ns_per_run(name: str) -> float | None:
-    """run_time_ns / run_cnt of the program of that name that ran (ours: nothing else runs it here)."""
-    best = None
-    for _prog_id, fd in libbpf.open_objects('prog'):
-        info = libbpf.prog_info(fd)
-        if info.name.decode() == name and info.run_cnt and (best is None or info.run_cnt > best[0]):
-            best = (info.run_cnt, info.run_time_ns / info.run_cnt)
-    return best[1] if best else None
 
 
 # --- 5. Memory over time ------------------------------------------------------------------------
@@ -472,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_owners(results, processes=2, fds_each=10_000, runs=10)
         bench_runtime_statistics(results, seconds=10, interval=2, runs=1000, period=0.01)
         bench_many_objects(results, maps=400, programs=200, runs=5)
+        bench_kill_signals(results, seconds=1, turns=3)
     else:
         bench_startup(results, runs=9)
         bench_scale(results, maps=200, entries=50_000, programs=100, factor_cap=10)
@@ -482,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_owners(results, processes=11, fds_each=18_200, runs=50)
         bench_runtime_statistics(results, seconds=60, interval=15, runs=1000, period=0.01)
         bench_many_objects(results, maps=2000, programs=1000, runs=30)
+        bench_kill_signals(results, seconds=3, turns=7)
     results.context['duration_s'] = round(time.monotonic() - started, 1)
     table = results.markdown()
     print(table)

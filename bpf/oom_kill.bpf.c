@@ -237,10 +237,12 @@ static __always_inline bool read_memcg_psi(struct mem_cgroup *memcg, __u32 *some
 
 	if (!cgroup)
 		return false;
-	if (bpf_core_field_size(cgroup->psi) == sizeof(void *))
+	if (bpf_core_field_exists(cgroup->psi))
 		psi = BPF_CORE_READ(cgroup, psi);	/* 6.1+: a pointer */
+	else if (bpf_core_field_exists(((struct cgroup___psi_embedded *)cgroup)->psi))
+		psi = (void *)cgroup + bpf_core_field_offset(struct cgroup___psi_embedded, psi);
 	else
-		psi = (void *)&((struct cgroup___psi_embedded *)cgroup)->psi;
+		return false;
 	if (!psi)
 		return false;
 	if (bpf_core_read(&avg, sizeof(avg), &psi->avg[bpf_core_enum_value(enum psi_states, PSI_MEM_SOME) * 3]))

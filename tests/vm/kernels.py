@@ -29,6 +29,7 @@ KERNEL_TESTS = (
     'tests/test_check_ebpf_stats.py',
     'tests/test_cli.py',
     'tests/test_reliability.py',
+    'tests/test_memory_killers.py',
 )
 # Markers of tests that need what not every row has; a row lists those it runs (Row.runs).
 # 'slow': long tests (hundreds of cycles, 16-thread victims, drop accounting): one row per architecture
@@ -137,6 +138,7 @@ ROWS = (
             'tests/test_oom_kill_probe.py',
             'tests/test_oom_kill_context.py',
             'tests/test_check.py',
+            'tests/test_memory_killers.py',
         ),
         qemu_cpu='max,pauth=off',  # cortex-a57 has no 16 kB granule; pointer authentication costs 2x
         timeout=1800,
