@@ -132,6 +132,7 @@ def test_manifest_lists_dashboard_and_monitors() -> None:
         'assets/monitors/map_nearly_full.json',
         'assets/monitors/probe_cannot_load.json',
         'assets/monitors/oom_kill_unaccounted.json',
+        'assets/monitors/container_killed.json',
     }
 
 
@@ -384,9 +385,19 @@ def test_oom_kill_monitor(monitors: dict[str, dict[str, Any]]) -> None:
     query = definition['query']
     assert query.startswith('sum(last_5m):sum:ebpf_probe.oom_kill.count{')
     # Tags the count has at the Agent's default (low) cardinality.
-    assert _group_by(query) == {'kube_namespace', 'kube_container_name', 'host'}
+    assert _group_by(query) == {'kube_namespace', 'kube_container_name', 'host', 'killer'}
     assert query.endswith('.as_count() > 0')
     assert definition['options']['require_full_window'] is False  # a sparse count
+
+
+def test_container_killed_monitor(monitors: dict[str, dict[str, Any]]) -> None:
+    definition = monitors['assets/monitors/container_killed.json']['definition']
+    query = definition['query']
+    # The kernel's own kills have their monitor; this one is for the SIGKILLs sent from user space.
+    assert query.startswith('sum(last_5m):sum:ebpf_probe.container_kill.count{!killer_type:kernel}')
+    assert _group_by(query) == {'kube_namespace', 'kube_container_name', 'host', 'killer', 'killer_type'}
+    assert query.endswith('.as_count() > 0')
+    assert definition['options']['require_full_window'] is False
 
 
 def test_unaccounted_kills_monitor(monitors: dict[str, dict[str, Any]]) -> None:
