@@ -100,7 +100,7 @@ test-agent: venv bpf bundle kernel-headers agent-root
 # root from outside (agent), boot a VM (vm) or need what only a VM row has (pyproject.toml's addopts).
 # BCC tests use Debian 13's BCC and Debian 12's headers.
 PY313_MARKERS := not build and not agent and not vm and not cgroup_v2 and not system_oom and not container_runtime \
-	and not kernel_headers and not minimal_init
+	and not kernel_headers and not minimal_init and not memory_killer
 test-py313: venv bpf bundle kernel-headers agent-root
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
 	tests/agent/in_root.sh -l $(AGENT_ROOT)/base -l $(AGENT_ROOT)/tools -u "$$scratch/upper" \

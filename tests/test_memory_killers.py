@@ -248,3 +248,102 @@ def test_a_sigterm_the_process_outlives_is_a_warning_not_a_kill(
         assert event['msg_title'] == f'python3 (pid {victim.pid}) survived a SIGTERM from nohang'
     finally:
         check.cancel()
+
+
+@pytest.mark.container_runtime
+@pytest.mark.parametrize('how', ['podman stop -t 0', 'podman kill'])
+def test_a_container_stopped_with_sigkill_is_explained_with_its_runtime(dd_run_check, aggregator, how):
+    """podman with crun (one VM row): the container's main process killed with SIGKILL, exit 137, and
+    who sent it, as the check reports it; one kill, counted as a container's, not as a memory kill."""
+    from datadog_checks.ebpf_probe import EbpfProbeCheck
+    from datadog_checks.ebpf_probe.oom_kill.user_space import CONTAINER_RUNTIMES
+
+    from .containers_runtime import podman, start_container
+
+    check = EbpfProbeCheck('ebpf_probe', {}, [{'collect_ebpf_stats': False}])
+    try:
+        dd_run_check(check)
+        aggregator.reset()
+        with start_container(command='exec sleep 3600') as container:
+            podman(*how.split()[1:], container.id)
+            podman('wait', container.id)
+            assert container.outcome().exit_code == 137
+            dd_run_check(check)
+        assert aggregator.metrics('ebpf_probe.oom_kill.count') == []  # not a memory kill
+        [point] = aggregator.metrics('ebpf_probe.container_kill.count')
+        tags = dict(t.split(':', 1) for t in point.tags)
+        assert tags['killer_type'] == 'container_runtime' and tags['killer'] in CONTAINER_RUNTIMES, tags
+        assert tags['container_main_process'] == 'true' and tags['signal'] == 'SIGKILL'
+        [event] = aggregator.events
+        assert event['msg_title'] == (
+            f"Container's main process killed by {tags['killer']} (SIGKILL, exit 137): sleep (pid {container.pid})"
+        )
+        assert 'the container stopped with exit code 137, and no OOM kill was involved' in event['msg_text']
+        assert "the pod's Kubernetes events tell which" in event['msg_text']
+    finally:
+        check.cancel()
+
+
+@pytest.mark.container_runtime
+def test_a_container_the_kernel_oom_killed_is_one_kill_by_the_kernel(dd_run_check, aggregator):
+    """The kernel's OOM killer sends its SIGKILL itself: one kill, killer:kernel, counted as the
+    container's stop too, and no second report from the signal."""
+    from datadog_checks.ebpf_probe import EbpfProbeCheck
+
+    from .containers_runtime import start_container
+
+    check = EbpfProbeCheck('ebpf_probe', {}, [{'collect_ebpf_stats': False}])
+    try:
+        dd_run_check(check)
+        aggregator.reset()
+        with start_container(memory='20m') as container:
+            assert container.allocate().exit_code == 137
+            dd_run_check(check)
+        [event] = aggregator.events
+        assert event['msg_title'] == f'OOM kill: dd (pid {container.pid})'
+        for metric in ('ebpf_probe.oom_kill.count', 'ebpf_probe.container_kill.count'):
+            [point] = aggregator.metrics(metric)
+            assert 'killer:kernel' in point.tags and 'killer_type:kernel' in point.tags
+    finally:
+        check.cancel()
+
+
+# Allocates 16 MB at a time, slowly enough for a memory killer polling every 100 ms to act first.
+HOG = """
+import ctypes, sys, time
+ctypes.CDLL(None).prctl(15, b'hog', 0, 0, 0)
+blocks = []
+print('ready', flush=True)
+while True:
+    blocks.append(bytearray(16 * 1024 * 1024))
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.system_oom
+@pytest.mark.memory_killer
+def test_the_real_earlyoom_killing_for_memory_is_a_memory_kill(dd_run_check, aggregator):
+    """Debian's earlyoom (one VM row, whose memory a process may fill): it kills the process with the
+    most memory when the machine's available memory falls below 10%, with SIGTERM first."""
+    from datadog_checks.ebpf_probe import EbpfProbeCheck
+
+    check = EbpfProbeCheck('ebpf_probe', {}, [{'collect_ebpf_stats': False}])
+    earlyoom = subprocess.Popen(['earlyoom', '-m', '10', '-s', '100', '-r', '0', '--prefer', '^hog$'],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        dd_run_check(check)
+        aggregator.reset()
+        hog = subprocess.Popen([sys.executable, '-c', HOG], stdout=subprocess.PIPE, text=True)
+        read_until(hog.stdout, 'ready')
+        assert hog.wait(timeout=300) in (-signal.SIGTERM, -signal.SIGKILL)
+        dd_run_check(check)
+        [point] = aggregator.metrics('ebpf_probe.oom_kill.count')
+        assert {'killer:earlyoom', 'killer_type:memory_killer', 'process_name:hog'} <= set(point.tags)
+        [event] = aggregator.events
+        assert event['msg_title'] == f'Memory kill by earlyoom: hog (pid {hog.pid})'
+        assert f'**earlyoom** (pid {earlyoom.pid})' in event['msg_text']
+        aggregator.assert_metric('ebpf_probe.oom_kill.unaccounted', value=0)  # the kernel killed nothing
+    finally:
+        earlyoom.kill()
+        earlyoom.wait()
+        check.cancel()

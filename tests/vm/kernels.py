@@ -34,7 +34,7 @@ KERNEL_TESTS = (
 # Markers of tests that need what not every row has; a row lists those it runs (Row.runs).
 # 'slow': long tests (hundreds of cycles, 16-thread victims, drop accounting): one row per architecture
 # runs them, since emulated CPUs are slow.
-NEEDS = ('bcc', 'kernel_headers', 'system_oom', 'container_runtime', 'minimal_init', 'slow')
+NEEDS = ('bcc', 'kernel_headers', 'system_oom', 'container_runtime', 'minimal_init', 'memory_killer', 'slow')
 ALWAYS_LEFT_OUT = ('unit', 'vm')
 
 
@@ -106,8 +106,9 @@ ROWS = (
         'amd64',
         'linux-image-6.1.0-56-amd64',
         'bookworm-security',
-        runs=('system_oom', 'slow'),
-        notes="Debian 12's own kernel; a system-wide OOM (the VM is thrown away); the long tests",
+        layers=('earlyoom',),
+        runs=('system_oom', 'memory_killer', 'slow'),
+        notes="Debian 12's own kernel; a system-wide OOM (the VM is thrown away) and earlyoom acting on it; the long tests",
     ),
     Row(
         '6.12',
@@ -184,6 +185,7 @@ class Layer:
 
 LAYERS = {
     'bcc': Layer(('python3-bpfcc',), notes="BCC 0.26 for Debian 12's Python"),
+    'earlyoom': Layer(('earlyoom',), notes='a user-space memory killer, run by the tests that need one'),
     'podman': Layer(
         ('podman', 'crun', 'conmon', 'catatonit', 'tini', 'dumb-init'),
         notes='podman 4.3 + crun, cgroupfs manager, vfs storage on tmpfs; catatonit for `podman run --init`, '
