@@ -108,7 +108,7 @@ ROWS = (
         'bookworm-security',
         layers=('earlyoom',),
         runs=('system_oom', 'memory_killer', 'slow'),
-        notes="Debian 12's own kernel; a system-wide OOM (the VM is thrown away) and earlyoom acting on it; the long tests",
+        notes="Debian 12's own kernel; a system-wide OOM (the VM is thrown away), earlyoom acting on it; long tests",
     ),
     Row(
         '6.12',

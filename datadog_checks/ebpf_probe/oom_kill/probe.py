@@ -77,7 +77,10 @@ class OOMKillProbe:
     _symbols = KernelSymbols(record.MEMCG_OOM_FUNCTIONS | record.SYSTEM_OOM_FUNCTIONS)
 
     def __init__(self, hooks_used: list[str], rejected: dict[str, str]):
-        self.hooks = hooks_used
+        signal_hooks = (hooks.SIGNAL.name, hooks.SIGNAL_RAW_TP.name)
+        self.hooks = [hook for hook in hooks_used if hook not in signal_hooks]  # the OOM killer's
+        # The kill signals' hook, when attached (kills sent from user space).
+        self.signal_hook = next((hook for hook in hooks_used if hook in signal_hooks), None)
         self.rejected_hooks = rejected
         # Said once: why the kill signals' hook did not attach; on the BCC fallback, why CO-RE failed.
         self.limitations: tuple[str, ...] = tuple(

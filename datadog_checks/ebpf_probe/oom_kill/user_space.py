@@ -103,28 +103,33 @@ class SignalKills:
         self._pressure = pressure and cgroup_v2  # PSI off at boot leaves zeros where the kernel keeps it
         self._held: dict[tuple[int, int, str], _Held] = {}  # (victim pid, start time, killer) -> its SIGTERM
 
+    def _as_users_see_it(self, kill: OOMKill) -> OOMKill:
+        """Without what the kernel keeps for users only on cgroup v2 (memory.events) and with PSI on."""
+        signal = kill.signal
+        memory = signal.cgroup_memory if signal is not None else None
+        if signal is None or memory is None or (self._cgroup_v2 and self._pressure):
+            return kill
+        if not self._pressure:
+            memory = dataclasses.replace(memory, pressure_some_avg10=None, pressure_full_avg10=None)
+        if not self._cgroup_v2:
+            memory = dataclasses.replace(memory, events={})
+        return dataclasses.replace(kill, signal=dataclasses.replace(signal, cgroup_memory=memory))
+
     def sort(self, signals: list[OOMKill], now: float) -> UserSpaceKills:
         """The kills among these records (in the order sent) and the SIGTERMs held that ended."""
         out = UserSpaceKills()
         for kill in signals:
-            assert kill.signal is not None and kill.victim_pid is not None
-            memory = kill.signal.cgroup_memory
-            if memory is not None and not (self._cgroup_v2 and self._pressure):
-                if not self._pressure:
-                    memory = dataclasses.replace(memory, pressure_some_avg10=None, pressure_full_avg10=None)
-                if not self._cgroup_v2:
-                    memory = dataclasses.replace(memory, events={})
-                kill = dataclasses.replace(kill, signal=dataclasses.replace(kill.signal, cgroup_memory=memory))
-            by_memory_killer = kill.trigger_comm in self.memory_killers
-            if not by_memory_killer and kill.container_main_process is not True:
+            kill = self._as_users_see_it(kill)
+            signal, pid = kill.signal, kill.victim_pid
+            assert signal is not None and pid is not None
+            if kill.trigger_comm not in self.memory_killers and kill.container_main_process is not True:
                 continue  # a SIGKILL that did not end a container, from no memory killer
-            key = (kill.victim_pid, kill.signal.victim_start_time_ns, kill.trigger_comm)
-            if kill.signal.number == record.SIGTERM:
+            key = (pid, signal.victim_start_time_ns, kill.trigger_comm)
+            if signal.number == record.SIGTERM:
                 self._held.setdefault(key, _Held(kill, now))
                 continue
-            held = self._held.pop(key, None)
-            if held is not None:
-                kill = dataclasses.replace(kill, signal=dataclasses.replace(kill.signal, after_sigterm=True))
+            if self._held.pop(key, None) is not None:
+                kill = dataclasses.replace(kill, signal=dataclasses.replace(signal, after_sigterm=True))
             out.kills.append(kill)
         for key, held in list(self._held.items()):
             pid, start_time, _killer = key
