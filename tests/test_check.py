@@ -418,7 +418,9 @@ def test_a_kill_storm_is_bounded_events_and_one_summary_every_kill_counted(
         text = storm['msg_text']
         assert 'killed 4 more processes (4 kills) since the last run than the 2 described' in text
         where = f'cgroup /{memory_cgroup.name.replace("-", chr(92) + "-")}'
-        assert f'| {where} | **storm\\-0** | 2 |' in text and f'| {where} | **storm\\-1** | 2 |' in text
+        assert (
+            f'| {where} | **storm\\-0** | kernel | 2 |' in text and f'| {where} | **storm\\-1** | kernel | 2 |' in text
+        )
     finally:
         check.cancel()
 

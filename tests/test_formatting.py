@@ -538,3 +538,65 @@ def test_a_group_kill_event_lists_every_member():
     assert all(row.endswith('| killed with the group |') for row in member_rows[1:])
     assert 'memory.oom.group set' in text
     assert all('oom_group:true' in oom_kill_tags(k, CONTAINER) for k in kills)
+
+
+# --- kills sent from user space ----------------------------------------------------------------------
+
+
+def signal_kill(number: int = 9, after_sigterm: bool = False, limit_kb: int = 65_536, **memory) -> OOMKill:
+    from datadog_checks.ebpf_probe.oom_kill.record import CgroupMemory, KillSignal
+
+    cgroup = CgroupMemory(
+        level=2,
+        usage_kb=60_000,
+        limit_kb=limit_kb,
+        events=memory.get('events', {'low': 0, 'high': 3, 'max': 12, 'oom': 0, 'oom_kill': 0}),
+        pressure_some_avg10=memory.get('some', 41.5),
+        pressure_full_avg10=memory.get('full', 20.25),
+    )
+    return make_kill(
+        trigger_comm='earlyoom', trigger_pid=77, memcg_oom=None, oom_domain_pages=None, badness_points=None,
+        hook='tp_btf/signal_generate', signal=KillSignal(number, 1, cgroup, after_sigterm),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    'number, after_sigterm, said',
+    [
+        (9, False, 'SIGKILL'),
+        (9, True, 'SIGTERM, then SIGKILL (the process was still there)'),
+        (15, False, 'SIGTERM: the process was gone by the next check run'),
+    ],
+)
+def test_a_memory_killers_kill_says_who_which_signals_and_the_cgroup_then(number, after_sigterm, said):
+    from datadog_checks.ebpf_probe.oom_kill.report import signal_kill_text, signal_kill_title
+
+    kill = signal_kill(number, after_sigterm)
+    assert signal_kill_title(kill, 'memory_killer') == 'Memory kill by earlyoom: stress-ng-vm (pid 4242)'
+    rows = table(signal_kill_text(kill, None, 'memory_killer'))
+    assert rows['Killed by'] == '**earlyoom** (pid 77): a user-space memory killer (memory_killers)'
+    assert rows['Signals'] == said
+    assert rows['Memory cgroup use'] == '60,000 kB of a 65,536 kB limit, when the signal was sent'
+    assert rows['memory.events'] == 'low 0, high 3, max 12, oom 0, oom_kill 0'
+    assert rows['Memory pressure'] == 'some avg10=41.50%, full avg10=20.25%'
+    assert 'Triggered by' not in rows and 'Constraint' not in rows  # no OOM: nothing to say of one
+
+
+def test_what_the_kernel_keeps_from_users_is_not_shown():
+    from datadog_checks.ebpf_probe.oom_kill.report import signal_kill_text
+
+    rows = table(signal_kill_text(signal_kill(limit_kb=1 << 52, events={}, some=None, full=None), None, 'other'))
+    assert rows['Memory cgroup use'] == '60,000 kB, no limit, when the signal was sent'
+    assert 'memory.events' not in rows and 'Memory pressure' not in rows
+
+
+def test_a_container_stopped_by_its_runtime_is_exit_137_with_no_oom():
+    from datadog_checks.ebpf_probe.oom_kill.report import signal_kill_text, signal_kill_title
+
+    kill = signal_kill()
+    kill = OOMKill(**{**kill.__dict__, 'trigger_comm': 'crun', 'ns_pid': 1, 'pid_ns_level': 1})
+    title = signal_kill_title(kill, 'container_runtime')
+    assert title == "Container's main process killed by crun (SIGKILL, exit 137): stress-ng-vm (pid 4242)"
+    text = signal_kill_text(kill, None, 'container_runtime')
+    assert 'the container stopped with exit code 137, and no OOM kill was involved' in text
+    assert "a Kubernetes eviction or a failed liveness probe; the pod's Kubernetes events tell which" in text

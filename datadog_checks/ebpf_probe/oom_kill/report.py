@@ -223,8 +223,8 @@ def _cgroup_memory_rows(kill: OOMKill) -> list[str]:
     memory = kill.signal.cgroup_memory if kill.signal is not None else None
     if memory is None:
         return []
-    limit = f'a {kb(memory.limit_kb)} limit' if memory.limit_kb < record.NO_LIMIT_KB else 'no limit'
-    rows = [f'| Memory cgroup use | {kb(memory.usage_kb)} of {limit}, when the signal was sent |']
+    limit = f' of a {kb(memory.limit_kb)} limit' if memory.limit_kb < record.NO_LIMIT_KB else ', no limit'
+    rows = [f'| Memory cgroup use | {kb(memory.usage_kb)}{limit}, when the signal was sent |']
     if memory.events:
         events = ', '.join(f'{name} {count:,}' for name, count in memory.events.items())
         rows.append(f'| memory.events | {events} |')
@@ -339,23 +339,24 @@ def storm_title(rest: list[list[OOMKill]]) -> str:
 
 def storm_text(rest: list[list[OOMKill]], described: int) -> str:
     """The kills of a run beyond its events: how many, where and which, first and last time."""
-    rows: dict[tuple[str, str], list[float]] = {}  # (where, process) -> first, last, count
+    rows: dict[tuple[str, str, str], list[float]] = {}  # (where, process, killer) -> first, last, count
     for kills in rest:
         for kill in kills:
-            row = rows.setdefault((_where(kill), _name(kill)), [kill.timestamp, kill.timestamp, 0])
+            key = (_where(kill), _name(kill), markdown_text(user_space.killer_name(kill)))
+            row = rows.setdefault(key, [kill.timestamp, kill.timestamp, 0])
             row[0], row[1], row[2] = min(row[0], kill.timestamp), max(row[1], kill.timestamp), row[2] + 1
     killed = sum(len(kills) for kills in rest)
     lines = [
         '%%%',
-        f"The kernel's OOM killer killed {killed} more processes ({len(rest)} kills) since the last run than the "
-        f'{described} described in events of their own (max_oom_kill_events: {described}); '
-        'ebpf_probe.oom_kill.count counts every one.',
+        f"The kernel's OOM killer, or killers in user space, killed {killed} more processes ({len(rest)} kills) "
+        f'since the last run than the {described} described in events of their own (max_oom_kill_events: '
+        f'{described}); ebpf_probe.oom_kill.count and ebpf_probe.container_kill.count count every one.',
         '',
-        '| Where | Process | Kills | First | Last |',
-        '|---|---|---|---|---|',
+        '| Where | Process | Killed by | Kills | First | Last |',
+        '|---|---|---|---|---|---|',
     ]
-    for (where, process), (first, last, count) in sorted(rows.items(), key=lambda item: (-item[1][2], item[0])):
-        lines.append(f'| {where} | {process} | {count} | {_clock(first)} | {_clock(last)} |')
+    for (where, process, killer), (first, last, count) in sorted(rows.items(), key=lambda item: (-item[1][2], item[0])):
+        lines.append(f'| {where} | {process} | {killer} | {count} | {_clock(first)} | {_clock(last)} |')
     lines.append('%%%')
     return '\n'.join(lines)
 
