@@ -101,11 +101,8 @@ struct mem_cgroup;
 #define MEMCG_EVENT_OOM_GROUP_KILL MEMCG_OOM_GROUP_KILL
 #endif
 #define OFF_CGROUP_PSI offsetof(struct cgroup, psi)
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 1, 0)
-#define CGROUP_PSI_IS_POINTER 1
-#else
-#define CGROUP_PSI_IS_POINTER 0
-#endif
+/* A pointer since the pressure groups became allocated per cgroup, the group itself before. */
+#define CGROUP_PSI_IS_POINTER __builtin_types_compatible_p(typeof(((struct cgroup *)0)->psi), struct psi_group *)
 #define OFF_PSI_AVG offsetof(struct psi_group, avg)
 #define PSI_MEM_SOME_ROW PSI_MEM_SOME
 #define PSI_MEM_FULL_ROW PSI_MEM_FULL
@@ -312,11 +309,10 @@ static inline bool read_memcg_psi(struct mem_cgroup *memcg, u32 *some, u32 *full
 
 	if (!cgroup)
 		return false;
-#if CGROUP_PSI_IS_POINTER
-	psi = READ_VALUE(void *, cgroup, OFF_CGROUP_PSI);
-#else
-	psi = cgroup + OFF_CGROUP_PSI;
-#endif
+	if (CGROUP_PSI_IS_POINTER)
+		psi = READ_VALUE(void *, cgroup, OFF_CGROUP_PSI);
+	else
+		psi = cgroup + OFF_CGROUP_PSI;
 	if (!psi)
 		return false;
 	/* avg[state][0], rows of three averages (10 s, 60 s, 300 s) */
