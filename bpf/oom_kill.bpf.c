@@ -269,10 +269,10 @@ struct {
 	__type(value, struct oom_kill_record);
 } heap SEC(".maps");
 
-/* Records that found no room. */
+/* Records that found no room, by kind (OOM_DROPPED_*). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u64);
 } dropped_kills SEC(".maps");
@@ -316,16 +316,15 @@ static __always_inline bool remember_reported(struct oom_reported_key *key)
 /* --- Output ----------------------------------------------------------------- */
 
 
-static __always_inline void count_drop(void)
+static __always_inline void count_drop(__u32 kind)
 {
-	__u32 zero = 0;
-	__u64 *dropped = bpf_map_lookup_elem(&dropped_kills, &zero);
+	__u64 *dropped = bpf_map_lookup_elem(&dropped_kills, &kind);
 
 	if (dropped)
 		__sync_fetch_and_add(dropped, 1);
 }
 
-static __always_inline struct oom_kill_record *record_reserve(void)
+static __always_inline struct oom_kill_record *record_reserve(__u32 kind)
 {
 	__u32 zero = 0;
 	struct oom_kill_record *r;
@@ -335,7 +334,7 @@ static __always_inline struct oom_kill_record *record_reserve(void)
 	else
 		r = bpf_map_lookup_elem(&heap, &zero);
 	if (!r && use_ringbuf)
-		count_drop();
+		count_drop(kind);
 	return r;
 }
 
@@ -350,7 +349,7 @@ static __always_inline void record_submit(void *ctx, struct oom_kill_record *r)
 	if (use_ringbuf)
 		bpf_ringbuf_submit(r, 0);
 	else if (bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, r, sizeof(*r)))
-		count_drop();	/* the perf ring was full */
+		count_drop(record_kind(r));	/* the perf ring was full */
 }
 
 /* The oom_kill_process kprobe's facts about the OOM the current task triggered, if it left them. */
@@ -416,7 +415,7 @@ int mark_victim_tracepoint(struct trace_event_raw_mark_victim *args)
 {
 	struct oom_kill_record *r;
 
-	r = record_reserve();
+	r = record_reserve(OOM_DROPPED_KERNEL);
 	if (!r)
 		return 0;
 	record_init(r, OOM_HOOK_TRACEPOINT);

@@ -26,6 +26,10 @@
 #define OOM_HOOK_SIGNAL 6	/* tp_btf/signal_generate: a kill signal sent from user space */
 #define OOM_HOOK_SIGNAL_RAW_TP 7	/* raw_tracepoint/signal_generate (BCC) */
 
+/* dropped_kills' slots: records that found no room, by kind. */
+#define OOM_DROPPED_KERNEL 0	/* the kernel's OOM kills */
+#define OOM_DROPPED_SIGNAL 1	/* kill signals from user space */
+
 /* memory.events entries kept: low, high, max, oom, oom_kill, oom_group_kill. */
 #define OOM_MEMCG_EVENTS 6
 
@@ -90,6 +94,12 @@ struct oom_kill_record {
 	__u64 kernel_stack[OOM_STACK_DEPTH];	/* trigger's, innermost first */
 	char cgroup_names[OOM_CGROUP_MAX_DEPTH][OOM_CGROUP_NAME_LEN]; /* leaf first */
 };
+
+/* The dropped_kills slot a record counts in when it finds no room. */
+static inline __attribute__((always_inline)) int record_kind(const struct oom_kill_record *r)
+{
+	return r->hook == OOM_HOOK_SIGNAL || r->hook == OOM_HOOK_SIGNAL_RAW_TP ? OOM_DROPPED_SIGNAL : OOM_DROPPED_KERNEL;
+}
 
 /* What kprobe/oom_kill_process leaves for the hooks that see the victim task, by trigger tid. */
 struct oom_control_info {

@@ -329,7 +329,7 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 BPF_PERCPU_ARRAY(heap, struct oom_kill_record, 1);
 #endif
-BPF_ARRAY(dropped_kills, u64, 1);
+BPF_ARRAY(dropped_kills, u64, 2);	/* records that found no room, by kind (OOM_DROPPED_*) */
 BPF_TABLE("lru_hash", struct oom_reported_key, u8, reported_kills, 4096);
 #ifdef HOOK_SIGNAL
 struct killer_name {
@@ -362,22 +362,21 @@ static inline bool is_memory_killer(const char *comm)
 
 /* --- Output ----------------------------------------------------------------- */
 
-static inline void count_drop(void)
+static inline void count_drop(int kind)
 {
-	int zero = 0;
-	u64 *dropped = dropped_kills.lookup(&zero);
+	u64 *dropped = dropped_kills.lookup(&kind);
 
 	if (dropped)
 		__sync_fetch_and_add(dropped, 1);
 }
 
-static inline struct oom_kill_record *record_reserve(void)
+static inline struct oom_kill_record *record_reserve(int kind)
 {
 	struct oom_kill_record *r;
 #ifdef USE_RINGBUF
 	r = events.ringbuf_reserve(sizeof(struct oom_kill_record));
 	if (!r)
-		count_drop();
+		count_drop(kind);
 #else
 	int zero = 0;
 
@@ -399,7 +398,7 @@ static inline void record_submit(void *ctx, struct oom_kill_record *r)
 	events.ringbuf_submit(r, 0);
 #else
 	if (events.perf_submit(ctx, r, sizeof(*r)))
-		count_drop();	/* the perf ring was full */
+		count_drop(record_kind(r));	/* the perf ring was full */
 #endif
 }
 
@@ -483,7 +482,7 @@ int signal_generate_raw(struct bpf_raw_tracepoint_args *ctx)
 #ifdef HOOK_TRACEPOINT
 TRACEPOINT_PROBE(oom, mark_victim)
 {
-	struct oom_kill_record *r = record_reserve();
+	struct oom_kill_record *r = record_reserve(OOM_DROPPED_KERNEL);
 
 	if (!r)
 		return 0;

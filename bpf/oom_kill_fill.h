@@ -27,7 +27,8 @@
  *   bool read_memcg_psi(struct mem_cgroup *, __u32 *some, __u32 *full)  memory pressure, avg10
  *   bool is_memory_killer(const char *comm)        a name in the memory_killers map
  * and how it writes records:
- *   struct oom_kill_record *record_reserve(void); void record_submit(void *ctx, record)
+ *   struct oom_kill_record *record_reserve(kind); void record_submit(void *ctx, record)
+ *                          (kind: the dropped_kills slot a record with no room counts in)
  *   struct oom_control_info *oom_control_of_trigger(void)   the kprobe's facts, or NULL
  *   PAGE_KB   the page size in kB
  */
@@ -292,7 +293,7 @@ static __always_inline void fill_kernel_stack(void *ctx, struct oom_kill_record 
 static __always_inline void report_kill(void *ctx, struct task_struct *task, __u8 hook,
 					struct oom_control_info *info)
 {
-	struct oom_kill_record *r = record_reserve();
+	struct oom_kill_record *r = record_reserve(OOM_DROPPED_KERNEL);
 
 	if (!r)
 		return;
@@ -381,7 +382,7 @@ static __always_inline void fill_memcg_state(struct oom_kill_record *r, struct t
 
 static __always_inline void report_signal(void *ctx, struct task_struct *task, int sig, __u8 hook)
 {
-	struct oom_kill_record *r = record_reserve();
+	struct oom_kill_record *r = record_reserve(OOM_DROPPED_SIGNAL);
 	struct task_struct *leader = read_task_group_leader(task);
 
 	if (!r)

@@ -291,11 +291,15 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
                 tags,
                 alert_type='warning',
             )
-        self.count('oom_kill.dropped', result.dropped + result.undecodable, tags=self._tags)
-        if result.dropped:
+        dropped = result.dropped + result.signals_dropped
+        self.count('oom_kill.dropped', dropped + result.undecodable, tags=self._tags)
+        if dropped:
             self.log.warning(
-                '%d OOM kills were dropped in the kernel: raise max_buffered_oom_kills or run the check more often',
+                '%d kills (%d by the kernel, %d signals from user space) were dropped in the kernel: raise '
+                'max_buffered_oom_kills or run the check more often',
+                dropped,
                 result.dropped,
+                result.signals_dropped,
             )
         if result.undecodable and 'undecodable' not in self._said_of_the_count:
             self._said_of_the_count.add('undecodable')

@@ -228,10 +228,10 @@ class BccOOMKillProbe(OOMKillProbe):
         if self._program is not None:
             self._program.consume()
 
-    def _dropped_total(self) -> int:
+    def _dropped_total(self) -> tuple[int, int]:
         if self._program is None:
             return self._dropped_seen
-        return self._program.array_u64('dropped_kills')
+        return self._program.array_u64('dropped_kills', 0), self._program.array_u64('dropped_kills', 1)
 
     def _release(self) -> None:
         if self._program is not None:

@@ -123,10 +123,13 @@ class CoreOOMKillProbe(OOMKillProbe):
         elif self._perf is not None:
             self._perf.consume()
 
-    def _dropped_total(self) -> int:
+    def _dropped_total(self) -> tuple[int, int]:
         if self._obj is None:
             return self._dropped_seen
-        return struct.unpack('<Q', self._dropped_map.lookup(b'\0\0\0\0', 8))[0]
+        kernel, signals = (
+            struct.unpack('<Q', self._dropped_map.lookup(struct.pack('<I', kind), 8))[0] for kind in (0, 1)
+        )
+        return kernel, signals
 
     def _release(self) -> None:
         if self._ring is not None:

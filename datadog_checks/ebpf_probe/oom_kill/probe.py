@@ -89,7 +89,7 @@ class OOMKillProbe:
             if hook.name in rejected and rejected[hook.name] != hooks.WITHHELD_REASON
         )
         self._pending: list[bytes] = []
-        self._dropped_seen = 0
+        self._dropped_seen = (0, 0)  # the kernel's kills, kill signals
         self._flush_lock = threading.Lock()
         if hooks.KPROBE.name not in hooks_used:
             self._symbols.prefetch()  # have kallsyms ready for the first kill
@@ -107,8 +107,8 @@ class OOMKillProbe:
     def _consume(self) -> None:
         raise NotImplementedError
 
-    def _dropped_total(self) -> int:
-        """Records the kernel side could not write since it was loaded."""
+    def _dropped_total(self) -> tuple[int, int]:
+        """Records the kernel side could not write since it was loaded: the kernel's kills, kill signals."""
         raise NotImplementedError
 
     def _release(self) -> None:
@@ -119,7 +119,8 @@ class OOMKillProbe:
             self._consume()
             raws, self._pending = self._pending, []
             dropped_total = self._dropped_total()
-            dropped, self._dropped_seen = dropped_total - self._dropped_seen, dropped_total
+            dropped = tuple(now - before for now, before in zip(dropped_total, self._dropped_seen, strict=True))
+            self._dropped_seen = dropped_total
         offset = record.monotonic_to_unix()
         kills, undecodable, decode_error = [], 0, None
         for raw in raws:  # drained already: a record that does not decode must cost only itself
@@ -131,7 +132,7 @@ class OOMKillProbe:
         kills.sort(key=lambda kill: kill.timestamp)  # perf buffers are per CPU: drained CPU by CPU
         signals = [kill for kill in kills if kill.signal is not None]
         kernel = [kill for kill in kills if kill.signal is None]
-        return FlushResult(kernel, signals, dropped, undecodable, decode_error)
+        return FlushResult(kernel, signals, dropped[0], dropped[1], undecodable, decode_error)
 
     def close(self) -> None:
         with self._flush_lock:

@@ -288,7 +288,8 @@ class FlushResult:
     kills: list[OOMKill] = field(default_factory=list)  # by the kernel's OOM killer
     # Kill signals from user space, as records: user_space.SignalKills makes kills of them.
     signals: list[OOMKill] = field(default_factory=list)
-    dropped: int = 0  # kills the kernel side had no room for since the last flush
+    dropped: int = 0  # the kernel's kills the kernel side had no room for since the last flush
+    signals_dropped: int = 0  # and kill signals
     # Records that could not be decoded (each costs only itself), and the first one's error.
     undecodable: int = 0
     decode_error: str | None = None
