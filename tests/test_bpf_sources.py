@@ -36,6 +36,8 @@ def test_the_decoders_flags_hook_ids_and_sizes_are_the_headers():
         'OOM_CGROUP_NAME_LEN': r.CGROUP_NAME_LEN,
         'OOM_STACK_DEPTH': r.STACK_DEPTH,
         'OOM_MEMCG_EVENTS': r.MEMCG_EVENTS,
+        'OOM_DROPPED_KERNEL': r.DROPPED_KERNEL,
+        'OOM_DROPPED_SIGNAL': r.DROPPED_SIGNAL,
     }
     assert mirrored == defines
 

@@ -231,7 +231,10 @@ class BccOOMKillProbe(OOMKillProbe):
     def _dropped_total(self) -> tuple[int, int]:
         if self._program is None:
             return self._dropped_seen
-        return self._program.array_u64('dropped_kills', 0), self._program.array_u64('dropped_kills', 1)
+        kernel, signals = (
+            self._program.array_u64('dropped_kills', kind) for kind in (record.DROPPED_KERNEL, record.DROPPED_SIGNAL)
+        )
+        return kernel, signals
 
     def _release(self) -> None:
         if self._program is not None:

@@ -127,7 +127,8 @@ class CoreOOMKillProbe(OOMKillProbe):
         if self._obj is None:
             return self._dropped_seen
         kernel, signals = (
-            struct.unpack('<Q', self._dropped_map.lookup(struct.pack('<I', kind), 8))[0] for kind in (0, 1)
+            struct.unpack('<Q', self._dropped_map.lookup(struct.pack('<I', kind), 8))[0]
+            for kind in (record.DROPPED_KERNEL, record.DROPPED_SIGNAL)
         )
         return kernel, signals
 

@@ -38,6 +38,8 @@ HOOK_KILL_KPROBE = 5
 HOOK_SIGNAL = 6
 HOOK_SIGNAL_RAW_TP = 7
 SIGNAL_HOOKS = frozenset({HOOK_SIGNAL, HOOK_SIGNAL_RAW_TP})
+# dropped_kills' slots (OOM_DROPPED_* in oom_kill.h): the kernel's kills, kill signals.
+DROPPED_KERNEL, DROPPED_SIGNAL = 0, 1
 
 # record.flags (OOM_F_* in oom_kill.h)
 F_MEMCG = 1 << 0
