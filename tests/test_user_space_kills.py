@@ -50,7 +50,7 @@ class Liveness:
     def __init__(self, alive: set[int]):
         self.alive = alive
 
-    def __call__(self, pid: int, start_time: int) -> bool:
+    def __call__(self, pid: int, start_time: int) -> bool | None:
         assert start_time == START
         return pid in self.alive
 
@@ -137,4 +137,15 @@ def test_liveness_is_the_process_with_that_start_time(tmp_path):
     start_ns = ticks * 1_000_000_000 // os.sysconf('SC_CLK_TCK')
     assert user_space.still_running(os.getpid(), start_ns)
     assert not user_space.still_running(os.getpid(), start_ns + 10_000_000_000)  # another process's pid reused
-    assert not user_space.still_running(2**22 + 1, start_ns)  # no such pid
+    assert user_space.still_running(2**22 + 1, start_ns) is False  # no such pid
+
+
+def test_where_the_hosts_processes_are_not_seen_a_sigterms_outcome_is_not_known_and_not_a_kill():
+    kills = SignalKills(('earlyoom',), alive=lambda pid, start: None, grace=60)
+    assert kills.sort([signal_record(record.SIGTERM)], now=0.0) == user_space.UserSpaceKills()
+    out = kills.sort([], now=61.0)
+    assert out.kills == [] and out.survived == [] and [k.victim_pid for k in out.outcome_unknown] == [300]
+    # A SIGKILL after it is a kill all the same: SIGKILL cannot be survived.
+    kills.sort([signal_record(record.SIGTERM, pid=301)], now=100.0)
+    out = kills.sort([signal_record(record.SIGKILL, pid=301)], now=101.0)
+    assert kills_of(out) == [(301, record.SIGKILL, True)]

@@ -279,18 +279,19 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             last = max(kill.timestamp for kills in rest for kill in kills)
             title, text = report.storm_title(rest), report.storm_text(rest, len(described))
             self._oom_event(int(last), title, text, 'oom_kill_storm', ['oom_kill_storm:true'])
-        for kill in user_space.survived:
-            container = parse_cgroup_path(kill.cgroup_path)
-            tags = report.oom_kill_tags(kill, container, report.HIGH) + report.killer_tags(kill, MEMORY_KILLER)
-            tags += self._container_tags(container, report.ORCHESTRATOR)
-            self._oom_event(
-                int(kill.timestamp),
-                report.survived_title(kill),
-                report.survived_text(kill, container),
-                report.aggregation_key(kill, container),
-                tags,
-                alert_type='warning',
-            )
+        for survived, sigterms in ((True, user_space.survived), (False, user_space.outcome_unknown)):
+            for kill in sigterms:  # a memory killer's SIGTERM that killed nothing (as far as is known)
+                container = parse_cgroup_path(kill.cgroup_path)
+                tags = report.oom_kill_tags(kill, container, report.HIGH) + report.killer_tags(kill, MEMORY_KILLER)
+                tags += self._container_tags(container, report.ORCHESTRATOR)
+                self._oom_event(
+                    int(kill.timestamp),
+                    report.sigterm_title(kill, survived),
+                    report.sigterm_text(kill, container, survived),
+                    report.aggregation_key(kill, container),
+                    tags,
+                    alert_type='warning',
+                )
         dropped = result.dropped + result.signals_dropped
         self.count('oom_kill.dropped', dropped + result.undecodable, tags=self._tags)
         if dropped:

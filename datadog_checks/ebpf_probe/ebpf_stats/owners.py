@@ -23,6 +23,7 @@ import struct
 from collections.abc import Callable, Iterable
 
 from datadog_checks.ebpf_probe.kernel import libbpf
+from datadog_checks.ebpf_probe.kernel.features import in_host_pid_namespace
 
 from .records import Owner
 
@@ -45,18 +46,6 @@ def fdinfo(fd: int, pid: int | str = 'self') -> dict[str, str]:
     except OSError:
         pass
     return result
-
-
-# The initial pid namespace's inode number (PROC_PID_INIT_INO, include/linux/proc_ns.h).
-HOST_PID_NAMESPACE = 'pid:[4026531836]'
-
-
-def in_host_pid_namespace(link: str = '/proc/self/ns/pid') -> bool:
-    """Whether this process sees the host's pids (Kubernetes: hostPID), as the iterators give them."""
-    try:
-        return os.readlink(link) == HOST_PID_NAMESPACE
-    except OSError:
-        return True  # no namespaces to tell: the only one there is
 
 
 def owner_records_from_iterator(data: bytes) -> list[OwnerRecord]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from datadog_checks.ebpf_probe.kernel import libbpf, requirements
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf, set_rodata
-from datadog_checks.ebpf_probe.kernel.features import kprobe_support
+from datadog_checks.ebpf_probe.kernel.features import in_host_pid_namespace, kprobe_support
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.resources import bpf_file
 
@@ -41,7 +41,6 @@ from .owners import (
     OWNED_PROG,
     OwnerTracker,
     PinnedObjects,
-    in_host_pid_namespace,
     owner_records_from_iterator,
     owner_records_from_proc,
 )

@@ -128,3 +128,15 @@ def memory_cgroup_v2() -> bool:
 def has_pressure_stall_info() -> bool:
     """Whether the kernel keeps pressure stall information (CONFIG_PSI, not disabled at boot)."""
     return os.path.exists('/proc/pressure/memory')
+
+
+# The initial pid namespace's inode number (PROC_PID_INIT_INO, include/linux/proc_ns.h).
+HOST_PID_NAMESPACE = 'pid:[4026531836]'
+
+
+def in_host_pid_namespace(link: str = '/proc/self/ns/pid') -> bool:
+    """Whether this process sees the host's pids (Kubernetes: hostPID), as the kernel gives them to BPF programs."""
+    try:
+        return os.readlink(link) == HOST_PID_NAMESPACE
+    except OSError:
+        return True  # no namespaces to tell: the only one there is

@@ -265,18 +265,31 @@ def signal_kill_text(kill: OOMKill, container: Container | None, killer_type: st
     return '\n'.join(lines)
 
 
-def survived_title(kill: OOMKill) -> str:
+def sigterm_title(kill: OOMKill, survived: bool) -> str:
+    """A memory killer's SIGTERM that killed nothing, or of which that is not known."""
     name = plain_text(kill.victim_comm) if kill.victim_comm is not None else 'process'
-    return f'{name} ({victim_label(kill)}) survived a SIGTERM from {plain_text(kill.trigger_comm)}'
+    killer = plain_text(kill.trigger_comm)
+    if survived:
+        return f'{name} ({victim_label(kill)}) survived a SIGTERM from {killer}'
+    return f'{name} ({victim_label(kill)}) was sent SIGTERM by {killer}: whether it died of it is not known'
 
 
-def survived_text(kill: OOMKill, container: Container | None) -> str:
+def sigterm_text(kill: OOMKill, container: Container | None, survived: bool) -> str:
     victim = _name(kill)
+    sent = (
+        f'The memory killer **{markdown_text(kill.trigger_comm)}** (pid {kill.trigger_pid}) sent {victim} '
+        f'({victim_label(kill)}) SIGTERM'
+    )
+    if survived:
+        outcome = f', and it was still running {user_space.SIGTERM_GRACE_SECONDS:.0f} s later: no kill.'
+    else:
+        outcome = (
+            ". Whether it died of it is not known: the check does not see the host's processes (run the Agent "
+            'with the host pid namespace, hostPID: true), so it is not counted as a kill.'
+        )
     lines = [
         '%%%',
-        f'The memory killer **{markdown_text(kill.trigger_comm)}** (pid {kill.trigger_pid}) sent {victim} '
-        f'({victim_label(kill)}) SIGTERM, and it was still running {user_space.SIGTERM_GRACE_SECONDS:.0f} s later: '
-        'no kill.',
+        sent + outcome,
         '',
         '| | |',
         '|---|---|',

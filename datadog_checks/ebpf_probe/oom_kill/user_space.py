@@ -8,7 +8,8 @@ they become kills:
 
 - a memory killer's SIGTERM then SIGKILL to one victim is one kill, which says it took both; a
   SIGTERM alone is held until the victim is gone (a kill, by SIGTERM) or has outlived
-  SIGTERM_GRACE_SECONDS (a warning: it survived, no kill);
+  SIGTERM_GRACE_SECONDS (a warning: it survived, no kill); where the check cannot see the host's
+  processes (no hostPID), whether it died of it is not known, and said so (a warning, no kill);
 - a SIGKILL to a container's main process is a kill (exit 137), its killer a memory killer, a
   container runtime (a stop, an eviction, a failed liveness probe) or another process; to a
   process that is not, or not known to be, its container's main process, from anyone but a
@@ -21,6 +22,8 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from datadog_checks.ebpf_probe.kernel import features
 
 from . import record
 from .record import OOMKill
@@ -55,9 +58,12 @@ def killer_name(kill: OOMKill) -> str:
     return KERNEL if kill.signal is None else kill.trigger_comm
 
 
-def still_running(pid: int, start_time_ns: int) -> bool:
-    """Whether the process with this pid and start time (since boot, suspend counted) is alive:
-    not gone, not another process with its pid, not a zombie."""
+def still_running(pid: int, start_time_ns: int) -> bool | None:
+    """Whether the process with this (host) pid and start time (since boot, suspend counted) is alive:
+    not gone, not another process with its pid, not a zombie. None where this process does not see
+    the host's pids."""
+    if not features.in_host_pid_namespace():
+        return None
     try:
         with open(f'/proc/{pid}/stat', 'rb') as f:
             stat = f.read()
@@ -80,6 +86,8 @@ class UserSpaceKills:
 
     kills: list[OOMKill] = dataclasses.field(default_factory=list)
     survived: list[OOMKill] = dataclasses.field(default_factory=list)  # SIGTERMs the victim outlived
+    # SIGTERMs whose outcome is not known (the check does not see the host's processes).
+    outcome_unknown: list[OOMKill] = dataclasses.field(default_factory=list)
 
 
 class SignalKills:
@@ -88,7 +96,7 @@ class SignalKills:
     def __init__(
         self,
         memory_killers: tuple[str, ...],
-        alive: Callable[[int, int], bool] = still_running,
+        alive: Callable[[int, int], bool | None] = still_running,
         grace: float | None = None,
         cgroup_v2: bool = True,
         pressure: bool = True,
@@ -133,12 +141,13 @@ class SignalKills:
             out.kills.append(kill)
         for key, held in list(self._held.items()):
             pid, start_time, _killer = key
-            if not self._alive(pid, start_time):
+            alive = self._alive(pid, start_time)
+            if alive is False:
                 out.kills.append(held.sigterm)  # gone: the SIGTERM did it
-            elif now - held.since >= self._grace:
-                out.survived.append(held.sigterm)
-            else:
+            elif now - held.since < self._grace:
                 continue
+            else:
+                (out.survived if alive else out.outcome_unknown).append(held.sigterm)
             del self._held[key]
         out.kills.sort(key=lambda kill: kill.timestamp)
         return out
