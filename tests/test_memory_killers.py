@@ -142,7 +142,8 @@ def test_an_ordinary_kill_is_not_recorded(probe, memory_cgroup):
 
 # Joins the cgroup, catches SIGTERM (a process that cleans up and carries on, as many do), waits.
 STUBBORN = """
-import signal, sys, time
+import ctypes, signal, sys, time
+ctypes.CDLL(None).prctl(15, b'stubborn', 0, 0, 0)
 with open(sys.argv[1], 'w') as f:
     f.write('0')
 signal.signal(signal.SIGTERM, lambda *_: print('sigterm', flush=True))
@@ -201,7 +202,7 @@ def test_a_memory_killers_sigterm_then_sigkill_is_one_kill_in_the_check_as_users
             victim.wait()
         dd_run_check(check)
         tags = [
-            'process_name:python3',
+            'process_name:stubborn',
             f'cgroup_name:{memory_cgroup.name}',
             'killer:earlyoom',
             'killer_type:memory_killer',
@@ -212,7 +213,7 @@ def test_a_memory_killers_sigterm_then_sigkill_is_one_kill_in_the_check_as_users
         aggregator.assert_metric('ebpf_probe.oom_kill.unaccounted', value=0, count=1)  # not the kernel's kill
         assert aggregator.metrics('ebpf_probe.container_kill.count') == []  # no container of its own
         [event] = aggregator.events
-        assert event['msg_title'] == f'Memory kill by earlyoom: python3 (pid {victim.pid})'
+        assert event['msg_title'] == f'Memory kill by earlyoom: stubborn (pid {victim.pid})'
         assert sorted(event['tags']) == sorted(tags)
         text = event['msg_text']
         assert 'was killed by the memory killer **earlyoom**' in text
@@ -248,7 +249,7 @@ def test_a_sigterm_the_process_outlives_is_a_warning_not_a_kill(
         assert aggregator.metrics('ebpf_probe.oom_kill.count') == []
         [event] = aggregator.events
         assert event['alert_type'] == 'warning'
-        assert event['msg_title'] == f'python3 (pid {victim.pid}) survived a SIGTERM from nohang'
+        assert event['msg_title'] == f'stubborn (pid {victim.pid}) survived a SIGTERM from nohang'
     finally:
         check.cancel()
 
