@@ -351,3 +351,10 @@ def test_the_real_earlyoom_killing_for_memory_is_a_memory_kill(dd_run_check, agg
         earlyoom.kill()
         earlyoom.wait()
         check.cancel()
+
+
+def test_the_memory_controllers_cgroup_version_is_the_one_the_tests_cgroups_are_made_in(memory_cgroup):
+    from datadog_checks.ebpf_probe.kernel import features
+
+    assert features.memory_cgroup_v2() is (memory_cgroup.version == 2)
+    assert features.has_pressure_stall_info() is os.path.exists('/proc/pressure/memory')
