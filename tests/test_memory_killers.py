@@ -357,4 +357,3 @@ def test_the_memory_controllers_cgroup_version_is_the_one_the_tests_cgroups_are_
     from datadog_checks.ebpf_probe.kernel import features
 
     assert features.memory_cgroup_v2() is (memory_cgroup.version == 2)
-    assert features.has_pressure_stall_info() is os.path.exists('/proc/pressure/memory')
