@@ -88,7 +88,7 @@ def test_a_memory_killers_signal_is_recorded_with_the_victims_cgroup_as_the_kern
     assert probe.signal_hook == 'tp_btf/signal_generate', probe.limitations  # every kernel of the matrix has it
     victim = memory_cgroup.start('mk-victim', alloc_mb=8, mode='hold')
     try:
-        read_until(victim.stdout, 'ready')
+        assert victim.stdout.readline() == b'ready\n'
         probe.get_and_flush()
         usage_kb, limit_kb = usage_and_limit_kb(memory_cgroup)
         if memory_cgroup.version == 2:
@@ -124,13 +124,13 @@ def test_a_memory_killers_signal_is_recorded_with_the_victims_cgroup_as_the_kern
 def test_an_ordinary_kill_is_not_recorded(probe, memory_cgroup):
     victim = memory_cgroup.start('plain-victim', alloc_mb=8, mode='hold')
     try:
-        read_until(victim.stdout, 'ready')
+        assert victim.stdout.readline() == b'ready\n'
         probe.get_and_flush()
         subprocess.run(['kill', '-9', str(victim.pid)], check=True)
         assert victim.wait(timeout=30) == -signal.SIGKILL
         # A marker kill by a memory killer after it: once that one is in, the plain one would be too.
         marker = memory_cgroup.start('marker', alloc_mb=1, mode='hold')
-        read_until(marker.stdout, 'ready')
+        assert marker.stdout.readline() == b'ready\n'
         subprocess.run([sys.executable, '-c', KILLER, 'earlyoom', str(marker.pid), '9'], check=True)
         marker.wait(timeout=30)
         records = signal_records(probe, marker.pid)
