@@ -79,6 +79,8 @@ def test_an_oom_kill_during_the_pause_is_in_the_next_run(tmp_path, memory_cgroup
         'trigger_process_name:cli-victim',
         'trigger_type:cgroup',
         f'cgroup_name:{memory_cgroup.name}',
+        'killer:kernel',
+        'killer_type:kernel',
         'team:kernel',
     }
     [event] = second['events']

@@ -19,6 +19,8 @@ ALLOWED_READS = (
     '/proc/self/',  # its own status (capabilities), fdinfo (memlock, ids), mounts (bpffs)
     '/proc/kallsyms',  # kernel functions of the memcg OOM path
     '/proc/vmstat',  # the kernel's own count of OOM kills (unaccounted kills)
+    '/proc/cgroups',  # whether the memory controller is on cgroup v2 (memory.events, pressure)
+    '/proc/pressure/memory',  # whether the kernel keeps pressure stall information
     '/proc/sys/kernel/',  # libbpf's feature probes read a few sysctls
     '/proc/sys/vm/overcommit_memory',  # Python 3.13 itself, at start-up (its mimalloc allocator)
     '/sys/kernel/btf/',  # BTF, for CO-RE
