@@ -38,8 +38,9 @@ def library_candidates() -> list[str]:
 # enum libbpf_print_level
 LIBBPF_DEBUG = 2
 
-# How many of libbpf's last messages an error keeps.
+# How many of libbpf's last lines an error keeps, and the longest message read whole.
 _LOG_LINES_KEPT = 40
+_MESSAGE_MAX = 1 << 18
 
 
 ENOTSUPP = 524
@@ -224,9 +225,11 @@ class _Libbpf:
         if level == LIBBPF_DEBUG and not _debug_log.isEnabledFor(logging.DEBUG):
             return 0
         if lines is not None:
-            buf = ctypes.create_string_buffer(1024)
+            # One message may be a whole verifier log, whose end says why: room for it (a va_list
+            # is read once, so the buffer cannot be sized by a first call).
+            buf = ctypes.create_string_buffer(_MESSAGE_MAX)
             self._libc.vsnprintf(buf, len(buf), fmt, va_list)
-            lines.append(buf.value.decode('utf-8', 'replace'))
+            lines.extend(buf.value.decode('utf-8', 'replace').splitlines())
             del lines[:-_LOG_LINES_KEPT]
         return 0
 
