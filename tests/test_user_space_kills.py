@@ -114,6 +114,23 @@ def test_killers_are_classed_by_name(killer, expected):
     assert user_space.killer_name(kill) == killer
 
 
+@pytest.mark.parametrize(
+    'comm, name',
+    [('memfd:crun_clon', 'crun'), ('memfd:runc_clon', 'runc'), ('runc:[2:INIT]', 'runc'), ('crun', 'crun')],
+)
+def test_a_runtime_that_runs_from_a_sealed_copy_or_names_its_stages_is_known_by_its_name(comm, name):
+    # crun's kill, seen in the 6.12 row: it re-executes itself from a memfd copy, named memfd:crun_clone.
+    kill = signal_record(record.SIGKILL, killer=comm)
+    assert user_space.killer_type(kill, frozenset()) == user_space.CONTAINER_RUNTIME
+    assert user_space.killer_name(kill) == name
+
+
+def test_a_name_like_a_runtimes_but_not_one_is_another_process():
+    kill = signal_record(record.SIGKILL, killer='memfd:evil_clon')
+    assert user_space.killer_type(kill, frozenset()) == user_space.OTHER
+    assert user_space.killer_name(kill) == 'memfd:evil_clon'
+
+
 def test_the_kernels_kills_are_the_kernels():
     kill = OOMKill(**{**signal_record(record.SIGKILL).__dict__, 'signal': None})
     assert user_space.killer_type(kill, frozenset()) == user_space.KERNEL

@@ -203,7 +203,7 @@ _KILLER_KINDS = {
 
 def signal_kill_title(kill: OOMKill, killer_type: str) -> str:
     name = plain_text(kill.victim_comm) if kill.victim_comm is not None else 'process'
-    killer = plain_text(kill.trigger_comm)
+    killer = plain_text(user_space.killer_name(kill))
     if killer_type == user_space.MEMORY_KILLER:
         return f'Memory kill by {killer}: {name} ({victim_label(kill)})'
     return f"Container's main process killed by {killer} (SIGKILL, exit 137): {name} ({victim_label(kill)})"
@@ -239,7 +239,9 @@ def _cgroup_memory_rows(kill: OOMKill) -> list[str]:
 def signal_kill_text(kill: OOMKill, container: Container | None, killer_type: str) -> str:
     """The event body of a kill sent from user space: who sent it, and the victim's cgroup as it found it."""
     victim = _name(kill)
-    killer = f'**{markdown_text(kill.trigger_comm)}** (pid {kill.trigger_pid})'
+    name = user_space.killer_name(kill)
+    seen_as = f', process name {markdown_text(kill.trigger_comm)}' if name != kill.trigger_comm else ''
+    killer = f'**{markdown_text(name)}** (pid {kill.trigger_pid}{seen_as})'
     if killer_type == user_space.MEMORY_KILLER:
         first = f'{victim} ({victim_label(kill)}) was killed by the memory killer {killer}, not by the kernel.'
     else:

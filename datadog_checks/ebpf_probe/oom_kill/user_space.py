@@ -45,17 +45,30 @@ SIGTERM_GRACE_SECONDS = 60.0
 _TICKS_PER_SECOND = os.sysconf('SC_CLK_TCK')
 
 
+def runtime_name(comm: str) -> str | None:
+    """The container runtime a process name is, if any. Runtimes re-execute themselves from a
+    sealed copy (crun: memfd:crun_clone, as the kernel keeps it memfd:crun_clon) or name their
+    stages (runc:[2:INIT]): the name before those marks."""
+    base = comm.removeprefix('memfd:')
+    for mark in ('_', ':'):
+        base = base.split(mark, 1)[0]
+    name = base if base in CONTAINER_RUNTIMES else comm
+    return name if name in CONTAINER_RUNTIMES else None
+
+
 def killer_type(kill: OOMKill, memory_killers: frozenset[str]) -> str:
     if kill.signal is None:
         return KERNEL
-    name = kill.trigger_comm
-    if name in memory_killers:
+    if kill.trigger_comm in memory_killers:
         return MEMORY_KILLER
-    return CONTAINER_RUNTIME if name in CONTAINER_RUNTIMES else OTHER
+    return CONTAINER_RUNTIME if runtime_name(kill.trigger_comm) else OTHER
 
 
 def killer_name(kill: OOMKill) -> str:
-    return KERNEL if kill.signal is None else kill.trigger_comm
+    """kernel, a container runtime by its name (crun, not memfd:crun_clon), or the sender's name."""
+    if kill.signal is None:
+        return KERNEL
+    return runtime_name(kill.trigger_comm) or kill.trigger_comm
 
 
 def still_running(pid: int, start_time_ns: int) -> bool | None:
