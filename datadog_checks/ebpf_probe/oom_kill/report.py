@@ -161,6 +161,15 @@ def _container_process(kill: OOMKill) -> str | None:
     )
 
 
+def _victim_row(kill: OOMKill) -> str:
+    details = [victim_label(kill)]
+    if kill.victim_uid is not None:
+        details.append(f'uid {kill.victim_uid}')
+    if kill.oom_score_adj is not None:
+        details.append(f'oom_score_adj {kill.oom_score_adj}')
+    return f'| Victim | {_name(kill)} ({", ".join(details)}) |'
+
+
 def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
     """The event body: markdown, every kernel-supplied string escaped."""
     victim = _name(kill)
@@ -171,12 +180,7 @@ def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
         '| | |',
         '|---|---|',
     ]
-    victim_details = [victim_label(kill)]
-    if kill.victim_uid is not None:
-        victim_details.append(f'uid {kill.victim_uid}')
-    if kill.oom_score_adj is not None:
-        victim_details.append(f'oom_score_adj {kill.oom_score_adj}')
-    lines.append(f'| Victim | {victim} ({", ".join(victim_details)}) |')
+    lines.append(_victim_row(kill))
     lines.append(f'| Triggered by | **{markdown_text(kill.trigger_comm)}** (pid {kill.trigger_pid}) |')
     lines.append(f'| Constraint | {_constraint(kill)} (trigger_type:{kill.trigger_type}) |')
     if kill.cgroup_path is not None:
@@ -249,11 +253,7 @@ def signal_kill_text(kill: OOMKill, container: Container | None, killer_type: st
             f"{victim} ({victim_label(kill)}), its container's main process, was killed with SIGKILL by {killer}: "
             'the container stopped with exit code 137, and no OOM kill was involved.'
         )
-    lines = ['%%%', first, '', '| | |', '|---|---|']
-    details = [victim_label(kill)]
-    if kill.victim_uid is not None:
-        details.append(f'uid {kill.victim_uid}')
-    lines.append(f'| Victim | {victim} ({", ".join(details)}) |')
+    lines = ['%%%', first, '', '| | |', '|---|---|', _victim_row(kill)]
     lines.append(f'| Killed by | {killer}: {_KILLER_KINDS[killer_type]} |')
     lines.append(f'| Signals | {_signals(kill)} |')
     if kill.cgroup_path is not None:
