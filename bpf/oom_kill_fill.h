@@ -383,13 +383,16 @@ static __always_inline void fill_memcg_state(struct oom_kill_record *r, struct t
 static __always_inline void report_signal(void *ctx, struct task_struct *task, int sig, __u8 hook)
 {
 	struct oom_kill_record *r = record_reserve(OOM_DROPPED_SIGNAL);
-	struct task_struct *leader = read_task_group_leader(task);
+	struct task_struct *leader;
 
+	/* Nothing between the reservation and its test: before 6.x the verifier, seeing the test
+	 * again later, takes a path that never releases the record (6.1 refused the program so). */
 	if (!r)
 		return;
 	record_init(r, hook);	/* the trigger is the sender */
 	r->signal = sig;
 	fill_victim(r, task);
+	leader = read_task_group_leader(task);
 	if (leader)
 		r->victim_start_time = read_task_start_boottime(leader);
 	fill_memcg_state(r, task);
