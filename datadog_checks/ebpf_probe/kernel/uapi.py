@@ -137,12 +137,6 @@ class BpfFuncInfo(ctypes.Structure):
     _fields_ = [('insn_off', ctypes.c_uint32), ('type_id', ctypes.c_uint32)]
 
 
-class BpfBtfInfo(ctypes.Structure):
-    """struct bpf_btf_info: the first fields, enough to copy a BTF object out of the kernel."""
-
-    _fields_ = [('btf', ctypes.c_uint64), ('btf_size', ctypes.c_uint32), ('id', ctypes.c_uint32)]
-
-
 class BpfLinkInfo(ctypes.Structure):
     """struct bpf_link_info: the part every link has, then its type's part as bytes (decoded by the caller).
 
