@@ -170,28 +170,36 @@ def _victim_row(kill: OOMKill) -> str:
     return f'| Victim | {_name(kill)} ({", ".join(details)}) |'
 
 
+def _event_body(first: str, rows: list[str]) -> str:
+    """An event's markdown: a sentence, then a table of the rows."""
+    return '\n'.join(['%%%', first, '', '| | |', '|---|---|', *rows, '%%%'])
+
+
+def _cgroup_row(kill: OOMKill) -> list[str]:
+    return [f'| Memory cgroup | {markdown_text(kill.cgroup_path)} |'] if kill.cgroup_path is not None else []
+
+
+def _victim_closing_rows(kill: OOMKill, container: Container | None) -> list[str]:
+    """What every kill event ends with: the container, the victim's memory, the hook that saw it."""
+    rows = _container_rows(kill, container)
+    if kill.memory is not None:
+        rows.append(f'| Memory | {_memory(kill)} |')
+    rows.append(f'| Seen by | {kill.hook} |')
+    return rows
+
+
 def oom_kill_text(kill: OOMKill, container: Container | None) -> str:
     """The event body: markdown, every kernel-supplied string escaped."""
-    victim = _name(kill)
-    lines = [
-        '%%%',
-        f"{victim} ({victim_label(kill)}) was killed by the kernel's OOM killer: {_constraint(kill)}.",
-        '',
-        '| | |',
-        '|---|---|',
+    first = f"{_name(kill)} ({victim_label(kill)}) was killed by the kernel's OOM killer: {_constraint(kill)}."
+    rows = [
+        _victim_row(kill),
+        f'| Triggered by | **{markdown_text(kill.trigger_comm)}** (pid {kill.trigger_pid}) |',
+        f'| Constraint | {_constraint(kill)} (trigger_type:{kill.trigger_type}) |',
+        *_cgroup_row(kill),
+        *_domain_rows(kill),
+        *_victim_closing_rows(kill, container),
     ]
-    lines.append(_victim_row(kill))
-    lines.append(f'| Triggered by | **{markdown_text(kill.trigger_comm)}** (pid {kill.trigger_pid}) |')
-    lines.append(f'| Constraint | {_constraint(kill)} (trigger_type:{kill.trigger_type}) |')
-    if kill.cgroup_path is not None:
-        lines.append(f'| Memory cgroup | {markdown_text(kill.cgroup_path)} |')
-    lines += _domain_rows(kill)
-    lines += _container_rows(kill, container)
-    if kill.memory is not None:
-        lines.append(f'| Memory | {_memory(kill)} |')
-    lines.append(f'| Seen by | {kill.hook} |')
-    lines.append('%%%')
-    return '\n'.join(lines)
+    return _event_body(first, rows)
 
 
 # What each kind of sender is, as an event says it.
@@ -253,18 +261,15 @@ def signal_kill_text(kill: OOMKill, container: Container | None, killer_type: st
             f"{victim} ({victim_label(kill)}), its container's main process, was killed with SIGKILL by {killer}: "
             'the container stopped with exit code 137, and no OOM kill was involved.'
         )
-    lines = ['%%%', first, '', '| | |', '|---|---|', _victim_row(kill)]
-    lines.append(f'| Killed by | {killer}: {_KILLER_KINDS[killer_type]} |')
-    lines.append(f'| Signals | {_signals(kill)} |')
-    if kill.cgroup_path is not None:
-        lines.append(f'| Memory cgroup | {markdown_text(kill.cgroup_path)} |')
-    lines += _cgroup_memory_rows(kill)
-    lines += _container_rows(kill, container)
-    if kill.memory is not None:
-        lines.append(f'| Memory | {_memory(kill)} |')
-    lines.append(f'| Seen by | {kill.hook} |')
-    lines.append('%%%')
-    return '\n'.join(lines)
+    rows = [
+        _victim_row(kill),
+        f'| Killed by | {killer}: {_KILLER_KINDS[killer_type]} |',
+        f'| Signals | {_signals(kill)} |',
+        *_cgroup_row(kill),
+        *_cgroup_memory_rows(kill),
+        *_victim_closing_rows(kill, container),
+    ]
+    return _event_body(first, rows)
 
 
 def sigterm_title(kill: OOMKill, survived: bool) -> str:
@@ -289,19 +294,9 @@ def sigterm_text(kill: OOMKill, container: Container | None, survived: bool) -> 
             ". Whether it died of it is not known: the check does not see the host's processes (run the Agent "
             'with the host pid namespace, hostPID: true), so it is not counted as a kill.'
         )
-    lines = [
-        '%%%',
-        sent + outcome,
-        '',
-        '| | |',
-        '|---|---|',
-    ]
-    if kill.cgroup_path is not None:
-        lines.append(f'| Memory cgroup | {markdown_text(kill.cgroup_path)} |')
-    lines += _cgroup_memory_rows(kill)
-    lines += _container_rows(kill, container)
-    lines.append('%%%')
-    return '\n'.join(lines)
+    return _event_body(
+        sent + outcome, [*_cgroup_row(kill), *_cgroup_memory_rows(kill), *_container_rows(kill, container)]
+    )
 
 
 def group_kill_title(kills: list[OOMKill]) -> str:
