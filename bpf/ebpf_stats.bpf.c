@@ -37,6 +37,41 @@ const volatile __u32 nr_cpus = 0;
 
 #define MAX_CPUS 1024
 
+/* A ring buffer's bytes written and not yet consumed (records being written included). */
+static __always_inline s64 ring_used(struct bpf_map *map)
+{
+	struct bpf_ringbuf_map *ring_map;
+	struct bpf_ringbuf *rb;
+
+	if ((map->map_type != MAP_TYPE_RINGBUF && map->map_type != MAP_TYPE_USER_RINGBUF) ||
+	    !bpf_core_type_exists(struct bpf_ringbuf_map))
+		return NOT_COUNTED;
+	ring_map = (void *)map - bpf_core_field_offset(struct bpf_ringbuf_map, map);
+	rb = BPF_CORE_READ(ring_map, rb);
+	if (!rb)
+		return NOT_COUNTED;
+	return BPF_CORE_READ(rb, producer_pos) - BPF_CORE_READ(rb, consumer_pos);
+}
+
+/* The memory cgroup a map's memory is charged to (its creator's, 5.11+). */
+static __always_inline __u32 read_map_memcg(struct bpf_map *map, __u64 *id)
+{
+	struct mem_cgroup *memcg = NULL;
+
+	if (bpf_core_field_exists(map->objcg)) {
+		struct obj_cgroup *objcg = BPF_CORE_READ(map, objcg);
+
+		if (objcg)
+			memcg = BPF_CORE_READ(objcg, memcg);
+	} else if (bpf_core_field_exists(((struct bpf_map___memcg *)map)->memcg)) {
+		memcg = BPF_CORE_READ((struct bpf_map___memcg *)map, memcg);
+	} else {
+		return 0;
+	}
+	*id = memcg ? BPF_CORE_READ(memcg, css.cgroup, kn, id) : 0;
+	return MAP_MEMCG_KNOWN;
+}
+
 static __always_inline void write_map(struct seq_file *seq, struct bpf_map *map, s64 entries)
 {
 	struct map_record rec = {};
@@ -50,6 +85,8 @@ static __always_inline void write_map(struct seq_file *seq, struct bpf_map *map,
 	BPF_CORE_READ_INTO(&rec.name, map, name);
 	rec.refcnt = map->refcnt.counter;
 	rec.entries = entries;
+	rec.ring_used = ring_used(map);
+	rec.map_flags = read_map_memcg(map, &rec.memcg_id);
 	bpf_seq_write(seq, &rec, sizeof(rec));
 }
 

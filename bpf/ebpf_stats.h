@@ -20,7 +20,17 @@ struct map_record {
 	char name[STATS_NAME_LEN];
 	__u64 refcnt;	/* references to the map: it changes when a holder comes or goes */
 	__s64 entries;	/* bpf_map_sum_elem_count(), or NOT_COUNTED */
+	__s64 ring_used;	/* a ring buffer's bytes written and not yet consumed, or NOT_COUNTED */
+	__u64 memcg_id;	/* the memory cgroup charged for the map (its directory's inode), 0: none */
+	__u32 map_flags;	/* MAP_* */
+	__u32 _pad;
 };
+
+#define MAP_MEMCG_KNOWN 1	/* the kernel charges maps to memory cgroups (5.11+) and memcg_id was read */
+
+/* enum bpf_map_type */
+#define MAP_TYPE_RINGBUF 27
+#define MAP_TYPE_USER_RINGBUF 31
 
 #define NOT_COUNTED (-1)
 

@@ -233,6 +233,7 @@ struct bpf_map {
 	u32 map_flags;
 	char name[16];
 	atomic64_t refcnt;	/* every reference: fds, pins, programs, links */
+	struct obj_cgroup *objcg;	/* 6.1+ */
 } PA;
 
 struct bpf_prog_aux {
@@ -321,9 +322,28 @@ struct bpf_iter__task_file {
 	struct file *file;
 } PA;
 
-/* Present only on kernels with BPF ring buffers (5.8+). */
+/* Present only on kernels with BPF ring buffers (5.8+). The positions are byte counts that only
+ * grow: what is written and not yet consumed is producer_pos - consumer_pos. */
 struct bpf_ringbuf {
 	u64 mask;
+	unsigned long consumer_pos;
+	unsigned long producer_pos;
+} PA;
+
+/* A BPF_MAP_TYPE_RINGBUF or USER_RINGBUF map: the map, and its buffer. */
+struct bpf_ringbuf_map {
+	struct bpf_map map;
+	struct bpf_ringbuf *rb;
+} PA;
+
+/* What a map's memory is charged to: its creator's memory cgroup, through an object cgroup from 6.1,
+ * directly on 5.11 to 6.0 (CONFIG_MEMCG_KMEM). */
+struct obj_cgroup {
+	struct mem_cgroup *memcg;
+} PA;
+
+struct bpf_map___memcg {
+	struct mem_cgroup *memcg;
 } PA;
 
 /* Registers, for BPF_KPROBE's argument access (bpf_tracing.h picks the names

@@ -161,3 +161,28 @@ def attach_kprobe(prog_fd: int, function: str) -> tuple[int, int]:
         os.close(perf_fd)
         raise
     return link_fd, perf_fd
+
+
+# --- ring buffers (tests of their fill level) --------------------------------------------------------
+
+MAP_RINGBUF = 27
+BPF_FUNC_RINGBUF_OUTPUT = 130
+
+
+def writes_to_ring_buffer(map_fd: int, size: int) -> bytes:
+    """A program that writes one record of `size` zero bytes (a multiple of 8) to a ring buffer and returns 0."""
+    stores = b''.join(_insn(0x7A, dst=10, off=-offset) for offset in range(8, size + 1, 8))  # *(u64 *)(r10 - off) = 0
+    return b''.join(
+        (
+            stores,
+            _insn(0x18, dst=1, src=1, imm=map_fd),  # r1 = the map (ld_imm64, BPF_PSEUDO_MAP_FD)
+            _insn(0x00),
+            _insn(0xBF, dst=2, src=10),  # r2 = r10
+            _insn(0x07, dst=2, imm=-size),  # r2 += -size
+            _insn(0xB7, dst=3, imm=size),  # r3 = size
+            _insn(0xB7, dst=4, imm=0),  # r4 = 0 (flags)
+            _insn(0x85, imm=BPF_FUNC_RINGBUF_OUTPUT),  # call bpf_ringbuf_output
+            _insn(0xB7, dst=0, imm=0),  # r0 = 0
+            _insn(0x95),  # exit
+        )
+    )

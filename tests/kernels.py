@@ -50,6 +50,8 @@ class Kernel:
     # changes to itself and hands them to the process's counters every 64 faults or when it exits.
     rss_cached_per_thread: bool = False
     page_kb: int = 4  # the page size it was built for (arm64: 4, 16 or 64 kB)
+    # A map's memory is charged to its creator's memory cgroup (5.11+, CONFIG_MEMCG_KMEM).
+    maps_charged_to_memcg: bool = True
     # Programs of the eBPF stats probe that this build refuses at load (by their hook), measured.
     refused: frozenset[str] = frozenset()
     # Whether `refused` was measured on this very build; a rebuild of the same version known only by
@@ -117,6 +119,7 @@ KNOWN: dict[str, Kernel] = {
         run_counters_in_iterator=False,  # no bpf_map_lookup_percpu_elem (5.19)
         verified_instructions=False,
         rss_cached_per_thread=True,
+        maps_charged_to_memcg=False,  # memlock rlimit accounting until 5.11
     ),
     # Debian 13: the full tracepoint, kprobes, and the kfunc (6.6).
     '6.12.118+deb13-amd64': Kernel(

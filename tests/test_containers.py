@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datadog_checks.ebpf_probe.oom_kill.containers import Container, parse_cgroup_path
+from datadog_checks.ebpf_probe.containers import Container, parse_cgroup_path
 
 pytestmark = pytest.mark.unit
 

@@ -763,3 +763,73 @@ def test_map_totals_and_instances_count_every_map(specs):
     assert sum(metric(points, 'map.instances').values()) == len(maps)
     assert sum(metric(points, 'map.max_entries').values()) == sum(m.max_entries for m in maps)
     assert metric(points, 'maps.unreported') == {(): 0}
+
+
+# --- ring buffers and memory charged to cgroups ---------------------------------------------------
+
+
+def ring(id, name='events', used=0, size=4096, **overrides) -> MapRecord:
+    return bpf_map(id, name, 'ringbuf', max_entries=size, entries=None, ring_buffer_used=used, **overrides)
+
+
+def test_a_ring_buffers_fill_is_its_unread_bytes_over_its_size_the_fullest_of_a_series():
+    points = stats_metrics().points(snapshot(0, maps=[ring(1, used=1024), ring(2, used=3072)]))
+    tags = ('map_name:events', 'map_type:ringbuf', 'owner:bpftool')
+    assert metric(points, 'map.ring_buffer.used') == {tags: 4096}
+    assert metric(points, 'map.ring_buffer.fill') == {tags: 0.75}
+    assert metric(points, 'map.entries') == {}
+
+
+def test_ring_buffers_are_reported_whatever_max_maps():
+    maps = [bpf_map(i, f'big{i}', memory_bytes=10**6) for i in range(1, 4)] + [ring(10, used=2048)]
+    points = stats_metrics(max_maps=1).points(snapshot(0, maps=maps))
+    assert metric(points, 'map.ring_buffer.fill') == {('map_name:events', 'map_type:ringbuf', 'owner:bpftool'): 0.5}
+    assert len(metric(points, 'map.instances')) == 2  # the ring buffer and the largest other map
+    assert metric(points, 'maps.unreported') == {(): 2}
+
+
+def test_maps_that_are_not_ring_buffers_have_no_fill():
+    points = stats_metrics().points(snapshot(0, maps=[bpf_map(1)]))
+    assert not metric_names(points) & {'map.ring_buffer.used', 'map.ring_buffer.fill'}
+
+
+CONTAINER_PATH = '/kubepods/burstable/pod1b2c3d4e-0000-1111-2222-333344445555/' + 'ab' * 32
+
+
+def test_map_memory_is_summed_per_memory_cgroup_it_is_charged_to():
+    maps = [
+        bpf_map(1, memory_bytes=1000, memory_cgroup_id=7),
+        bpf_map(2, memory_bytes=500, memory_cgroup_id=7),
+        bpf_map(3, memory_bytes=300, memory_cgroup_id=9),
+        bpf_map(4, memory_bytes=200, memory_cgroup_id=0),  # the root's: counted against no limit
+        bpf_map(5, memory_bytes=100, memory_cgroup_id=None),  # a kernel that does not charge maps
+        bpf_map(6, memory_bytes=50, memory_cgroup_id=11),
+    ]
+    cgroups = {7: '/system.slice/cilium.service', 9: CONTAINER_PATH, 11: None}
+    seen = []
+
+    def agent_tags(container, cardinality):
+        seen.append((container.id, cardinality))
+        return ['kube_namespace:kube-system']
+
+    metrics = stats_metrics(cardinality='high', container_tags=agent_tags)
+    points = metrics.points(EbpfSnapshot(0, [], maps, None, cgroups))
+    assert metric(points, 'maps.charged_memory') == {
+        ('cgroup_name:cilium.service',): 1500,
+        (
+            'container_runtime:kubernetes',
+            'kube_qos:burstable',
+            'pod_uid:1b2c3d4e-0000-1111-2222-333344445555',
+            'container_id:' + 'ab' * 32,
+            'cgroup_name:' + 'ab' * 32,
+            'kube_namespace:kube-system',
+        ): 300,
+        ('memory_cgroup:not_visible',): 50,
+    }
+    assert seen == [('ab' * 32, 'high')]
+
+
+def test_at_low_cardinality_a_containers_charged_memory_has_no_container_id():
+    maps = [bpf_map(1, memory_bytes=1000, memory_cgroup_id=9)]
+    points = stats_metrics().points(EbpfSnapshot(0, [], maps, None, {9: CONTAINER_PATH}))
+    assert metric(points, 'maps.charged_memory') == {('container_runtime:kubernetes', 'kube_qos:burstable'): 1000}

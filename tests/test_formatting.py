@@ -11,12 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datadog_checks.ebpf_probe.containers import HIGH, Container
 from datadog_checks.ebpf_probe.formatting import MAX_TAG_LENGTH, markdown_text, plain_text, tag
 from datadog_checks.ebpf_probe.oom_kill import OOMKill, VictimMemory
-from datadog_checks.ebpf_probe.oom_kill.containers import Container
 from datadog_checks.ebpf_probe.oom_kill.record import OOMDomain, Parent
 from datadog_checks.ebpf_probe.oom_kill.report import (
-    HIGH,
     aggregation_key,
     group_kill_text,
     group_kill_title,

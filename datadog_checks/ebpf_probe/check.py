@@ -12,14 +12,15 @@ from typing import Any, TypeVar
 from datadog_checks.base import AgentCheck, ConfigurationError
 from datadog_checks.base.utils.tagging import tagger
 
+from . import containers
 from .config_models import ConfigMixin, InstanceConfig, SharedConfig
+from .containers import Container, parse_cgroup_path
 from .ebpf_stats import EbpfStatsOptions, EbpfStatsProbe, MetricOptions, NamePatterns, StatsMetrics
 from .ebpf_stats.metrics import COUNT
 from .kernel import features
 from .kernel.requirements import RequirementError
 from .lifecycle import Probe, ProbeNotGranted, ProbeSlot
 from .oom_kill import OOMKill, OOMKillProbe, OOMKillProbeOptions, load_oom_kill_probe, report
-from .oom_kill.containers import Container, parse_cgroup_path
 from .oom_kill.probe import DEFAULT_MEMORY_KILLERS
 from .oom_kill.unaccounted import Reconciliation, UnaccountedKills
 from .oom_kill.user_space import MEMORY_KILLER, SignalKills, killer_type
@@ -31,7 +32,7 @@ AGENT_OPTIONS = frozenset(
     {'name', 'loader', 'check_tag_cardinality', 'process_isolation', 'ha_enabled', 'profile_memory', 'service'}
 )
 # The tagger's cardinality for each of the Agent's names of it.
-TAGGER_CARDINALITY = {report.LOW: 'LOW', report.ORCHESTRATOR: 'ORCHESTRATOR', report.HIGH: 'HIGH'}
+TAGGER_CARDINALITY = {containers.LOW: 'LOW', containers.ORCHESTRATOR: 'ORCHESTRATOR', containers.HIGH: 'HIGH'}
 
 T = TypeVar('T')
 P = TypeVar('P', bound=Probe)
@@ -63,7 +64,7 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         self._running = False
         self._close_requested = False
         self._tags: list[str] = []
-        self._cardinality = report.LOW
+        self._cardinality = containers.LOW
         self._max_events = 0
         self._oom_kill: ProbeSlot[OOMKillProbe] | None = None
         self._ebpf_stats: ProbeSlot[EbpfStatsProbe] | None = None
@@ -112,6 +113,8 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
             max_programs=configured(config.max_programs_reported),
             max_maps=configured(config.max_maps_reported),
             run_time=configured(config.collect_program_runtime),
+            cardinality=self._tag_cardinality(),
+            container_tags=self._container_tags,
         )
         stats_options = EbpfStatsOptions(
             collect_program_runtime=configured(config.collect_program_runtime),
@@ -152,10 +155,10 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         from datadog_checks.base import datadog_agent  # noqa: PLC0415 (the Agent's module, or its stub)
 
         value = (self.instance or {}).get('check_tag_cardinality') or datadog_agent.get_config('checks_tag_cardinality')
-        value = str(value or report.LOW).lower()
-        if value not in report.CARDINALITIES:
+        value = str(value or containers.LOW).lower()
+        if value not in containers.CARDINALITIES:
             raise ConfigurationError(
-                f'`check_tag_cardinality`: {value!r} is not one of {", ".join(report.CARDINALITIES)}'
+                f'`check_tag_cardinality`: {value!r} is not one of {", ".join(containers.CARDINALITIES)}'
             )
         return value
 
@@ -282,8 +285,8 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         for survived, sigterms in ((True, user_space.survived), (False, user_space.outcome_unknown)):
             for kill in sigterms:  # a memory killer's SIGTERM that killed nothing (as far as is known)
                 container = parse_cgroup_path(kill.cgroup_path)
-                tags = report.oom_kill_tags(kill, container, report.HIGH) + report.killer_tags(kill, MEMORY_KILLER)
-                tags += self._container_tags(container, report.ORCHESTRATOR)
+                tags = report.oom_kill_tags(kill, container, containers.HIGH) + report.killer_tags(kill, MEMORY_KILLER)
+                tags += self._container_tags(container, containers.ORCHESTRATOR)
                 self._oom_event(
                     int(kill.timestamp),
                     report.sigterm_title(kill, survived),
@@ -349,8 +352,8 @@ class EbpfProbeCheck(AgentCheck, ConfigMixin):
         kill = next((k for k in kills if k.chosen), kills[0])
         container = parse_cgroup_path(kill.cgroup_path)
         kind = killer_type(kill, self._signal_kills.memory_killers)
-        event_tags = report.oom_kill_tags(kill, container, report.HIGH) + report.killer_tags(kill, kind)
-        event_tags += self._container_tags(container, report.ORCHESTRATOR)
+        event_tags = report.oom_kill_tags(kill, container, containers.HIGH) + report.killer_tags(kill, kind)
+        event_tags += self._container_tags(container, containers.ORCHESTRATOR)
         if kill.signal is not None:
             title, text = report.signal_kill_title(kill, kind), report.signal_kill_text(kill, container, kind)
         elif len(kills) > 1:

@@ -30,6 +30,7 @@ KERNEL_TESTS = (
     'tests/test_cli.py',
     'tests/test_reliability.py',
     'tests/test_memory_killers.py',
+    'tests/test_ring_buffers.py',
 )
 # Markers of tests that need what not every row has; a row lists those it runs (Row.runs).
 # 'slow': long tests (hundreds of cycles, 16-thread victims, drop accounting): one row per architecture
@@ -140,6 +141,7 @@ ROWS = (
             'tests/test_oom_kill_context.py',
             'tests/test_check.py',
             'tests/test_memory_killers.py',
+            'tests/test_ring_buffers.py',  # positions a page apart
         ),
         qemu_cpu='max,pauth=off',  # cortex-a57 has no 16 kB granule; pointer authentication costs 2x
         timeout=1800,

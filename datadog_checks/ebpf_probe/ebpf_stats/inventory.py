@@ -31,9 +31,10 @@ from .records import MapRecord, ProgramRecord
 
 # bpf/ebpf_stats.h
 PROG_RECORD = struct.Struct('<II8s16sIIIIIIQQQQII')  # struct prog_record
-MAP_RECORD = struct.Struct('<IIIIII16sQq')  # struct map_record
+MAP_RECORD = struct.Struct('<IIIIII16sQqqQII')  # struct map_record
 PROG_RUN_RECORD = struct.Struct('<IIQQ')  # struct prog_run_record
 PROG_RUN_STATS, PROG_DEVICE, PROG_MAPS_CUT, PROG_VERIFIED_INSNS = 1, 2, 4, 8
+MAP_MEMCG_KNOWN = 1
 NOT_COUNTED = -1
 PAGE_SIZE = os.sysconf('SC_PAGE_SIZE')
 
@@ -353,9 +354,21 @@ class Inventory:
         records: list[MapRecord] = []
         refcounts: dict[int, int] = {}
         map_type = self._types.map
-        for map_id, type_id, key_size, value_size, max_entries, flags, raw_name, refcnt, entries in parse_maps(
-            libbpf.read_iterator(self._maps_iter)
-        ):
+        for (
+            map_id,
+            type_id,
+            key_size,
+            value_size,
+            max_entries,
+            flags,
+            raw_name,
+            refcnt,
+            entries,
+            ring_used,
+            memcg_id,
+            map_flags,
+            _,
+        ) in parse_maps(libbpf.read_iterator(self._maps_iter)):
             count, method = None, None
             memory = self._known_map_memory(map_id, type_id, flags)
             counted = type_id in COUNTED_MAP_TYPES
@@ -390,6 +403,8 @@ class Inventory:
                     memory,
                     count,
                     method,
+                    ring_buffer_used=None if ring_used == NOT_COUNTED else ring_used,
+                    memory_cgroup_id=memcg_id if map_flags & MAP_MEMCG_KNOWN else None,
                 )
             )
         self._forget_map_memory(records)

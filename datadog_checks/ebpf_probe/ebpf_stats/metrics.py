@@ -18,10 +18,11 @@ counted by the kernel all the time and never scaled.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from datadog_checks.ebpf_probe.containers import LOW, Container, cgroup_tags, parse_cgroup_path
 from datadog_checks.ebpf_probe.formatting import tag
 
 from .records import EbpfSnapshot, MapRecord, Owner, ProgramRecord
@@ -62,6 +63,9 @@ class MetricOptions:
     max_programs: int = 200
     max_maps: int = 200
     run_time: bool = True
+    cardinality: str = LOW  # of the tags of the cgroups maps are charged to
+    # The Agent's tags of a container (its tagger), at a cardinality; none without the Agent.
+    container_tags: Callable[[Container, str], Sequence[str]] | None = None
 
 
 def owner_label(owners: Sequence[Owner], pinned: bool) -> str:
@@ -130,6 +134,7 @@ class StatsMetrics:
             points = programs[0] + maps[0]
             points += self._program_points(programs[1], deltas, interval, scale)
             points += self._map_points(maps[1])
+            points += self._charged_memory_points(snapshot)
         finally:
             self._tags, self._tags_used = self._tags_used, {}
             self._series, self._series_used = self._series_used, {}
@@ -262,11 +267,15 @@ class StatsMetrics:
         return points
 
     def _map_points(self, groups: dict[tuple[str, ...], list[MapRecord]]) -> list[Point]:
+        # Ring buffers are always reported, outside max_maps: a host has few, and one that fills up
+        # drops events in whatever tool owns it.
+        rings = {tags: members for tags, members in groups.items() if members[0].ring_buffer_used is not None}
+        others = {tags: members for tags, members in groups.items() if tags not in rings}
         kept, unreported = self._top(
-            groups, self.options.max_maps, lambda item: (-sum(m.memory_bytes or 0 for m in item[1]), item[0])
+            others, self.options.max_maps, lambda item: (-sum(m.memory_bytes or 0 for m in item[1]), item[0])
         )
         points = [Point('maps.unreported', GAUGE, unreported, ())]
-        for tags, members in kept:
+        for tags, members in [*rings.items(), *kept]:
             points.append(Point('map.instances', GAUGE, len(members), tags))
             points.append(Point('map.max_entries', GAUGE, sum(m.max_entries for m in members), tags))
             if all(m.memory_bytes is not None for m in members):
@@ -277,4 +286,29 @@ class StatsMetrics:
                 occupancy = max((m.occupancy for m in members if m.occupancy is not None), default=None)
                 if occupancy is not None:
                     points.append(Point('map.occupancy', GAUGE, occupancy, tags))
+            if tags in rings:
+                used = [m for m in members if m.ring_buffer_used is not None]
+                points.append(Point('map.ring_buffer.used', GAUGE, sum(m.ring_buffer_used or 0 for m in used), tags))
+                points.append(Point('map.ring_buffer.fill', GAUGE, max(m.ring_buffer_fill or 0.0 for m in used), tags))
         return points
+
+    def _charged_memory_points(self, snapshot: EbpfSnapshot) -> list[Point]:
+        """The memory of maps charged to each memory cgroup: it counts against that cgroup's limit (5.11+),
+        though no process of it shows it. Maps charged to none (the root cgroup's) are left out."""
+        charged: dict[int, int] = {}
+        for m in snapshot.maps:
+            if m.memory_cgroup_id and m.memory_bytes is not None:
+                charged[m.memory_cgroup_id] = charged.get(m.memory_cgroup_id, 0) + m.memory_bytes
+        totals: dict[tuple[str, ...], int] = {}
+        for cgroup_id, memory in charged.items():
+            path = snapshot.memory_cgroups.get(cgroup_id)
+            if path is None:
+                tags: tuple[str, ...] = ('memory_cgroup:not_visible',)  # outside what this process sees
+            else:
+                container = parse_cgroup_path(path)
+                name = path.rsplit('/', 1)[-1] or path
+                tags = tuple(cgroup_tags(name, container, self.options.cardinality))
+                if container is not None and self.options.container_tags is not None:
+                    tags += tuple(self.options.container_tags(container, self.options.cardinality))
+            totals[tags] = totals.get(tags, 0) + memory
+        return [Point('maps.charged_memory', GAUGE, memory, tags) for tags, memory in sorted(totals.items())]

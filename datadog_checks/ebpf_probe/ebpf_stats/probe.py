@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from datadog_checks.ebpf_probe.kernel import libbpf, requirements
 from datadog_checks.ebpf_probe.kernel.btf import Btf, has_vmlinux_btf, set_rodata
+from datadog_checks.ebpf_probe.kernel.cgroups import CgroupPaths, memory_hierarchy
 from datadog_checks.ebpf_probe.kernel.features import in_host_pid_namespace, kprobe_support
 from datadog_checks.ebpf_probe.kernel.requirements import RequirementError
 from datadog_checks.ebpf_probe.resources import bpf_file
@@ -120,6 +121,7 @@ class EbpfStatsProbe:
         self._nr_cpus = 0  # CPUs whose run-time counters the program iterator sums; 0: read per program
         self._inventory = Inventory(self._counter)
         self._links = Links(count_misses=False)
+        self._cgroups = CgroupPaths(memory_hierarchy())
         self._owners = OwnerTracker(self._scan_owners, os.getpid(), log)
         self._run_time_error_said = False
         self._run_time_source: str | None = None  # how the last snapshot's run time was counted (RunTimeCoverage)
@@ -427,7 +429,8 @@ class EbpfStatsProbe:
             if run_time is not None and run_time.source != self._run_time_source:
                 self._log.debug('Program run time counted: %s', run_time.source)
                 self._run_time_source = run_time.source
-            return EbpfSnapshot(timestamp, programs, maps, run_time)
+            charged = {m.memory_cgroup_id for m in maps if m.memory_cgroup_id}
+            return EbpfSnapshot(timestamp, programs, maps, run_time, self._cgroups.paths(charged))
 
     def _read_programs(self) -> tuple[list[ProgramRecord], dict[int, int] | None, float, RunTimeCoverage | None]:
         """The programs, read in order with the statistics windows; and how much of the interval they counted."""

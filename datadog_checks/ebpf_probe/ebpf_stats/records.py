@@ -49,12 +49,24 @@ class MapRecord:
     entries_method: str | None  # 'iterator', 'for_each', 'batch', 'get_next_key'
     owners: tuple[Owner, ...] = ()  # filled in by the owners' pass
     pinned: bool = False  # held by a pin in bpffs; looked up only for objects no process holds
+    # A ring buffer's bytes written and not yet read (its size is max_entries); None: not a ring buffer, or not read.
+    ring_buffer_used: int | None = None
+    # The memory cgroup its memory is charged to (id: the cgroup directory's inode), 0 for none (the root);
+    # None where the kernel does not charge maps to cgroups (before 5.11) or it was not read.
+    memory_cgroup_id: int | None = None
 
     @property
     def occupancy(self) -> float | None:
         if self.entries is None or not self.max_entries:
             return None
         return self.entries / self.max_entries
+
+    @property
+    def ring_buffer_fill(self) -> float | None:
+        """How full a ring buffer is (0 to 1)."""
+        if self.ring_buffer_used is None or not self.max_entries:
+            return None
+        return self.ring_buffer_used / self.max_entries
 
 
 @dataclass(frozen=True)
@@ -89,3 +101,5 @@ class EbpfSnapshot:
     maps: list[MapRecord] = field(default_factory=list)
     # When run time and run counts advanced since the previous snapshot; None: run-time statistics are not collected.
     run_time: RunTimeCoverage | None = None
+    # The memory cgroups maps are charged to: id -> path in the memory hierarchy (None: not visible here).
+    memory_cgroups: dict[int, str | None] = field(default_factory=dict)

@@ -40,9 +40,13 @@ class Btf:
         return cls(libbpf.call_ptr(f'reading the BTF in {path} (btf__parse)', lib.btf__parse, path.encode(), None))
 
     @classmethod
-    def from_kernel(cls, btf_id: int) -> Btf:
-        """A BTF object the kernel holds (a loaded program's), by id."""
+    def from_kernel(cls, btf_id: int, base: Btf | None = None) -> Btf:
+        """A BTF object the kernel holds (a loaded program's, the kernel's or a module's), by id; a
+        module's is split BTF, read on top of the kernel's (base)."""
         lib = libbpf.lib()
+        if base is not None:
+            call = f'btf__load_from_kernel_by_id_split({btf_id})'
+            return cls(libbpf.call_ptr(call, lib.btf__load_from_kernel_by_id_split, btf_id, base._ptr))
         return cls(libbpf.call_ptr(f'btf__load_from_kernel_by_id({btf_id})', lib.btf__load_from_kernel_by_id, btf_id))
 
     @classmethod

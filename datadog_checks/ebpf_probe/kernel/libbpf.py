@@ -181,6 +181,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     'perf_buffer__free': (None, [_P]),
     'libbpf_bpf_prog_type_str': (_S, [_I]),
     'libbpf_bpf_map_type_str': (_S, [_I]),
+    'libbpf_bpf_attach_type_str': (_S, [_I]),
+    'btf__load_from_kernel_by_id_split': (_P, [_U32, _P]),
+    'bpf_xdp_query_id': (_I, [_I, _I, ctypes.POINTER(_U32)]),
+    'bpf_prog_query_opts': (_I, [_I, _I, _P]),
     'bpf_iter_create': (_I, [_I]),
     'bpf_prog_get_next_id': (_I, [_U32, ctypes.POINTER(_U32)]),
     'bpf_map_get_next_id': (_I, [_U32, ctypes.POINTER(_U32)]),
@@ -387,26 +391,63 @@ def map_info(fd: int) -> uapi.BpfMapInfo:
     return info
 
 
-def link_info(fd: int, name_at: int | None = None, name_size: int = 512) -> bytes:
-    """A link's bpf_link_info as bytes.
+def link_info(
+    fd: int, buffer_at: int | None = None, size_at: int | None = None, buffer_size: int = 512
+) -> tuple[bytes, bytes]:
+    """A link's bpf_link_info as bytes, and what the kernel wrote in the buffer given (b'' without one).
 
-    name_at: the offset in the structure of a (buffer address, length) pair to fill in first, for
-    the link types that return a name there (perf_event links fail or stay silent without one).
+    buffer_at, size_at: the offsets in the structure of a buffer's address and of its size (8 bytes
+    further by default), filled in first, for the link types that return a name or a list there
+    (perf_event links fail or stay silent without one).
     """
     info = uapi.BpfLinkInfo()
-    name = None
-    if name_at is not None:
-        name = ctypes.create_string_buffer(name_size)
-        raw = (ctypes.c_uint8 * ctypes.sizeof(info)).from_buffer(info)
-        ctypes.c_uint64.from_buffer(raw, name_at).value = ctypes.addressof(name)
-        ctypes.c_uint32.from_buffer(raw, name_at + 8).value = name_size
+    if buffer_at is None:
+        object_info(fd, info)
+        return bytes(info), b''
+    buffer = ctypes.create_string_buffer(buffer_size)
+    raw = (ctypes.c_uint8 * ctypes.sizeof(info)).from_buffer(info)
+    ctypes.c_uint64.from_buffer(raw, buffer_at).value = ctypes.addressof(buffer)
+    ctypes.c_uint32.from_buffer(raw, buffer_at + 8 if size_at is None else size_at).value = buffer_size
     object_info(fd, info)
-    return bytes(info)
+    return bytes(info), buffer.raw
+
+
+class _ProgQueryOpts(ctypes.Structure):
+    # struct bpf_prog_query_opts, up to the count (libbpf 1.0+)
+    _fields_ = [
+        ('sz', ctypes.c_size_t),
+        ('query_flags', _U32),
+        ('attach_flags', _U32),
+        ('prog_ids', ctypes.POINTER(_U32)),
+        ('count', _U32),
+    ]
+
+
+def attached_programs(target_fd_or_ifindex: int, attach_type: int) -> set[int] | None:
+    """Ids of the programs attached to a target (an interface's index for tcx and netkit) in this
+    process's network namespace; None where the kernel cannot say."""
+    ids = (_U32 * 64)()
+    opts = _ProgQueryOpts(sz=ctypes.sizeof(_ProgQueryOpts), prog_ids=ids, count=64)
+    if lib().bpf_prog_query_opts(target_fd_or_ifindex, attach_type, ctypes.byref(opts)) < 0:
+        return None
+    return set(ids[: min(opts.count, 64)])
+
+
+def xdp_program(ifindex: int) -> int | None:
+    """The id of the XDP program on an interface of this process's network namespace (0: none);
+    None where there is no such interface."""
+    prog_id = _U32(0)
+    return prog_id.value if lib().bpf_xdp_query_id(ifindex, 0, ctypes.byref(prog_id)) == 0 else None
 
 
 def prog_type_name(prog_type: int) -> str:
     name = lib().libbpf_bpf_prog_type_str(prog_type)
     return name.decode() if name else f'type_{prog_type}'
+
+
+def attach_type_name(attach_type: int) -> str:
+    name = lib().libbpf_bpf_attach_type_str(attach_type)
+    return name.decode() if name else f'type_{attach_type}'
 
 
 def map_type_name(map_type: int) -> str:

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from datadog_checks.ebpf_probe.containers import Container, cgroup_tags, parse_cgroup_path
 from datadog_checks.ebpf_probe.formatting import kb, markdown_text, plain_text, tag
 
 from . import record, user_space
-from .containers import Container, parse_cgroup_path
 from .record import OOMKill
-
-# The Agent's tag cardinalities, from fewest series to most.
-LOW, ORCHESTRATOR, HIGH = 'low', 'orchestrator', 'high'
-CARDINALITIES = (LOW, ORCHESTRATOR, HIGH)
 
 
 def oom_kill_tags(kill: OOMKill, container: Container | None, cardinality: str) -> list[str]:
     """The kill's own tags, as many as the cardinality allows (the Agent's rules: a pod is
     orchestrator cardinality, a container high; a host cgroup, i.e. a service, is bounded)."""
-    level = CARDINALITIES.index(cardinality)
     tags = []
     if kill.signal is None:  # a kill sent from user space has a killer (killer_tags), no trigger
         tags += [tag('trigger_type', kill.trigger_type), tag('trigger_process_name', kill.trigger_comm)]
@@ -30,22 +25,7 @@ def oom_kill_tags(kill: OOMKill, container: Container | None, cardinality: str) 
         tags.append('oom_group:true')
     if kill.container_main_process is not None:
         tags.append(tag('container_main_process', str(kill.container_main_process).lower()))
-    if container is None:
-        if kill.cgroup_name is not None:
-            tags.append(tag('cgroup_name', kill.cgroup_name))
-        return tags
-    if container.runtime:
-        tags.append(tag('container_runtime', container.runtime))
-    if container.qos_class:
-        tags.append(tag('kube_qos', container.qos_class))
-    if container.pod_uid and level >= CARDINALITIES.index(ORCHESTRATOR):
-        tags.append(tag('pod_uid', container.pod_uid))
-    if level >= CARDINALITIES.index(HIGH):
-        if container.id:
-            tags.append(tag('container_id', container.id))
-        if kill.cgroup_name is not None:
-            tags.append(tag('cgroup_name', kill.cgroup_name))
-    return tags
+    return tags + cgroup_tags(kill.cgroup_name, container, cardinality)
 
 
 def killer_tags(kill: OOMKill, killer_type: str) -> list[str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .formatting import tag
+
 # Leaf-name prefixes (systemd cgroup driver: '<prefix>-<id>.scope') and the runtime they name.
 _SCOPE_PREFIXES = (
     ('cri-containerd-', 'containerd'),
@@ -24,6 +26,10 @@ _PARENT_RUNTIMES = {'docker': 'docker', 'libpod_parent': 'podman', 'lxc.payload'
 _CONTAINER_ID = re.compile(r'[0-9a-f]{64}|[0-9a-f]{32}-\d+')  # 64 hex; ECS Fargate: 32 hex-digits
 _POD_UID = re.compile(r'pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?\Z')
 
+
+# The Agent's tag cardinalities, from fewest series to most.
+LOW, ORCHESTRATOR, HIGH = 'low', 'orchestrator', 'high'
+CARDINALITIES = (LOW, ORCHESTRATOR, HIGH)
 
 # The Kubernetes QoS classes, as the kubelet names their cgroups ('kubepods-burstable.slice').
 _QOS_CLASSES = ('burstable', 'besteffort')
@@ -94,3 +100,24 @@ def _container_id(name: str, parent: str | None) -> tuple[str | None, str | None
     if runtime is None and parent is not None:
         runtime = _PARENT_RUNTIMES.get(parent)
     return stem, runtime
+
+
+def cgroup_tags(cgroup_name: str | None, container: Container | None, cardinality: str) -> list[str]:
+    """A cgroup's own tags, as many as the cardinality allows (the Agent's rules: a pod is orchestrator
+    cardinality, a container high; a host cgroup, i.e. a service, is bounded, so named at any)."""
+    if container is None:
+        return [tag('cgroup_name', cgroup_name)] if cgroup_name is not None else []
+    level = CARDINALITIES.index(cardinality)
+    tags = []
+    if container.runtime:
+        tags.append(tag('container_runtime', container.runtime))
+    if container.qos_class:
+        tags.append(tag('kube_qos', container.qos_class))
+    if container.pod_uid and level >= CARDINALITIES.index(ORCHESTRATOR):
+        tags.append(tag('pod_uid', container.pod_uid))
+    if level >= CARDINALITIES.index(HIGH):
+        if container.id:
+            tags.append(tag('container_id', container.id))
+        if cgroup_name is not None:
+            tags.append(tag('cgroup_name', cgroup_name))
+    return tags
