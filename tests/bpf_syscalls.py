@@ -87,11 +87,25 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> int:
     return n.value
 
 
-def prog_load(prog_type: int, name: str, insns: bytes, license: str = 'GPL') -> int:
+class _ProgLoadOpts(ctypes.Structure):
+    # struct bpf_prog_load_opts, up to expected_attach_type
+    _fields_ = [('sz', ctypes.c_size_t), ('attempts', ctypes.c_int), ('expected_attach_type', ctypes.c_uint32)]
+
+
+def prog_load(prog_type: int, name: str, insns: bytes, license: str = 'GPL', expected_attach_type: int = 0) -> int:
     """Load a program from raw instructions (8 bytes each)."""
     bpf = _declare()
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), expected_attach_type=expected_attach_type)
     return call_int(f'bpf_prog_load({name})', bpf.bpf_prog_load, prog_type, name.encode(), license.encode(), insns,
-                    len(insns) // 8, None)  # fmt: skip
+                    len(insns) // 8, ctypes.byref(opts))  # fmt: skip
+
+
+def link_create(prog_fd: int, target: int, attach_type: int, what: str) -> int:
+    """BPF_LINK_CREATE: a link of the program to a target (an fd, or an interface's index)."""
+    bpf = lib()
+    bpf.bpf_link_create.restype = ctypes.c_int
+    bpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return call_int(f'bpf_link_create({what})', bpf.bpf_link_create, prog_fd, target, attach_type, None)
 
 
 def obj_pin(fd: int, path: str) -> None:
@@ -151,16 +165,33 @@ def attach_kprobe(prog_fd: int, function: str) -> tuple[int, int]:
     perf_fd = libc.syscall(_PERF_EVENT_OPEN[os.uname().machine], buffer, -1, 0, -1, 8)  # pid -1, CPU 0, CLOEXEC
     if perf_fd < 0:
         raise OSError(ctypes.get_errno(), f'perf_event_open(kprobe {function}) failed')
-    bpf = lib()
-    bpf.bpf_link_create.restype = ctypes.c_int
-    bpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return _perf_link(prog_fd, perf_fd, f'kprobe {function}')
+
+
+def _perf_link(prog_fd: int, perf_fd: int, what: str) -> tuple[int, int]:
     try:
-        link_fd = call_int(f'bpf_link_create(kprobe {function})', bpf.bpf_link_create, prog_fd, perf_fd,
-                           BPF_PERF_EVENT, None)  # fmt: skip
+        return link_create(prog_fd, perf_fd, BPF_PERF_EVENT, what), perf_fd
     except OSError:
         os.close(perf_fd)
         raise
-    return link_fd, perf_fd
+
+
+PROG_TRACEPOINT = 5
+_PERF_TYPE_TRACEPOINT = 2
+
+
+def attach_tracepoint(prog_fd: int, tracefs: str, category: str, name: str) -> tuple[int, int]:
+    """Attach a tracepoint program through a perf event link: (link fd, perf event fd)."""
+    with open(f'{tracefs}/events/{category}/{name}/id') as f:
+        config = int(f.read())
+    attr = bytearray(_PERF_ATTR_SIZE)
+    struct.pack_into('<IIQ', attr, 0, _PERF_TYPE_TRACEPOINT, _PERF_ATTR_SIZE, config)
+    buffer = (ctypes.c_char * _PERF_ATTR_SIZE).from_buffer(attr)
+    libc = ctypes.CDLL(None, use_errno=True)
+    perf_fd = libc.syscall(_PERF_EVENT_OPEN[os.uname().machine], buffer, -1, 0, -1, 8)  # pid -1, CPU 0, CLOEXEC
+    if perf_fd < 0:
+        raise OSError(ctypes.get_errno(), f'perf_event_open(tracepoint {category}/{name}) failed')
+    return _perf_link(prog_fd, perf_fd, f'tracepoint {category}/{name}')
 
 
 # --- ring buffers (tests of their fill level) --------------------------------------------------------
@@ -186,3 +217,26 @@ def writes_to_ring_buffer(map_fd: int, size: int) -> bytes:
             _insn(0x95),  # exit
         )
     )
+
+
+# --- what the kernel says is attached to an interface (tcx) -------------------------------------------
+
+_BPF_SYSCALL = {'x86_64': 321, 'aarch64': 280}
+_BPF_PROG_QUERY = 16
+
+
+def links_on_interface(ifindex: int, attach_type: int) -> list[int]:
+    """BPF_PROG_QUERY of an interface (tcx, 6.6+): the ids of the links on it, from the kernel's own list."""
+    link_ids = (ctypes.c_uint32 * 64)()
+    prog_ids = (ctypes.c_uint32 * 64)()
+    # union bpf_attr, query: target_ifindex, attach_type, query_flags, attach_flags, prog_ids,
+    # count, (pad), prog_attach_flags, link_ids, link_attach_flags, revision
+    attr = bytearray(72)
+    struct.pack_into('<IIIIQI', attr, 0, ifindex, attach_type, 0, 0, ctypes.addressof(prog_ids), 64)
+    struct.pack_into('<Q', attr, 40, ctypes.addressof(link_ids))
+    buffer = (ctypes.c_char * len(attr)).from_buffer(attr)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_BPF_SYSCALL[os.uname().machine], _BPF_PROG_QUERY, buffer, len(attr)) < 0:
+        raise OSError(ctypes.get_errno(), f'BPF_PROG_QUERY(ifindex {ifindex}) failed')
+    count = struct.unpack_from('<I', attr, 24)[0]
+    return list(link_ids[: min(count, 64)])

@@ -52,6 +52,9 @@ class Kernel:
     page_kb: int = 4  # the page size it was built for (arm64: 4, 16 or 64 kB)
     # A map's memory is charged to its creator's memory cgroup (5.11+, CONFIG_MEMCG_KMEM).
     maps_charged_to_memcg: bool = True
+    # bpf_link_info of a perf event link says what it probes: function, tracepoint, file (6.6+).
+    perf_event_link_info: bool = True
+    tcx: bool = True  # tcx links on interfaces (6.6+)
     # Programs of the eBPF stats probe that this build refuses at load (by their hook), measured.
     refused: frozenset[str] = frozenset()
     # Whether `refused` was measured on this very build; a rebuild of the same version known only by
@@ -86,6 +89,8 @@ KNOWN: dict[str, Kernel] = {
     # Debian 12: the full tracepoint backported in 6.1.130; kprobes; no kfunc (6.6).
     '6.1.0-56-amd64': Kernel(
         name='6.1 Debian 12 x86-64',
+        perf_event_link_info=False,
+        tcx=False,
         kprobes=True,
         task_tracepoint=True,
         core_hooks=(TP_BTF, KPROBE),
@@ -96,6 +101,8 @@ KNOWN: dict[str, Kernel] = {
     # The same on arm64.
     '6.1.0-56-arm64': Kernel(
         name='6.1 Debian 12 arm64',
+        perf_event_link_info=False,
+        tcx=False,
         kprobes=True,
         task_tracepoint=True,
         core_hooks=(TP_BTF, KPROBE),
@@ -120,6 +127,8 @@ KNOWN: dict[str, Kernel] = {
         verified_instructions=False,
         rss_cached_per_thread=True,
         maps_charged_to_memcg=False,  # memlock rlimit accounting until 5.11
+        perf_event_link_info=False,
+        tcx=False,
     ),
     # Debian 13: the full tracepoint, kprobes, and the kfunc (6.6).
     '6.12.118+deb13-amd64': Kernel(

@@ -262,6 +262,7 @@ def test_programs_with_the_same_name_type_and_owner_are_one_series():
     tags = prog_tags('handler')
     assert {key: value for key, value in by_key(points).items() if key[0].startswith('program.')} == {
         ('program.instances', tags): 2,
+        ('program.attachments', (*tags, 'attach_type:no_link')): 0,
         ('program.translated_size', tags): 300,
         ('program.jited_size', tags): 230,
         ('program.verified_instructions', tags): 35,
@@ -833,3 +834,27 @@ def test_at_low_cardinality_a_containers_charged_memory_has_no_container_id():
     maps = [bpf_map(1, memory_bytes=1000, memory_cgroup_id=9)]
     points = stats_metrics().points(EbpfSnapshot(0, [], maps, None, {9: CONTAINER_PATH}))
     assert metric(points, 'maps.charged_memory') == {('container_runtime:kubernetes', 'kube_qos:burstable'): 1000}
+
+
+# --- attachments -------------------------------------------------------------------
+
+
+def test_attachments_are_counted_by_type_and_target_with_targets_bounded():
+    from datadog_checks.ebpf_probe.ebpf_stats.attachments import Attachment
+    from datadog_checks.ebpf_probe.ebpf_stats.metrics import MAX_ATTACH_TARGETS
+
+    functions = [Attachment('kprobe', f'func_{i:02}') for i in range(MAX_ATTACH_TARGETS + 5)]
+    programs = [
+        program(1, 'tracer', attachments=(*functions, Attachment('cgroup', '/system.slice', 'cgroup_inet_ingress'))),
+        program(2, 'tracer', attachments=(Attachment('kprobe', 'func_00'),)),
+        program(3, 'idle'),
+    ]
+    points = metric(stats_metrics().points(snapshot(1.0, programs)), 'program.attachments')
+    tracer = prog_tags('tracer')
+    expected = {(*tracer, 'attach_type:cgroup_inet_ingress', 'attach_target:/system.slice'): 1}
+    expected[(*tracer, 'attach_type:kprobe', 'attach_target:func_00')] = 2  # two programs of the series
+    for i in range(1, MAX_ATTACH_TARGETS - 1):
+        expected[(*tracer, 'attach_type:kprobe', f'attach_target:func_{i:02}')] = 1
+    expected[(*tracer, 'attach_type:kprobe', 'attach_target:other')] = 6  # beyond the first targets
+    expected[(*prog_tags('idle'), 'attach_type:no_link')] = 0
+    assert points == expected

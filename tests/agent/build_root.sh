@@ -7,7 +7,7 @@
 #           resolves for 3.13) and nothing else, owned by dd-agent as the Agent's packages leave it.
 #           No libbpf1, no BCC, no clang, no kernel headers: the wheel has to bring what it needs.
 #   tools/  a layer over base (an overlay's upper folder): Debian's BCC (python3-bpfcc, which brings
-#           libbcc and libbpf1), bpftool and strace, and /opt/suite, a venv that sees the system's
+#           libbcc and libbpf1), bpftool, strace and iproute2, and /opt/suite, a venv that sees the system's
 #           packages (BCC) with what the test suite needs ($SUITE_PACKAGES): the suite under 3.13.
 # A layer is rebuilt when this script (or, for tools, the package list) changes. Tests never write
 # into the layers: tests/agent/in_root.sh stacks them under an overlay whose writes go elsewhere.
@@ -56,7 +56,7 @@ if [ "$(cat "$CACHE/tools.id" 2>/dev/null)" != "$tools_id" ]; then
 	started=$SECONDS
 	"$IN_ROOT" -l "$CACHE/base" -u "$CACHE/tools.new" "${NETWORK[@]}" -e DEBIAN_FRONTEND=noninteractive -- sh -euc "
 		apt-get update -qq
-		apt-get install -y -qq --no-install-recommends python3-bpfcc bpftool strace >/dev/null
+		apt-get install -y -qq --no-install-recommends python3-bpfcc bpftool strace iproute2 >/dev/null
 		apt-get clean
 		rm -rf /var/lib/apt/lists/*
 		python3 -m venv --system-site-packages /opt/suite

@@ -31,6 +31,8 @@ KERNEL_TESTS = (
     'tests/test_reliability.py',
     'tests/test_memory_killers.py',
     'tests/test_ring_buffers.py',
+    'tests/test_map_memory_cgroups.py',
+    'tests/test_attachments.py',
 )
 # Markers of tests that need what not every row has; a row lists those it runs (Row.runs).
 # 'slow': long tests (hundreds of cycles, 16-thread victims, drop accounting): one row per architecture
@@ -167,6 +169,7 @@ ROOT_PACKAGES = (
     'python3',
     'libbpf1',  # until the wheel bundles its own libbpf
     'bpftool',  # the tests compare with `bpftool -j`
+    'iproute2',  # network namespaces and veth pairs (attachments to interfaces)
     'mount',
     'util-linux',
     'procps',

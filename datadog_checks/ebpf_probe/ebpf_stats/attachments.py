@@ -106,7 +106,7 @@ def describe(link_type: int, prog_id: int, data: bytes, buffer: bytes, names: Na
         return Attachment('raw_tracepoint', _c_string(buffer))
     if link_type == TRACING:
         attach_type, obj_id, type_id = _u32(data, 16), _u32(data, 20), _u32(data, 24)
-        kind = TRACING_KINDS.get(attach_type, names.attach_type(attach_type))
+        kind = TRACING_KINDS.get(attach_type) or names.attach_type(attach_type)
         if attach_type == 0 and obj_id:  # freplace: the target is a program
             return Attachment('freplace', f'program {obj_id}')
         target = names.btf_type(obj_id, type_id) if obj_id and type_id else None

@@ -30,6 +30,10 @@ from .records import EbpfSnapshot, MapRecord, Owner, ProgramRecord
 GAUGE = 'gauge'
 COUNT = 'count'
 SELF_TAG = 'ebpf_probe_self:true'
+# A program no link holds: attached another way (tc through netlink, a perf event ioctl as BCC does,
+# a socket option, a program array) or not at all; the kernel does not tell which.
+NO_LINK_TAG = 'attach_type:no_link'
+MAX_ATTACH_TARGETS = 10  # per program series
 
 
 class Point(NamedTuple):
@@ -237,6 +241,7 @@ class StatsMetrics:
                 else:
                     memory += p.memory_bytes
             points.append(Point('program.instances', GAUGE, len(members), tags))
+            points += self._attachment_points(members, tags)
             points.append(Point('program.translated_size', GAUGE, translated, tags))
             points.append(Point('program.jited_size', GAUGE, jited, tags))
             if verified_known:
@@ -265,6 +270,26 @@ class StatsMetrics:
             if interval:
                 points.append(Point('program.cpu_usage', GAUGE, 100.0 * counted_time * scale / (interval * 1e9), tags))
         return points
+
+    def _attachment_points(self, members: list[ProgramRecord], tags: tuple[str, ...]) -> list[Point]:
+        """How many links attach the series' programs, by attach type and target: the first targets
+        by name, the rest as `other` (a program on hundreds of functions or cgroups stays a few series)."""
+        links: dict[tuple[str, str | None], int] = {}
+        for p in members:
+            for a in p.attachments:
+                key = (a.attach_type or a.kind, a.target)
+                links[key] = links.get(key, 0) + 1
+        if not links:
+            return [Point('program.attachments', GAUGE, 0, (*tags, NO_LINK_TAG))]
+        counts: dict[tuple[str, ...], int] = {}
+        for i, ((kind, target), count) in enumerate(
+            sorted(links.items(), key=lambda item: (item[0][0], item[0][1] or ''))
+        ):
+            where: tuple[str, ...] = (self._tag('attach_type', kind),)
+            if target is not None:
+                where += (self._tag('attach_target', target if i < MAX_ATTACH_TARGETS else 'other'),)
+            counts[where] = counts.get(where, 0) + count
+        return [Point('program.attachments', GAUGE, count, (*tags, *where)) for where, count in counts.items()]
 
     def _map_points(self, groups: dict[tuple[str, ...], list[MapRecord]]) -> list[Point]:
         # Ring buffers are always reported, outside max_maps: a host has few, and one that fills up

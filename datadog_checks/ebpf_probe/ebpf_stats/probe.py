@@ -406,7 +406,7 @@ class EbpfStatsProbe:
         with self._lock:
             # Links first: counting a map without the kfunc attaches a link to it for a moment, and a
             # link's id lingers until the kernel's deferred free: listed now, it would look new.
-            link_ids, kprobe_misses = self._links.scan()
+            link_ids, kprobe_misses, attached = self._links.scan()
             programs, program_refcounts, timestamp, run_time = self._read_programs()
             maps, map_refcounts = self._inventory.maps()
             objects = {OWNED_PROG: {p.id for p in programs}, OWNED_MAP: {m.id for m in maps}, OWNED_LINK: link_ids}
@@ -422,6 +422,8 @@ class EbpfStatsProbe:
                 refcounts = {OWNED_PROG: program_refcounts, OWNED_MAP: map_refcounts}
             holders, pinned = self._owners.owners(objects, refcounts)
             self._attach_owners(programs, maps, holders, pinned, kprobe_misses)
+            for program in programs:
+                program.attachments = tuple(attached.get(program.id, ()))
             for limitation in self._counter.unavailable():
                 if limitation not in self.limitations:
                     self.limitations.append(limitation)

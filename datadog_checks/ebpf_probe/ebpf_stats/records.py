@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .attachments import Attachment
+
 
 @dataclass(frozen=True, order=True)
 class Owner:
@@ -32,6 +34,8 @@ class ProgramRecord:
     pinned: bool  # held by a pin in bpffs; looked up only for objects no process holds
     # Runs its kprobe links skipped (the kernel's missed count, 6.7+); None: no kprobe link, or not known here.
     kprobe_misses: int | None = None
+    # Where its links attach it; empty: no link (attached another way, or not attached).
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(slots=True)

@@ -21,6 +21,24 @@ def has_function(name: str, path: str = KALLSYMS) -> bool:
     return any(kind + name.encode() + b'\n' in data for kind in FUNCTION_KINDS)
 
 
+def function_names(addresses: list[int], path: str = KALLSYMS) -> list[str | None]:
+    """The function at each address (an exact start: what a kprobe_multi link attaches to); None
+    where none starts there, or kptr_restrict hides the addresses."""
+    wanted = {a: i for i, a in enumerate(addresses) if a}
+    names: list[str | None] = [None] * len(addresses)
+    if not wanted:
+        return names
+    try:
+        with open(path, 'rb') as f:
+            for line in f:
+                address, kind, rest = line.split(b' ', 2)
+                if kind in (b't', b'T') and int(address, 16) in wanted:
+                    names[wanted[int(address, 16)]] = rest.split(b'\t', 1)[0].strip().decode()
+    except (OSError, ValueError):
+        pass
+    return names
+
+
 class KernelSymbols:
     """Address ranges of a few kernel functions, from /proc/kallsyms, read once on demand.
 

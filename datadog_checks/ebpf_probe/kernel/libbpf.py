@@ -392,13 +392,13 @@ def map_info(fd: int) -> uapi.BpfMapInfo:
 
 
 def link_info(
-    fd: int, buffer_at: int | None = None, size_at: int | None = None, buffer_size: int = 512
+    fd: int, buffer_at: int | None = None, size_at: int | None = None, buffer_size: int = 512, count: int | None = None
 ) -> tuple[bytes, bytes]:
     """A link's bpf_link_info as bytes, and what the kernel wrote in the buffer given (b'' without one).
 
     buffer_at, size_at: the offsets in the structure of a buffer's address and of its size (8 bytes
-    further by default), filled in first, for the link types that return a name or a list there
-    (perf_event links fail or stay silent without one).
+    further by default: its size in bytes, or `count` for a list), filled in first, for the link
+    types that return a name or a list there (perf_event links fail or stay silent without one).
     """
     info = uapi.BpfLinkInfo()
     if buffer_at is None:
@@ -407,7 +407,9 @@ def link_info(
     buffer = ctypes.create_string_buffer(buffer_size)
     raw = (ctypes.c_uint8 * ctypes.sizeof(info)).from_buffer(info)
     ctypes.c_uint64.from_buffer(raw, buffer_at).value = ctypes.addressof(buffer)
-    ctypes.c_uint32.from_buffer(raw, buffer_at + 8 if size_at is None else size_at).value = buffer_size
+    ctypes.c_uint32.from_buffer(raw, buffer_at + 8 if size_at is None else size_at).value = (
+        buffer_size if count is None else count
+    )
     object_info(fd, info)
     return bytes(info), buffer.raw
 
