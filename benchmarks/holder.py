@@ -2,11 +2,12 @@
 # Licensed under a 3-clause BSD style license (see LICENSE)
 """A process that holds what a busy host has: open files and BPF objects, as another tool would.
 
-    python -m benchmarks.holder --fds 18000 --maps 2000 --programs 1000 [--name-groups N]
+    python -m benchmarks.holder --fds 18000 --maps 2000 --programs 1000 [--name-groups N] [--links 1]
 
 Prints one JSON line (its pid, the object ids) once everything is open, then holds it all until
 its stdin closes. Objects are named uniquely (the most series) unless --name-groups folds them
-into that many names.
+into that many names. With --links 1 the programs are raw tracepoint programs, each attached by a
+link of its own to a tracepoint that fires only on an OOM kill (mark_victim).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import sys
 import uuid
 
 from datadog_checks.ebpf_probe.kernel import libbpf
-from tests.bpf_syscalls import map_create, prog_load
+from tests.bpf_syscalls import map_create, prog_load, raw_tracepoint_open
 
 MAP_HASH = 1
 PROG_SOCKET_FILTER = 1
+PROG_RAW_TRACEPOINT = 17
 RETURN_ZERO = bytes.fromhex('b700000000000000') + bytes.fromhex('9500000000000000')
 
 
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument('--programs', type=int, default=0)
     parser.add_argument('--name-groups', type=int, default=0)
     parser.add_argument('--comm', default='bench-holder')
+    parser.add_argument('--links', type=int, default=0)
     args = parser.parse_args()
     ctypes.CDLL(None).prctl(15, args.comm.encode(), 0, 0, 0)  # PR_SET_NAME
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -45,12 +48,15 @@ def main() -> None:
 
     held = [os.open('/dev/null', os.O_RDONLY) for _ in range(args.fds)]
     maps = [map_create(MAP_HASH, name('m', i), 4, 8, 64) for i in range(args.maps)]
-    programs = [prog_load(PROG_SOCKET_FILTER, name('p', i), RETURN_ZERO) for i in range(args.programs)]
+    kind = PROG_RAW_TRACEPOINT if args.links else PROG_SOCKET_FILTER
+    programs = [prog_load(kind, name('p', i), RETURN_ZERO) for i in range(args.programs)]
+    links = [raw_tracepoint_open('mark_victim', fd) for fd in programs] if args.links else []
     described = {
         'pid': os.getpid(),
         'fds': len(held),
         'map_ids': [libbpf.map_info(fd).id for fd in maps],
         'program_ids': [libbpf.prog_info(fd).id for fd in programs],
+        'links': len(links),
     }
     print(json.dumps(described), flush=True)
     sys.stdin.read()  # hold everything until the benchmark lets go

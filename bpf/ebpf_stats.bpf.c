@@ -299,6 +299,21 @@ static __always_inline __u32 bpf_file_kind(struct file *file)
 	return 0;
 }
 
+/* A process's memory cgroup: the kernfs id of its memory controller's cgroup. */
+static __always_inline __u64 task_memcg_id(struct task_struct *task)
+{
+	int memory_id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
+	struct cgroup_subsys_state *css = NULL;
+	struct css_set *cgroups = BPF_CORE_READ(task, cgroups);
+
+	if (!cgroups || !bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id))
+		return 0;
+	bpf_core_read(&css, sizeof(css), &cgroups->subsys[memory_id]);
+	if (!css)
+		return 0;
+	return BPF_CORE_READ(css, cgroup, kn, id);
+}
+
 SEC("iter/task_file")
 int bpf_owners(struct bpf_iter__task_file *ctx)
 {
@@ -327,6 +342,7 @@ int bpf_owners(struct bpf_iter__task_file *ctx)
 	rec.reader = rec.tgid == bpf_get_current_pid_tgid() >> 32;
 	rec.fd = ctx->fd;
 	BPF_CORE_READ_STR_INTO(&rec.comm, task, comm);
+	rec.memcg_id = task_memcg_id(task);
 	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
 	return 0;
 }

@@ -82,6 +82,7 @@ struct owner_record {
 	__u32 link_prog_id;	/* for a link: the program it holds */
 	__u32 reader;	/* 1: a file of the process reading the iterator (tgid is its pid on the host) */
 	char comm[STATS_COMM_LEN];
+	__u64 memcg_id;	/* the process's memory cgroup (its directory's inode), 0: not known */
 };
 
 #endif /* EBPF_PROBE_EBPF_STATS_H */

@@ -240,3 +240,11 @@ def links_on_interface(ifindex: int, attach_type: int) -> list[int]:
         raise OSError(ctypes.get_errno(), f'BPF_PROG_QUERY(ifindex {ifindex}) failed')
     count = struct.unpack_from('<I', attr, 24)[0]
     return list(link_ids[: min(count, 64)])
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """A raw tracepoint link of the program to the tracepoint `name`."""
+    bpf = lib()
+    bpf.bpf_raw_tracepoint_open.restype = ctypes.c_int
+    bpf.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return call_int(f'bpf_raw_tracepoint_open({name})', bpf.bpf_raw_tracepoint_open, name.encode(), prog_fd)

@@ -71,7 +71,7 @@ MAP_1, PROG_2, LINK_3 = (OWNED_MAP, 1), (OWNED_PROG, 2), (OWNED_LINK, 3)
 
 
 def test_owners_are_found_by_one_scan_and_kept_while_nothing_changes():
-    track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool')])
+    track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool', 0)])
     try:
         for _ in range(5):
             holders, _pinned = track.owners(objects(MAP_1, PROG_2), refs((MAP_1, 2), (PROG_2, 1)))
@@ -83,10 +83,10 @@ def test_owners_are_found_by_one_scan_and_kept_while_nothing_changes():
 
 
 def test_a_new_object_is_looked_for_at_once():
-    track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool')])
+    track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool', 0)])
     try:
         track.owners(objects(MAP_1), {})
-        scan.records.append((AGENT.pid, OWNED_MAP, 4, 0, 'agent'))
+        scan.records.append((AGENT.pid, OWNED_MAP, 4, 0, 'agent', 0))
         holders, _ = track.owners(objects(MAP_1, (OWNED_MAP, 4)), {})
         assert held(holders, (OWNED_MAP, 4)) == (AGENT,)
         assert scan.calls == 2
@@ -100,7 +100,7 @@ def test_a_new_link_is_looked_for_and_holding_it_holds_its_program():
     track, scan = tracker([])
     try:
         track.owners(objects(PROG_2), {})
-        scan.records.append((TOOL.pid, OWNED_LINK, 3, 2, 'tool'))
+        scan.records.append((TOOL.pid, OWNED_LINK, 3, 2, 'tool', 0))
         holders, _ = track.owners(objects(PROG_2, LINK_3), {})
         assert held(holders, PROG_2) == (TOOL,) and held(holders, LINK_3) == (TOOL,)
     finally:
@@ -108,12 +108,12 @@ def test_a_new_link_is_looked_for_and_holding_it_holds_its_program():
 
 
 def test_a_reference_count_that_moves_means_holders_may_have_changed():
-    track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool')])
+    track, scan = tracker([(TOOL.pid, OWNED_MAP, 1, 0, 'tool', 0)])
     try:
         track.owners(objects(MAP_1), refs((MAP_1, 2)))
         track.owners(objects(MAP_1), refs((MAP_1, 2)))
         assert scan.calls == 1
-        scan.records = [(AGENT.pid, OWNED_MAP, 1, 0, 'agent')]  # the tool closed its fd, the agent opened one
+        scan.records = [(AGENT.pid, OWNED_MAP, 1, 0, 'agent', 0)]  # the tool closed its fd, the agent opened one
         holders, _ = track.owners(objects(MAP_1), refs((MAP_1, 3)))
         assert held(holders, MAP_1) == (AGENT,) and scan.calls == 2
     finally:
@@ -122,7 +122,11 @@ def test_a_reference_count_that_moves_means_holders_may_have_changed():
 
 def test_equal_holder_sets_share_one_tuple():
     track, _ = tracker(
-        [(TOOL.pid, OWNED_MAP, 1, 0, 'tool'), (TOOL.pid, OWNED_MAP, 5, 0, 'tool'), (TOOL.pid, OWNED_PROG, 2, 0, 'tool')]
+        [
+            (TOOL.pid, OWNED_MAP, 1, 0, 'tool', 0),
+            (TOOL.pid, OWNED_MAP, 5, 0, 'tool', 0),
+            (TOOL.pid, OWNED_PROG, 2, 0, 'tool', 0),
+        ]
     )
     try:
         holders, _ = track.owners(objects(MAP_1, (OWNED_MAP, 5), PROG_2), {})
@@ -138,7 +142,7 @@ def sleeper(comm='sleeper'):
 def test_a_holder_that_exits_is_noticed_and_its_process_looked_for_again():
     proc = sleeper()
     try:
-        track, scan = tracker([(proc.pid, OWNED_MAP, 1, 0, 'sleeper')])
+        track, scan = tracker([(proc.pid, OWNED_MAP, 1, 0, 'sleeper', 0)])
         track.owners(objects(MAP_1), {})
         track.owners(objects(MAP_1), {})
         assert scan.calls == 1
@@ -156,7 +160,7 @@ def test_a_holder_that_exits_is_noticed_and_its_process_looked_for_again():
 
 
 def test_the_check_itself_is_not_watched():
-    track, scan = tracker([(os.getpid(), OWNED_MAP, 1, 0, 'me')], own_pid=os.getpid())
+    track, scan = tracker([(os.getpid(), OWNED_MAP, 1, 0, 'me', 0)], own_pid=os.getpid())
     try:
         track.owners(objects(MAP_1), {})
         assert track._watch._pidfds == {} and track._watch._pids == set()

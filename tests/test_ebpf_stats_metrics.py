@@ -858,3 +858,48 @@ def test_attachments_are_counted_by_type_and_target_with_targets_bounded():
     expected[(*tracer, 'attach_type:kprobe', 'attach_target:other')] = 6  # beyond the first targets
     expected[(*prog_tags('idle'), 'attach_type:no_link')] = 0
     assert points == expected
+
+
+# --- owners' containers ---------------------------------------------------------------------------
+
+POD_A = '/kubepods/burstable/pod1b2c3d4e-0000-1111-2222-33334444aaaa/' + 'aa' * 32
+POD_B = '/kubepods/burstable/pod1b2c3d4e-0000-1111-2222-33334444bbbb/' + 'bb' * 32
+
+
+def test_owners_of_one_name_in_two_pods_are_two_series_at_orchestrator_cardinality():
+    maps = [
+        bpf_map(1, 'policy', owners=(Owner(10, 'cilium-agent', 7),)),
+        bpf_map(2, 'policy', owners=(Owner(20, 'cilium-agent', 8),)),
+    ]
+    cgroups = {7: POD_A, 8: POD_B}
+    points = stats_metrics(cardinality='orchestrator').points(EbpfSnapshot(0, [], maps, None, cgroups))
+    owner = (
+        'map_name:policy',
+        'map_type:hash',
+        'owner:cilium-agent',
+        'container_runtime:kubernetes',
+        'kube_qos:burstable',
+    )
+    assert metric(points, 'map.instances') == {
+        (*owner, 'pod_uid:1b2c3d4e-0000-1111-2222-33334444aaaa'): 1,
+        (*owner, 'pod_uid:1b2c3d4e-0000-1111-2222-33334444bbbb'): 1,
+    }
+
+
+def test_an_owner_on_the_host_is_tagged_with_its_service_and_the_agents_tags_come_from_its_tagger():
+    programs = [
+        program(1, 'probe', owners=(Owner(10, 'falco', 7),)),
+        program(2, 'probe2', owners=(Owner(11, 'bash', 9),)),  # a session: no service
+        program(3, 'probe3', owners=(Owner(12, 'tool', 0),)),  # cgroup not known
+        program(4, 'probe4', owners=(Owner(13, 'agent', 8),)),
+    ]
+    cgroups = {7: '/system.slice/falco.service', 9: '/user.slice/user-0.slice/session-3.scope', 8: POD_A}
+    metrics = stats_metrics(container_tags=lambda container, cardinality: ['kube_namespace:datadog'])
+    points = metric(metrics.points(EbpfSnapshot(0, programs, [], None, cgroups)), 'program.instances')
+    assert set(points) == {
+        ('program_name:probe', 'program_type:kprobe', 'owner:falco', 'owner_service:falco.service'),
+        ('program_name:probe2', 'program_type:kprobe', 'owner:bash'),
+        ('program_name:probe3', 'program_type:kprobe', 'owner:tool'),
+        ('program_name:probe4', 'program_type:kprobe', 'owner:agent', 'container_runtime:kubernetes',
+         'kube_qos:burstable', 'kube_namespace:datadog'),
+    }  # fmt: skip

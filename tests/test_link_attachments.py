@@ -76,11 +76,13 @@ def name(text):
         (attachments.PERF_EVENT, b'', b'', Attachment('perf_event', None)),  # before 6.6: the kernel says nothing
         (attachments.KPROBE_MULTI, struct.pack('<QII', 0, 2, 0), struct.pack('<QQ', 0xFFFF1000, 0xFFFF2000),
          Attachment('kprobe_multi', 'vfs_read and 1 more')),
-        (attachments.KPROBE_MULTI, struct.pack('<QII', 0, 3, 1), bytes(24), Attachment('kretprobe_multi', '3 functions')),
+        (attachments.KPROBE_MULTI, struct.pack('<QII', 0, 3, 1), bytes(24),
+         Attachment('kretprobe_multi', '3 functions')),
         (attachments.UPROBE_MULTI, struct.pack('<QQQQIIII', 0, 0, 0, 0, 20, 1, 1, 0), name('/usr/bin/python3'),
          Attachment('uretprobe_multi', '/usr/bin/python3')),
         (attachments.STRUCT_OPS, struct.pack('<I', 8), b'', Attachment('struct_ops', 'map 8')),
-        (attachments.NETFILTER, struct.pack('<IIi', 2, 1, -100), b'', Attachment('netfilter', 'ipv4 hook 1 priority -100')),
+        (attachments.NETFILTER, struct.pack('<IIi', 2, 1, -100), b'',
+         Attachment('netfilter', 'ipv4 hook 1 priority -100')),
         (99, b'', b'', Attachment('link_type_99', None)),
     ],
 )  # fmt: skip

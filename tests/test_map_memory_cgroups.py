@@ -154,3 +154,12 @@ def check_snapshot_maps():
         return probe.snapshot().maps
     finally:
         probe.close()
+
+
+def test_the_owner_of_a_map_is_known_by_its_memory_cgroup(charged, probe):
+    cgroup, map_id, _ = charged
+    snapshot = probe.snapshot()
+    [record] = [m for m in snapshot.maps if m.id == map_id]
+    [owner] = record.owners
+    assert owner.memory_cgroup_id == cgroup.inode  # read in the kernel, on every kernel
+    assert snapshot.memory_cgroups[cgroup.inode] == cgroup.path

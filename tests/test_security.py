@@ -30,6 +30,8 @@ ALLOWED_READS = (
     '/sys/bus/event_source/devices/',  # whether kprobes exist
     '/sys/devices/system/cpu/',  # possible CPUs (per-CPU maps), read by libbpf too
     '/sys/fs/bpf',  # pinned objects, when bpffs is mounted
+    '/sys/fs/cgroup/',  # cgroup directories' names and inodes: the cgroups maps are charged to, owners and links are in
+    '/host/sys/fs/cgroup/',  # the same where the Agent's container mounts the host's
     '/dev/null',
     '/etc/ld.so.cache',  # loading libbpf.so.1 and libc
     '/etc/localtime',

@@ -102,6 +102,7 @@ class StatsMetrics:
         self._tags: dict[tuple[str, str], str] = {}  # (key, value) -> safe tag, for the names seen last run
         self._tags_used: dict[tuple[str, str], str] = {}
         self._owner_tags: dict[tuple[int, bool], tuple[tuple[str, ...], bool]] = {}  # within one run
+        self._cgroups: dict[int, str | None] = {}  # the run's memory cgroups: id -> path
         # kind -> object id -> (what its tags depend on, totals tags, series tags or None), kept while seen
         self._series: dict[str, dict[int, tuple]] = {}
         self._series_used: dict[str, dict[int, tuple]] = {}
@@ -121,11 +122,29 @@ class StatsMetrics:
         found = self._owner_tags.get(key)
         if found is None:
             own = any(o.pid == self.options.own_pid for o in owners)
-            owner = self._tag('owner', owner_label(owners, pinned))
-            found = self._owner_tags[key] = ((owner, SELF_TAG) if own else (owner,), own)
+            tags = (self._tag('owner', owner_label(owners, pinned)),)
+            if owners:
+                tags += self._owner_cgroup_tags(min(owners).memory_cgroup_id)
+            found = self._owner_tags[key] = ((*tags, SELF_TAG) if own else tags, own)
         return found
 
+    def _owner_cgroup_tags(self, cgroup_id: int) -> tuple[str, ...]:
+        """The named owner's container tags (two `cilium-agent`s of two pods are two series), or its
+        systemd service on the host; none where its cgroup is not known."""
+        path = self._cgroups.get(cgroup_id) if cgroup_id else None
+        if path is None:
+            return ()
+        container = parse_cgroup_path(path)
+        if container is None:
+            leaf = path.rsplit('/', 1)[-1]
+            return (self._tag('owner_service', leaf),) if leaf.endswith('.service') else ()
+        tags = tuple(cgroup_tags(None, container, self.options.cardinality))
+        if self.options.container_tags is not None:
+            tags += tuple(self.options.container_tags(container, self.options.cardinality))
+        return tags
+
     def points(self, snapshot: EbpfSnapshot) -> list[Point]:
+        self._cgroups = snapshot.memory_cgroups
         interval = None if self._previous_time is None else snapshot.timestamp - self._previous_time
         deltas = self._deltas(snapshot.programs)
         self._previous_time = snapshot.timestamp
@@ -174,7 +193,8 @@ class StatsMetrics:
         seen, used = self._series.get(kind, {}), {}
         for r in records:
             # What an object's tags depend on; the same as last run for almost every object.
-            key = (r.name, r.type, r.owners, r.pinned)
+            # The owners' tuple itself too: a new scan makes a new one, whose cgroups may differ.
+            key = (r.name, r.type, r.owners, id(r.owners), r.pinned)
             cached = seen.get(r.id)
             if cached is None or cached[0] != key:
                 owner_tags, own = self._owner(r.owners, r.pinned)

@@ -23,16 +23,17 @@ import struct
 from collections.abc import Callable, Iterable
 
 from datadog_checks.ebpf_probe.kernel import libbpf
+from datadog_checks.ebpf_probe.kernel.cgroups import memory_cgroup_id, memory_hierarchy
 from datadog_checks.ebpf_probe.kernel.features import in_host_pid_namespace
 
 from .records import Owner
 
-OWNER_RECORD = struct.Struct('<6I16s')  # struct owner_record (bpf/ebpf_stats.h)
+OWNER_RECORD = struct.Struct('<6I16sQ')  # struct owner_record (bpf/ebpf_stats.h)
 OWNED_MAP, OWNED_PROG, OWNED_LINK = 1, 2, 3
 MAX_PINNED_FILES = 10_000
 
-# (tgid, kind, object id, a link's program id, comm)
-OwnerRecord = tuple[int, int, int, int, str]
+# (tgid, kind, object id, a link's program id, comm, memory cgroup id: 0 if not known)
+OwnerRecord = tuple[int, int, int, int, str, int]
 
 
 def fdinfo(fd: int, pid: int | str = 'self') -> dict[str, str]:
@@ -54,9 +55,10 @@ def owner_records_from_iterator(data: bytes) -> list[OwnerRecord]:
     records = []
     own_pid = os.getpid()
     for i in range(0, len(data) - OWNER_RECORD.size + 1, OWNER_RECORD.size):
-        tgid, _fd, kind, object_id, link_prog_id, reader, comm = OWNER_RECORD.unpack_from(data, i)
+        tgid, _fd, kind, object_id, link_prog_id, reader, comm, memcg_id = OWNER_RECORD.unpack_from(data, i)
         pid = own_pid if reader else tgid
-        records.append((pid, kind, object_id, link_prog_id, comm.split(b'\0', 1)[0].decode('utf-8', 'replace')))
+        name = comm.split(b'\0', 1)[0].decode('utf-8', 'replace')
+        records.append((pid, kind, object_id, link_prog_id, name, memcg_id))
     return records
 
 
@@ -67,6 +69,7 @@ _ID_KEYS = {OWNED_MAP: 'map_id', OWNED_PROG: 'prog_id', OWNED_LINK: 'link_id'}
 def owner_records_from_proc(proc: str = '/proc') -> list[OwnerRecord]:
     """The same from /proc/*/fd and fdinfo: slower (every fd of every process), for kernels without iterators."""
     records = []
+    hierarchy = memory_hierarchy()
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
@@ -89,7 +92,8 @@ def owner_records_from_proc(proc: str = '/proc') -> list[OwnerRecord]:
             if not object_id.isdigit():
                 continue
             link_prog = info.get('prog_id', '0') if kind == OWNED_LINK else '0'
-            records.append((pid, kind, int(object_id), int(link_prog) if link_prog.isdigit() else 0, comm))
+            memcg_id = memory_cgroup_id(pid, hierarchy, proc)
+            records.append((pid, kind, int(object_id), int(link_prog) if link_prog.isdigit() else 0, comm, memcg_id))
     return records
 
 
@@ -253,8 +257,8 @@ class OwnerTracker:
 
     def _rescan(self) -> None:
         held: dict[tuple[int, int], set[Owner]] = {}
-        for tgid, kind, object_id, link_prog_id, comm in self._scan():
-            owner = Owner(tgid, comm)
+        for tgid, kind, object_id, link_prog_id, comm, memcg_id in self._scan():
+            owner = Owner(tgid, comm, memcg_id)
             held.setdefault((kind, object_id), set()).add(owner)
             if kind == OWNED_LINK and link_prog_id:
                 # Holding a link to a program holds the program.

@@ -431,8 +431,10 @@ class EbpfStatsProbe:
             if run_time is not None and run_time.source != self._run_time_source:
                 self._log.debug('Program run time counted: %s', run_time.source)
                 self._run_time_source = run_time.source
-            charged = {m.memory_cgroup_id for m in maps if m.memory_cgroup_id}
-            return EbpfSnapshot(timestamp, programs, maps, run_time, self._cgroups.paths(charged))
+            cgroups = {m.memory_cgroup_id for m in maps if m.memory_cgroup_id}
+            for objects_held in (programs, maps):
+                cgroups.update(o.memory_cgroup_id for r in objects_held for o in r.owners if o.memory_cgroup_id)
+            return EbpfSnapshot(timestamp, programs, maps, run_time, self._cgroups.paths(cgroups))
 
     def _read_programs(self) -> tuple[list[ProgramRecord], dict[int, int] | None, float, RunTimeCoverage | None]:
         """The programs, read in order with the statistics windows; and how much of the interval they counted."""

@@ -13,6 +13,8 @@ from .attachments import Attachment
 class Owner:
     pid: int
     comm: str
+    # Its memory cgroup (the directory's inode; 0: not known), for its container's or service's tags.
+    memory_cgroup_id: int = field(default=0, compare=False)
 
 
 # Records are made by the thousand every run: slots, not frozen (frozen dataclasses are slow to build).

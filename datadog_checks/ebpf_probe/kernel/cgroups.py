@@ -39,6 +39,25 @@ def unified_hierarchy(mounts: Iterable[str] = CGROUP_MOUNTS) -> str | None:
     return None
 
 
+def memory_cgroup_id(pid: int | str, root: str | None, proc: str = '/proc') -> int:
+    """A process's memory cgroup id (its directory's inode under root), from /proc/<pid>/cgroup; 0 if not known."""
+    if root is None:
+        return 0
+    try:
+        with open(f'{proc}/{pid}/cgroup') as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    v1 = [line.split(':', 2)[2] for line in lines if 'memory' in line.split(':', 2)[1].split(',')]
+    path = v1[0] if v1 else next((line.split(':', 2)[2] for line in lines if line.startswith('0::')), None)
+    if path is None:
+        return 0
+    try:
+        return os.stat(root + path.rstrip('/')).st_ino if path != '/' else os.stat(root).st_ino
+    except OSError:
+        return 0
+
+
 class CgroupPaths:
     """Cgroup id -> path below the hierarchy's root ('/' for the root)."""
 
