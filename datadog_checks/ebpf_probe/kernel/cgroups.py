@@ -64,16 +64,17 @@ class CgroupPaths:
     def __init__(self, root: str | None):
         self.root = root
         self._paths: dict[int, str] = {}
-        self._unknown: set[int] = set()  # not there at the last walk
+        self._unknown: set[int] = set()  # ids no walk found: outside this view, or gone
 
     def path(self, cgroup_id: int) -> str | None:
         """The cgroup's path; None when it is not in the hierarchy this process sees, or gone."""
         path = self._paths.get(cgroup_id)
         if path is None and cgroup_id not in self._unknown and self.root is not None:
-            self._paths, self._unknown = self._walk(self.root), set()
+            self._paths = self._walk(self.root)
+            self._unknown -= self._paths.keys()
             path = self._paths.get(cgroup_id)
             if path is None:
-                self._unknown.add(cgroup_id)
+                self._unknown.add(cgroup_id)  # not looked for again until a walk for another id finds it
         return path
 
     def paths(self, ids: Iterable[int]) -> dict[int, str | None]:
