@@ -115,6 +115,24 @@ def test_maps_and_programs_we_made_are_reported_with_bpftools_figures(dd_run_che
         aggregator.assert_service_check(
             'ebpf_probe.probe.can_load', AgentCheck.OK, tags=['probe:ebpf_stats', 'team:kernel']
         )
+        # Where programs are attached: the fixture's socket filter by no link, the check's iterators each by one.
+        aggregator.assert_metric(
+            'ebpf_probe.program.attachments', value=0, count=1, tags=[*tags, 'attach_type:no_link']
+        )
+        attached = aggregator.metrics('ebpf_probe.program.attachments')
+        assert {
+            t for m in attached if 'ebpf_probe_self:true' in m.tags for t in m.tags if t.startswith('attach_type:')
+        } == {'attach_type:iterator'}
+        # The fixture's ring buffer, which nothing writes to.
+        ring = [f'map_name:{objects.maps["ringbuf"].name}', 'map_type:ringbuf', f'owner:{ME}', 'team:kernel']
+        aggregator.assert_metric('ebpf_probe.map.ring_buffer.used', value=0, count=1, tags=ring)
+        aggregator.assert_metric('ebpf_probe.map.ring_buffer.fill', value=0, count=1, tags=ring)
+        # What the other objects of the host give (the tests of these metrics are test_attachments.py,
+        # test_ring_buffers.py and test_map_memory_cgroups.py): in series of their own, with a value.
+        for name in ('program.attachments', 'map.ring_buffer.used', 'map.ring_buffer.fill', 'maps.charged_memory'):
+            for point in aggregator.metrics(f'ebpf_probe.{name}'):
+                assert point.value >= 0
+                aggregator.assert_metric(f'ebpf_probe.{name}', value=point.value, tags=point.tags)
         aggregator.assert_service_checks(get_service_checks())
         aggregator.assert_metrics_using_metadata(get_metadata_metrics(), check_submission_type=True)
         aggregator.assert_no_duplicate_metrics()

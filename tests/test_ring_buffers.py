@@ -121,3 +121,16 @@ def test_the_check_reports_every_ring_buffers_fill(dd_run_check, aggregator, rin
     tags = ['map_name:fill_test', 'map_type:ringbuf', f'owner:{me}', 'ebpf_probe_self:true']  # made in this process
     aggregator.assert_metric('ebpf_probe.map.ring_buffer.used', value=used, count=1, tags=tags)
     aggregator.assert_metric('ebpf_probe.map.ring_buffer.fill', value=used / SIZE, count=1, tags=tags)
+
+
+def test_object_by_object_the_fill_level_is_read_from_the_buffers_pages(ring, monkeypatch):
+    from datadog_checks.ebpf_probe.ebpf_stats import probe as stats_probe
+
+    monkeypatch.setattr(stats_probe, 'WITHHELD_ITERATORS', frozenset({'list_maps', 'list_maps_count'}))
+    by_fd = EbpfStatsProbe.load(EbpfStatsOptions(), log)
+    try:
+        assert 'iter/bpf_map' not in by_fd.hooks
+        ring.write(7)
+        assert ring_record(by_fd, ring).ring_buffer_used == 7 * (RECORD + HEADER) == ring.producer - ring.consumer
+    finally:
+        by_fd.close()

@@ -19,6 +19,7 @@ are read every run.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -81,6 +82,20 @@ BPF_F_NO_PREALLOC = 1
 def memory_is_fixed(map_type: int, flags: int) -> bool:
     """Whether a map's memory stays what it was when it was made."""
     return map_type in FIXED_MEMORY_MAP_TYPES and not flags & BPF_F_NO_PREALLOC
+
+
+RING_BUFFER_TYPES = frozenset({27, 31})  # ringbuf, user_ringbuf
+
+
+def ring_buffer_used(fd: int) -> int | None:
+    """A ring buffer's unread bytes from its own pages (consumer position, then producer position a
+    page further), mapped read-only: what the iterator reads in the kernel, for the object-by-object path."""
+    try:
+        with mmap.mmap(fd, 2 * PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as pages:
+            consumer, producer = struct.unpack_from('<Q', pages, 0)[0], struct.unpack_from('<Q', pages, PAGE_SIZE)[0]
+    except (OSError, ValueError):
+        return None
+    return producer - consumer
 
 
 def memlock(fd: int) -> int | None:
@@ -421,6 +436,7 @@ class Inventory:
                 count, method = None, None
                 if info.type in COUNTED_MAP_TYPES:
                     count, method = self._counter.count(fd, info)
+                ring_used = ring_buffer_used(fd) if info.type in RING_BUFFER_TYPES else None
             except libbpf.LibbpfError as e:
                 if e.errno == errno.ENOENT:
                     continue  # gone meanwhile
@@ -438,6 +454,7 @@ class Inventory:
                     memory,
                     count,
                     method,
+                    ring_buffer_used=ring_used,  # the memory cgroup: the iterator's only (None: not known)
                 )
             )
         self._forget_map_memory(records)
