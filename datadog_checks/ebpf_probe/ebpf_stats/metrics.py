@@ -122,7 +122,7 @@ class StatsMetrics:
         found = self._owner_tags.get(key)
         if found is None:
             own = any(o.pid == self.options.own_pid for o in owners)
-            tags = (self._tag('owner', owner_label(owners, pinned)),)
+            tags: tuple[str, ...] = (self._tag('owner', owner_label(owners, pinned)),)
             if owners:
                 tags += self._owner_cgroup_tags(min(owners).memory_cgroup_id)
             found = self._owner_tags[key] = ((*tags, SELF_TAG) if own else tags, own)
