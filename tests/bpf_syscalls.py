@@ -160,15 +160,16 @@ def attach_kprobe(prog_fd: int, function: str) -> tuple[int, int]:
     attr = bytearray(_PERF_ATTR_SIZE)
     struct.pack_into('<II', attr, 0, pmu_type, _PERF_ATTR_SIZE)
     struct.pack_into('<QQ', attr, 56, ctypes.addressof(name), 0)  # config1: the function's name, config2: offset 0
+    return _perf_link(prog_fd, attr, f'kprobe {function}')
+
+
+def _perf_link(prog_fd: int, attr: bytearray, what: str) -> tuple[int, int]:
+    """Open the perf event `attr` describes (on CPU 0) and link the program to it: (link fd, perf event fd)."""
     buffer = (ctypes.c_char * _PERF_ATTR_SIZE).from_buffer(attr)
     libc = ctypes.CDLL(None, use_errno=True)
     perf_fd = libc.syscall(_PERF_EVENT_OPEN[os.uname().machine], buffer, -1, 0, -1, 8)  # pid -1, CPU 0, CLOEXEC
     if perf_fd < 0:
-        raise OSError(ctypes.get_errno(), f'perf_event_open(kprobe {function}) failed')
-    return _perf_link(prog_fd, perf_fd, f'kprobe {function}')
-
-
-def _perf_link(prog_fd: int, perf_fd: int, what: str) -> tuple[int, int]:
+        raise OSError(ctypes.get_errno(), f'perf_event_open({what}) failed')
     try:
         return link_create(prog_fd, perf_fd, BPF_PERF_EVENT, what), perf_fd
     except OSError:
@@ -186,12 +187,7 @@ def attach_tracepoint(prog_fd: int, tracefs: str, category: str, name: str) -> t
         config = int(f.read())
     attr = bytearray(_PERF_ATTR_SIZE)
     struct.pack_into('<IIQ', attr, 0, _PERF_TYPE_TRACEPOINT, _PERF_ATTR_SIZE, config)
-    buffer = (ctypes.c_char * _PERF_ATTR_SIZE).from_buffer(attr)
-    libc = ctypes.CDLL(None, use_errno=True)
-    perf_fd = libc.syscall(_PERF_EVENT_OPEN[os.uname().machine], buffer, -1, 0, -1, 8)  # pid -1, CPU 0, CLOEXEC
-    if perf_fd < 0:
-        raise OSError(ctypes.get_errno(), f'perf_event_open(tracepoint {category}/{name}) failed')
-    return _perf_link(prog_fd, perf_fd, f'tracepoint {category}/{name}')
+    return _perf_link(prog_fd, attr, f'tracepoint {category}/{name}')
 
 
 # --- ring buffers (tests of their fill level) --------------------------------------------------------
