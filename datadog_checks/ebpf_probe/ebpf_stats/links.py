@@ -95,8 +95,10 @@ class KernelNames:
         if btf_object_id not in self._btf:
             self._btf[btf_object_id] = self._load_btf(btf_object_id)
         btf = self._btf[btf_object_id]
+        if btf is None:
+            return None
         try:
-            return btf.name(type_id) or None if btf is not None else None
+            return btf.name(type_id) or None
         except LookupError:
             return None
 
@@ -140,18 +142,17 @@ def read_link(link_id: int, with_missed: bool, names: KernelNames | None = None)
     if fd is None:
         return None
     try:
-        data, _ = libbpf.link_info(fd)
-        first = decode_link_info(data, with_missed=False)
-        buffer = b''
-        if first.type in attachments.BUFFERS:
+        data, buffer = libbpf.link_info(fd)
+        link_type = LINK_HEADER.unpack_from(data, 0)[0]
+        if link_type in attachments.BUFFERS:
             # A perf event link says what it is only when given a buffer for the probed function's name.
-            data, buffer = libbpf.link_info(fd, *attachments.BUFFERS[first.type])
-        elif first.type == attachments.KPROBE_MULTI and names is not None:
+            data, buffer = libbpf.link_info(fd, *attachments.BUFFERS[link_type])
+        elif link_type == attachments.KPROBE_MULTI and names is not None:
             count = struct.unpack_from('<I', data, attachments.KPROBE_MULTI_COUNT)[0]
-            if count:
+            if count:  # its functions' addresses: a second call with room for them
                 at = attachments.KPROBE_MULTI_ADDRS
                 data, buffer = libbpf.link_info(fd, at, attachments.KPROBE_MULTI_COUNT, 8 * count, count=count)
-        link = decode_link_info(data, with_missed) if with_missed and first.kprobe or buffer else first
+        link = decode_link_info(data, with_missed)
         if names is None:
             return link
         where = attachments.describe(link.type, link.prog_id, data, buffer, names)
