@@ -8,11 +8,9 @@ it in the snapshot with the target it was given. What a kernel says of a link co
 kernels' table (tests/kernels.py): before 6.6 a perf event link does not say what it probes.
 """
 
-import errno
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -33,7 +31,6 @@ from .bpf_syscalls import (
     attach_kprobe,
     attach_tracepoint,
     link_create,
-    links_on_interface,
     prog_load,
 )
 
@@ -135,84 +132,103 @@ def test_a_cgroup_skb_program_on_a_cgroup(probe, fds, cgroup_v2):
 
 
 @pytest.fixture
-def veth_pair():
-    """(the end in this network namespace, the network namespace, the end in it)."""
-    tag = uuid.uuid4().hex[:6]
-    namespace, here, there = f'ebpf-probe-{tag}', f'ep{tag}a', f'ep{tag}b'
-    subprocess.run(['ip', 'netns', 'add', namespace], check=True)
+def namespaces():
+    """Two network namespaces of the test's own (each has its loopback, index 1 in both: an index
+    names an interface only in its namespace). Interfaces need no kernel module there."""
+    made = [f'ebpf-probe-{uuid.uuid4().hex[:6]}' for _ in range(2)]
+    for namespace in made:
+        subprocess.run(['ip', 'netns', 'add', namespace], check=True)
     try:
-        subprocess.run(['ip', 'link', 'add', here, 'type', 'veth', 'peer', 'name', there, 'netns', namespace],
-                       check=True)  # fmt: skip
-        subprocess.run(['ip', 'link', 'set', here, 'up'], check=True)
-        yield here, namespace, there
+        yield made
     finally:
-        subprocess.run(['ip', 'link', 'del', here], check=False)
-        subprocess.run(['ip', 'netns', 'del', namespace], check=True)
+        for namespace in made:
+            subprocess.run(['ip', 'netns', 'del', namespace], check=True)
 
 
-def xdp_shown(namespace: str | None = None) -> list[dict]:
+# Runs in a network namespace: attaches a program (xdp, or tcx ingress) to its loopback, then
+# either holds it until stdin closes ('hold') or takes a snapshot there ('report'), and prints JSON:
+# the program's id, the interface's index, the links on it as the kernel lists them (tcx), and the
+# attachments the snapshot gives its program and the programs whose ids follow.
+ATTACH_IN_NAMESPACE = f"""
+import json, logging, socket, sys
+sys.path.insert(0, {str(CHECKOUT)!r})
+from datadog_checks.ebpf_probe.ebpf_stats import EbpfStatsOptions, EbpfStatsProbe
+from datadog_checks.ebpf_probe.kernel import libbpf
+from tests.bpf_syscalls import link_create, links_on_interface, prog_load
+from tests.test_attachments import BPF_TCX_INGRESS, BPF_XDP, PROG_SCHED_CLS, PROG_XDP, RETURN_XDP_PASS
+from tests.bpf_objects import RETURN_ZERO
+kind, mode, others = sys.argv[1], sys.argv[2], [int(i) for i in sys.argv[3:]]
+ifindex = socket.if_nametoindex('lo')
+if kind == 'xdp':
+    prog = prog_load(PROG_XDP, 'att_xdp', RETURN_XDP_PASS, expected_attach_type=BPF_XDP)
+    link = link_create(prog, ifindex, BPF_XDP, 'xdp')
+else:
+    prog = prog_load(PROG_SCHED_CLS, 'att_tcx', RETURN_ZERO, expected_attach_type=BPF_TCX_INGRESS)
+    link = link_create(prog, ifindex, BPF_TCX_INGRESS, 'tcx')
+said = {{'prog': libbpf.prog_info(prog).id, 'ifindex': ifindex}}
+if kind == 'tcx':
+    said['kernel_links'] = links_on_interface(ifindex, BPF_TCX_INGRESS)
+    said['link'] = int.from_bytes(libbpf.link_info(link)[0][4:8], 'little')
+if mode == 'report':
+    probe = EbpfStatsProbe.load(EbpfStatsOptions(), logging.getLogger('ns'))
+    wanted = [said['prog'], *others]
+    said['attachments'] = {{
+        str(p.id): [[a.kind, a.target, a.attach_type] for a in p.attachments]
+        for p in probe.snapshot().programs if p.id in wanted
+    }}
+    probe.close()
+print(json.dumps(said), flush=True)
+if mode == 'hold':
+    sys.stdin.read()
+"""
+
+
+def in_namespace(namespace: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(['ip', 'netns', 'exec', namespace, sys.executable, '-c', ATTACH_IN_NAMESPACE, *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def xdp_shown(namespace: str) -> list[dict]:
     """XDP programs on the interfaces of a network namespace, as `bpftool net` shows them (its
     link listing does not show an XDP link's interface before bpftool 7.3)."""
-    command = ['bpftool', '-j', 'net', 'show']
-    if namespace is not None:
-        command = ['ip', 'netns', 'exec', namespace, *command]
+    command = ['ip', 'netns', 'exec', namespace, 'bpftool', '-j', 'net', 'show']
     [shown] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
     return [{key: device[key] for key in ('devname', 'ifindex', 'id')} for device in shown['xdp']]
 
 
-# Attaches an XDP program to an interface of the network namespace it runs in, says the program's id
-# and the interface's index there, and holds the link until stdin closes.
-XDP_IN_NAMESPACE = f"""
-import os, socket, sys
-sys.path.insert(0, {str(CHECKOUT)!r})
-from datadog_checks.ebpf_probe.kernel import libbpf
-from tests.bpf_syscalls import link_create, prog_load
-from tests.test_attachments import BPF_XDP, PROG_XDP, RETURN_XDP_PASS
-prog = prog_load(PROG_XDP, 'att_xdp_ns', RETURN_XDP_PASS, expected_attach_type=BPF_XDP)
-ifindex = socket.if_nametoindex(sys.argv[1])
-link = link_create(prog, ifindex, BPF_XDP, 'xdp')
-print(libbpf.prog_info(prog).id, ifindex, flush=True)
-sys.stdin.read()
-"""
-
-
-def test_xdp_on_an_interface_here_is_named_and_in_another_namespace_is_not(probe, fds, veth_pair):
-    here, namespace, there = veth_pair
-    prog = prog_load(PROG_XDP, 'att_xdp', RETURN_XDP_PASS, expected_attach_type=BPF_XDP)
-    fds.append(prog)
-    link = link_create(prog, socket.if_nametoindex(here), BPF_XDP, 'xdp')
-    fds.append(link)
-    holder = subprocess.Popen(['ip', 'netns', 'exec', namespace, sys.executable, '-c', XDP_IN_NAMESPACE, there],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+def test_xdp_on_an_interface_here_is_named_and_in_another_namespace_is_not(namespaces):
+    here, elsewhere = namespaces
+    holder = in_namespace(elsewhere, 'xdp', 'hold')
     try:
-        other_prog, other_ifindex = (int(word) for word in holder.stdout.readline().split())
-        assert attachments(probe, prog) == (Attachment('xdp', here),)
-        assert {'devname': here, 'ifindex': socket.if_nametoindex(here), 'id': program_id(prog)} in xdp_shown()
-        [program] = [p for p in probe.snapshot().programs if p.id == other_prog]
-        # An index names an interface only in its own namespace: said as such, never another's name.
-        assert program.attachments == (Attachment('xdp', f'ifindex {other_ifindex} (another network namespace)'),)
-        assert {'devname': there, 'ifindex': other_ifindex, 'id': other_prog} in xdp_shown(namespace)
+        other = json.loads(holder.stdout.readline())
+        reporter = in_namespace(here, 'xdp', 'report', str(other['prog']))
+        said, _ = reporter.communicate(timeout=120)
+        assert reporter.returncode == 0
+        said = json.loads(said)
+        # Both on their namespace's loopback, index 1 in both: named only where the check runs.
+        assert said['ifindex'] == other['ifindex']
+        assert said['attachments'][str(said['prog'])] == [['xdp', 'lo', None]]
+        assert said['attachments'][str(other['prog'])] == [
+            ['xdp', f'ifindex {other["ifindex"]} (another network namespace)', None]
+        ]
+        assert {'devname': 'lo', 'ifindex': other['ifindex'], 'id': other['prog']} in xdp_shown(elsewhere)
     finally:
         holder.stdin.close()
         holder.wait()
 
 
-def test_tcx_where_the_kernel_has_it(probe, fds, veth_pair):
-    here = veth_pair[0]
-    prog = prog_load(PROG_SCHED_CLS, 'att_tcx', RETURN_ZERO, expected_attach_type=BPF_TCX_INGRESS)
-    fds.append(prog)
+def test_tcx_where_the_kernel_has_it(namespaces):
+    reporter = in_namespace(namespaces[0], 'tcx', 'report')
+    said, _ = reporter.communicate(timeout=120)
     has_tcx = KERNEL.tcx if KERNEL is not None else None
-    try:
-        link = link_create(prog, socket.if_nametoindex(here), BPF_TCX_INGRESS, 'tcx')
-    except OSError as e:
-        assert has_tcx is not True, f'{KERNEL.name} has tcx, but: {e}'
-        assert e.errno in (errno.EINVAL, errno.EOPNOTSUPP)  # a kernel before 6.6: no such attach type
+    if reporter.returncode != 0:  # a kernel before 6.6: no such attach type (link_create fails)
+        assert has_tcx is not True, f'{KERNEL.name} has tcx, but the link was refused'
         return
-    fds.append(link)
     assert has_tcx is not False
-    assert attachments(probe, prog) == (Attachment('tcx', here, 'tcx_ingress'),)
+    said = json.loads(said)
+    assert said['attachments'][str(said['prog'])] == [['tcx', 'lo', 'tcx_ingress']]
     # bpftool 7.1 does not know tcx links: the kernel's own list of the interface's links does.
-    assert links_on_interface(socket.if_nametoindex(here), BPF_TCX_INGRESS) == [link_id(link)]
+    assert said['kernel_links'] == [said['link']]
 
 
 def test_a_kprobe_where_the_kernel_has_them(probe, fds):
