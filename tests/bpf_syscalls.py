@@ -152,25 +152,35 @@ CALLS_GET_CURRENT_COMM = b''.join(
 RETURNS_ZERO = _insn(0xB7, dst=0, imm=0) + _insn(0x95)
 
 
-def attach_kprobe(prog_fd: int, function: str) -> tuple[int, int]:
-    """Attach a kprobe program to `function` through a perf event link: (link fd, perf event fd)."""
+def attach_kprobe(prog_fd: int, function: str, link: bool = True) -> tuple[int | None, int]:
+    """Attach a kprobe program to `function` through a perf event link (5.15+), or with the perf
+    event's ioctl as BCC does (no link): (link fd or None, perf event fd)."""
     with open('/sys/bus/event_source/devices/kprobe/type') as f:
         pmu_type = int(f.read())
     name = ctypes.create_string_buffer(function.encode())
     attr = bytearray(_PERF_ATTR_SIZE)
     struct.pack_into('<II', attr, 0, pmu_type, _PERF_ATTR_SIZE)
     struct.pack_into('<QQ', attr, 56, ctypes.addressof(name), 0)  # config1: the function's name, config2: offset 0
-    return _perf_link(prog_fd, attr, f'kprobe {function}')
+    return _perf_link(prog_fd, attr, f'kprobe {function}', link)
 
 
-def _perf_link(prog_fd: int, attr: bytearray, what: str) -> tuple[int, int]:
-    """Open the perf event `attr` describes (on CPU 0) and link the program to it: (link fd, perf event fd)."""
+_PERF_EVENT_IOC_ENABLE, _PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
+
+
+def _perf_link(prog_fd: int, attr: bytearray, what: str, link: bool) -> tuple[int | None, int]:
+    """Open the perf event `attr` describes (on CPU 0) and attach the program to it, by a link or
+    by the ioctl: (link fd or None, perf event fd)."""
     buffer = (ctypes.c_char * _PERF_ATTR_SIZE).from_buffer(attr)
     libc = ctypes.CDLL(None, use_errno=True)
     perf_fd = libc.syscall(_PERF_EVENT_OPEN[os.uname().machine], buffer, -1, 0, -1, 8)  # pid -1, CPU 0, CLOEXEC
     if perf_fd < 0:
         raise OSError(ctypes.get_errno(), f'perf_event_open({what}) failed')
     try:
+        if not link:
+            for request, arg in ((_PERF_EVENT_IOC_SET_BPF, prog_fd), (_PERF_EVENT_IOC_ENABLE, 0)):
+                if libc.ioctl(perf_fd, request, arg) < 0:
+                    raise OSError(ctypes.get_errno(), f'ioctl({what}) failed')
+            return None, perf_fd
         return link_create(prog_fd, perf_fd, BPF_PERF_EVENT, what), perf_fd
     except OSError:
         os.close(perf_fd)
@@ -181,13 +191,15 @@ PROG_TRACEPOINT = 5
 _PERF_TYPE_TRACEPOINT = 2
 
 
-def attach_tracepoint(prog_fd: int, tracefs: str, category: str, name: str) -> tuple[int, int]:
-    """Attach a tracepoint program through a perf event link: (link fd, perf event fd)."""
+def attach_tracepoint(
+    prog_fd: int, tracefs: str, category: str, name: str, link: bool = True
+) -> tuple[int | None, int]:
+    """Attach a tracepoint program as attach_kprobe() does a kprobe."""
     with open(f'{tracefs}/events/{category}/{name}/id') as f:
         config = int(f.read())
     attr = bytearray(_PERF_ATTR_SIZE)
     struct.pack_into('<IIQ', attr, 0, _PERF_TYPE_TRACEPOINT, _PERF_ATTR_SIZE, config)
-    return _perf_link(prog_fd, attr, f'tracepoint {category}/{name}')
+    return _perf_link(prog_fd, attr, f'tracepoint {category}/{name}', link)
 
 
 # --- ring buffers (tests of their fill level) --------------------------------------------------------

@@ -52,6 +52,8 @@ class Kernel:
     page_kb: int = 4  # the page size it was built for (arm64: 4, 16 or 64 kB)
     # A map's memory is charged to its creator's memory cgroup (5.11+, CONFIG_MEMCG_KMEM).
     maps_charged_to_memcg: bool = True
+    # Tracepoints and kprobes attached by a perf event link (5.15+), not only by the perf event's ioctl.
+    perf_event_links: bool = True
     # bpf_link_info of a perf event link says what it probes: function, tracepoint, file (6.6+).
     perf_event_link_info: bool = True
     tcx: bool = True  # tcx links on interfaces (6.6+)
@@ -127,6 +129,7 @@ KNOWN: dict[str, Kernel] = {
         verified_instructions=False,
         rss_cached_per_thread=True,
         maps_charged_to_memcg=False,  # memlock rlimit accounting until 5.11
+        perf_event_links=False,
         perf_event_link_info=False,
         tcx=False,
     ),
