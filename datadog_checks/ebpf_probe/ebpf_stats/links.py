@@ -84,8 +84,8 @@ def kernel_counts_kprobe_misses(btf: Btf) -> bool:
 class KernelNames:
     """attachments.Names from the kernel: BTF objects, the cgroup hierarchy, interfaces, kallsyms."""
 
-    def __init__(self) -> None:
-        self._cgroups = CgroupPaths(unified_hierarchy())
+    def __init__(self, cgroups: CgroupPaths) -> None:
+        self._cgroups = cgroups  # kept by Links between scans: the hierarchy is walked for unseen ids only
         self._btf: dict[int, Btf | None] = {}  # held for one scan: the kernel's BTF is megabytes
 
     def attach_type(self, attach_type: int) -> str:
@@ -172,6 +172,7 @@ class Links:
     def __init__(self, count_misses: bool):
         self.count_misses = count_misses
         self._known: dict[int, LinkInfo] = {}
+        self._cgroups = CgroupPaths(unified_hierarchy())
 
     def scan(self) -> tuple[set[int], dict[int, int], dict[int, list[Attachment]]]:
         """(ids of every link, program id -> runs its kprobe links missed so far, program id -> attachments)."""
@@ -185,7 +186,7 @@ class Links:
             for link_id in sorted(ids):
                 link = self._known.get(link_id)
                 if link is None:
-                    names = names or KernelNames()
+                    names = names or KernelNames(self._cgroups)
                     link = read_link(link_id, self.count_misses, names)
                 elif link.kprobe and self.count_misses:
                     again = read_link(link_id, self.count_misses)

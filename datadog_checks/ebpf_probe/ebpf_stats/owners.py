@@ -80,6 +80,7 @@ def owner_records_from_proc(proc: str = '/proc') -> list[OwnerRecord]:
                 comm = f.read().strip()
         except OSError:
             continue  # gone, or not ours to read
+        memcg_id = None  # read once per process, for its first BPF file
         for fd in fds:
             try:
                 kind = _ANON_KINDS.get(os.readlink(f'{proc}/{pid}/fd/{fd}'))
@@ -92,7 +93,8 @@ def owner_records_from_proc(proc: str = '/proc') -> list[OwnerRecord]:
             if not object_id.isdigit():
                 continue
             link_prog = info.get('prog_id', '0') if kind == OWNED_LINK else '0'
-            memcg_id = memory_cgroup_id(pid, hierarchy, proc)
+            if memcg_id is None:
+                memcg_id = memory_cgroup_id(pid, hierarchy, proc)
             records.append((pid, kind, int(object_id), int(link_prog) if link_prog.isdigit() else 0, comm, memcg_id))
     return records
 
